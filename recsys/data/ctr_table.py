@@ -1,0 +1,166 @@
+"""CTR samples held as flat numpy arrays, sliced into :class:`CTRBatch` es without per-row Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import torch
+
+from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.schema import DataValidationError, Vocab, validate_samples
+
+
+def _list_column(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-copy (values, offsets) of a list column, as int64 numpy arrays."""
+    arrow = frame[column].to_arrow()
+    if isinstance(arrow, pa.ChunkedArray):
+        arrow = arrow.combine_chunks()
+    arrow = arrow.cast(pa.large_list(pa.int64()))
+    offsets = np.asarray(arrow.offsets, dtype=np.int64)
+    values = np.asarray(arrow.values, dtype=np.int64)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Select ``rows`` of a jagged array: returns (flat values, lengths ``[len(rows)]``)."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    total = int(lengths.sum())
+    row_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return values[row_starts + np.arange(total)], lengths
+
+
+@dataclass
+class CTRTable:
+    """Column arrays of one split.
+
+    ``hist_item``/``hist_cat`` share ``hist_offsets [N + 1]``; ``labels`` maps task name -> ``[N]`` float32.
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    category: np.ndarray
+    hist_item: np.ndarray
+    hist_cat: np.ndarray
+    hist_offsets: np.ndarray
+    labels: Dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    @classmethod
+    def from_frame(
+        cls,
+        frame: pl.DataFrame,
+        source: str,
+        label_columns: Dict[str, str],
+        vocab: Optional[Vocab] = None,
+        binary_labels: Sequence[str] = ("label",),
+    ) -> "CTRTable":
+        """Validate ``frame`` (see :func:`validate_samples`) and convert it to arrays.
+
+        ``label_columns`` maps task name -> column; only ``binary_labels`` columns must be 0/1.
+        """
+        for column in label_columns.values():
+            if column not in frame.columns:
+                raise DataValidationError(f"{source}: missing label column '{column}'; found {frame.columns}.")
+        validate_samples(frame, source, vocab, label_columns=list(binary_labels))
+        hist_item, offsets = _list_column(frame, "hist_item")
+        hist_cat, cat_offsets = _list_column(frame, "hist_cat")
+        if not np.array_equal(offsets, cat_offsets):  # validate_samples checks lengths; belt and braces
+            raise DataValidationError(f"{source}: 'hist_item' and 'hist_cat' are not aligned.")
+        labels = {}
+        for task, column in label_columns.items():
+            values = frame[column].cast(pl.Float32).to_numpy()
+            if not np.isfinite(values).all():
+                raise DataValidationError(f"{source}: column '{column}' holds NaN or infinite labels.")
+            labels[task] = values
+        return cls(
+            user=frame["user"].cast(pl.Int64).to_numpy(),
+            item=frame["item"].cast(pl.Int64).to_numpy(),
+            category=frame["category"].cast(pl.Int64).to_numpy(),
+            hist_item=hist_item,
+            hist_cat=hist_cat,
+            hist_offsets=offsets,
+            labels=labels,
+        )
+
+    @classmethod
+    def read_parquet(cls, path: Path, label_columns: Dict[str, str], vocab: Optional[Vocab] = None,
+                     binary_labels: Sequence[str] = ("label",)) -> "CTRTable":
+        """Read and validate one split file; unreadable files raise naming the path."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path}: no such parquet file")
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as err:  # polars raises several types for corrupt or truncated files
+            raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
+        return cls.from_frame(frame, str(path), label_columns, vocab, binary_labels)
+
+    def batch(self, rows: np.ndarray) -> CTRBatch:
+        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        hist_item, lengths = gather_jagged(self.hist_item, self.hist_offsets, rows)
+        hist_cat, _ = gather_jagged(self.hist_cat, self.hist_offsets, rows)
+        sparse = make_ctr_kjt(
+            torch.from_numpy(hist_item),
+            torch.from_numpy(hist_cat),
+            torch.from_numpy(lengths),
+            torch.from_numpy(self.item[rows]),
+            torch.from_numpy(self.category[rows]),
+        )
+        return CTRBatch(
+            sparse=sparse,
+            labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
+            user=torch.from_numpy(self.user[rows]),
+        )
+
+
+class BatchedCTRDataset(torch.utils.data.Dataset):
+    """``dataset[list_of_rows] -> CTRBatch``; pair with a batch sampler and ``batch_size=None``."""
+
+    def __init__(self, table: CTRTable) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, rows: Sequence[int]) -> CTRBatch:
+        return self.table.batch(np.asarray(rows))
+
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Yields lists of row indices; the order is a pure function of (seed, epoch).
+
+    Lightning calls :meth:`set_epoch`; ``start_batch`` lets a resumed run skip batches already seen.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.num_rows, self.batch_size, self.shuffle = num_rows, batch_size, shuffle
+        self.seed, self.drop_last, self.epoch, self.start_batch = seed, drop_last, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_rows, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def __iter__(self) -> Iterator[list]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+        else:
+            order = np.arange(self.num_rows)
+        for b in range(self.start_batch, len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+        self.start_batch = 0
+
+
+def identity_collate(batch: CTRBatch) -> CTRBatch:
+    """Batches come out of the dataset whole; nothing to collate."""
+    return batch

@@ -1,0 +1,196 @@
+"""Two-stage long-sequence CTR backbones: DIN, TWIN, TWIN-4E, TWIN w/ proj. and DARE.
+
+One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following
+../shared/specs/dare.md §1.3-§1.4 and §4:
+
+1. Tokens = item ⊕ category ⊕ position embeddings (TorchRec EmbeddingCollection tables).
+2. Scores ``s_i = <q_sem, k_sem>/√d_sem + <q_pos, k_pos>/√d_pos`` (or DIN's attention MLP),
+   padding masked with ``-(2^32 - 1)``.
+3. Hard top-K on the scores (no gradient through the selection), re-softmax over the K,
+   ``h = Σ w_i v_i``; features ``[v_t, h, v_t ⊙ h]`` (target representation).
+4. Auxiliary head on the full-sequence softmax pooling (dense signal for the attention tables).
+
+DARE = separate attention and representation tables (``decoupled=True``), whose widths are set
+independently (``attention_dim``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from recsys.data.batch import CTRBatch
+from recsys.data.schema import Vocab
+from recsys.modules.mlp import MLP
+from recsys.modules.tokens import PartProjection, TokenEmbedding, Tokens
+
+PAD_SCORE = -(2.0**32 - 1)
+
+
+@dataclass
+class BackboneOutput:
+    """What every ``recsys/`` backbone returns to the task towers.
+
+    Attributes:
+        features: ``[B, output_dim]`` input of the task towers.
+        aux_logits: name -> ``[B]`` logits of auxiliary heads trained on the primary task's label.
+        extras: diagnostics (e.g. ``attention [B, K]`` weights, ``topk_index [B, K]``).
+    """
+
+    features: torch.Tensor
+    aux_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class DotScorer(nn.Module):
+    """Target-aware scaled dot product, semantic and position parts scaled separately."""
+
+    def forward(self, query: Tokens, keys: Tokens) -> torch.Tensor:
+        """-> ``[B, L]`` raw scores."""
+        scores = torch.einsum("bd,bld->bl", query.target_sem, keys.hist_sem) / math.sqrt(query.target_sem.shape[-1])
+        if query.target_pos is not None and keys.hist_pos is not None:
+            scores = scores + torch.einsum("bd,bld->bl", query.target_pos, keys.hist_pos) / math.sqrt(
+                query.target_pos.shape[-1]
+            )
+        return scores
+
+
+class DINScorer(nn.Module):
+    """DIN's learnable attention: MLP on ``[q, k, q-k, q⊙k]`` (semantic parts), divided by the width."""
+
+    def __init__(self, dim: int, hidden: int = 36) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.PReLU(hidden), nn.Linear(hidden, 1))
+        self.dim = dim
+
+    def forward(self, query: Tokens, keys: Tokens) -> torch.Tensor:
+        q = query.target_sem.unsqueeze(1).expand_as(keys.hist_sem)
+        k = keys.hist_sem
+        pairs = torch.cat([q, k, q - k, q * k], dim=-1)  # [B, L, 4D]
+        return self.mlp(pairs.flatten(0, 1)).view(k.shape[:2]) / self.dim
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with padded slots set to ``PAD_SCORE`` (as the reference code)."""
+    return torch.softmax(scores.masked_fill(~mask, PAD_SCORE), dim=-1)
+
+
+class TargetAttentionBackbone(nn.Module):
+    """Search (top-K by target attention) then aggregate, over a jagged behaviour history.
+
+    Args:
+        vocab: id-space sizes of the dataset.
+        max_len: longest history (sizes the position table).
+        embedding_dim: width of each representation table (item, category, position).
+        attention_dim: width of each attention table when ``decoupled`` (default = ``embedding_dim``).
+        decoupled: DARE — separate attention and representation tables.
+        split_target: TWIN-4E — separate target (query) and history (key) tables in each role.
+        projection: TWIN w/ proj. — bias-free linear maps per feature part, per role and side.
+        use_position: include the position feature (DIN does not).
+        scorer: ``"dot"`` (TWIN/DARE) or ``"din"`` (attention MLP).
+        top_k: behaviours kept by the search stage.
+        aux_head: train an auxiliary head on the full-sequence pooling (DARE code's aux loss).
+        target_representation: features ``[v_t, h, v_t⊙h]`` (else ``[v_t, h]``).
+        aux_hidden: hidden sizes of the auxiliary head.
+        init_std: N(0, init_std) for the tables.
+        device: table device (``meta`` for sharded builds).
+    """
+
+    def __init__(
+        self,
+        vocab: Vocab,
+        max_len: int,
+        embedding_dim: int = 16,
+        attention_dim: Optional[int] = None,
+        decoupled: bool = False,
+        split_target: bool = False,
+        projection: bool = False,
+        use_position: bool = True,
+        scorer: str = "dot",
+        din_hidden: int = 36,
+        top_k: int = 20,
+        aux_head: bool = True,
+        target_representation: bool = True,
+        aux_hidden: tuple = (200,),
+        init_std: float = 0.01,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if attention_dim is not None and not decoupled and attention_dim != embedding_dim:
+            raise ValueError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if scorer not in ("dot", "din"):
+            raise ValueError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
+        att_dim = attention_dim or embedding_dim
+        pos = use_position
+
+        def tokens(role: str, dim: int) -> TokenEmbedding:
+            return TokenEmbedding(role, vocab, dim, dim if pos else 0, max_len, split_target, init_std, device)
+
+        self.repr_tokens = tokens("repr" if decoupled else "shared", embedding_dim)
+        self.att_tokens = tokens("att", att_dim) if decoupled else None
+        self.projections = nn.ModuleDict()
+        if projection:
+            for name in ("att_target", "att_hist", "repr_target", "repr_hist"):
+                self.projections[name] = PartProjection(embedding_dim, embedding_dim if pos else 0)
+        self.scorer = DotScorer() if scorer == "dot" else DINScorer(2 * att_dim, din_hidden)
+        self.top_k = top_k
+        self.target_representation = target_representation
+        token_dim = self.repr_tokens.token_dim
+        self.output_dim = token_dim * (3 if target_representation else 2)
+        self.aux_head = MLP(self.output_dim, aux_hidden, out_dim=1) if aux_head else None
+        # analysis switch: cut the score path so gradients flow through the pooled path only
+        self.detach_scores = False
+
+    def _roles(self, batch: CTRBatch) -> tuple[Tokens, Tokens, Tokens, Tokens]:
+        """-> (query, keys, values, target) tokens; query/keys feed the scores, values/target the pooling."""
+        repr_tokens = self.repr_tokens(batch.sparse)
+        att_tokens = self.att_tokens(batch.sparse) if self.att_tokens is not None else repr_tokens
+        if not self.projections:
+            return att_tokens, att_tokens, repr_tokens, repr_tokens
+        p = self.projections
+
+        def side(tok: Tokens, target: str, hist: str) -> Tokens:
+            t_sem, t_pos = p[target](tok.target_sem, tok.target_pos)
+            h_sem, h_pos = p[hist](tok.hist_sem, tok.hist_pos)
+            return Tokens(t_sem, h_sem, t_pos, h_pos, tok.mask)
+
+        att = side(att_tokens, "att_target", "att_hist")
+        rep = side(repr_tokens, "repr_target", "repr_hist")
+        return att, att, rep, rep
+
+    def attention_scores(self, batch: CTRBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (raw scores ``[B, L]``, mask ``[B, L]``); depends only on the attention tables."""
+        query, keys, _, _ = self._roles(batch)
+        return self.scorer(query, keys), keys.mask
+
+    def _features(self, target: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        if self.target_representation:
+            return torch.cat([target, pooled, target * pooled], dim=-1)
+        return torch.cat([target, pooled], dim=-1)
+
+    def forward(self, batch: CTRBatch) -> BackboneOutput:
+        query, keys, values, target = self._roles(batch)
+        scores, mask = self.scorer(query, keys), keys.mask
+        if self.detach_scores:
+            scores = scores.detach()
+        history = values.history  # [B, L, D]
+        k = min(self.top_k, scores.shape[1])
+        with torch.no_grad():  # hard, non-differentiable search
+            top_index = scores.masked_fill(~mask, PAD_SCORE).topk(k, dim=1).indices  # [B, K]
+        top_scores = scores.gather(1, top_index)
+        top_mask = mask.gather(1, top_index)
+        weights = masked_softmax(top_scores, top_mask)  # [B, K]
+        top_values = history.gather(1, top_index.unsqueeze(-1).expand(-1, -1, history.shape[-1]))
+        pooled = torch.einsum("bk,bkd->bd", weights, top_values)
+        features = self._features(target.target, pooled)
+        out = BackboneOutput(features=features, extras={"attention": weights, "topk_index": top_index})
+        if self.aux_head is not None:
+            full = torch.einsum("bl,bld->bd", masked_softmax(scores, mask), history)
+            out.aux_logits["full_sequence"] = self.aux_head(self._features(target.target, full)).squeeze(-1)
+        return out

@@ -1,0 +1,196 @@
+"""LightningModule for CTR / multi-task ranking: losses, manual optimisation, evaluation metrics.
+
+Manual optimisation with a *sparse* optimiser (embedding tables) and a *dense* one (everything else), so
+TorchRec's DistributedModelParallel can later replace the sparse one with its fused optimiser
+(../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+
+from recsys.data.batch import CTRBatch
+from recsys.data.tasks import TaskSpec
+from recsys.metrics.ranking import auc, gauc, logloss, rmse
+from recsys.models.ranking import RankingModel, RankingOutput
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Parameters of TorchRec embedding collections (sparse) and all others (dense)."""
+    sparse_ids = set()
+    for sub in module.modules():
+        if isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection)):
+            sparse_ids.update(id(p) for p in sub.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [p for p in params if id(p) in sparse_ids], [p for p in params if id(p) not in sparse_ids]
+
+
+def l2_penalty(module: nn.Module) -> torch.Tensor:
+    """Σ‖θ‖² over dense weights (no biases, no embedding tables), as the DARE code regularises."""
+    _, dense = split_sparse_dense(module)
+    names = {id(p): n for n, p in module.named_parameters()}
+    terms = [p.pow(2).sum() for p in dense if not names[id(p)].endswith("bias") and p.dim() > 1]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class RankingTask(pl.LightningModule):
+    """Trains a :class:`RankingModel` on :class:`CTRBatch` es.
+
+    Args:
+        model: backbone + tower.
+        tasks: the data config's tasks; the first binary task also trains the backbone's aux heads.
+        sparse_optimizer / dense_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``).
+        aux_loss_weight: weight of each backbone auxiliary head's BCE (DARE: 1).
+        l2_weight: coefficient of :func:`l2_penalty` (DARE: 1e-6).
+
+    Logged per epoch: ``train/loss``, ``val/auc`` (mean over binary tasks), ``val/<task>/auc``,
+    ``val/<task>/logloss``, ``val/<task>/gauc_user``, ``val/<task>/gauc_category`` (and ``/rmse`` for
+    regression tasks), and the same under ``test/``.
+    """
+
+    def __init__(
+        self,
+        model: RankingModel,
+        tasks: List[TaskSpec],
+        sparse_optimizer: OptimizerFactory,
+        dense_optimizer: OptimizerFactory,
+        aux_loss_weight: float = 1.0,
+        l2_weight: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = list(tasks)
+        self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
+        self.aux_loss_weight, self.l2_weight = aux_loss_weight, l2_weight
+        self.automatic_optimization = False
+        binary = [t for t in self.tasks if t.loss == "binary"]
+        self.primary = binary[0].name if binary else None
+        self._eval: Dict[str, List[np.ndarray]] = defaultdict(list)
+
+    def forward(self, batch: CTRBatch) -> RankingOutput:
+        return self.model(batch)
+
+    # ---- losses -------------------------------------------------------------------------------
+    def compute_losses(self, batch: CTRBatch, out: RankingOutput) -> Dict[str, torch.Tensor]:
+        """Per-task losses, aux-head and tower regularisers, L2; ``total`` is the weighted sum."""
+        losses: Dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        for task in self.tasks:
+            logit, label = out.logits[task.name], batch.labels[task.name].float()
+            if task.loss == "binary":
+                loss = F.binary_cross_entropy_with_logits(logit, label)
+            else:
+                loss = F.mse_loss(logit, label)
+            losses[f"task/{task.name}"] = loss
+            total = total + task.weight * loss
+        if self.primary is not None:
+            label = batch.labels[self.primary].float()
+            for name, logit in out.aux_logits.items():
+                loss = F.binary_cross_entropy_with_logits(logit, label)
+                losses[f"aux/{name}"] = loss
+                total = total + self.aux_loss_weight * loss
+        for name, loss in out.aux_losses.items():
+            losses[f"aux/{name}"] = loss
+            total = total + loss
+        if self.l2_weight > 0:
+            losses["l2"] = self.l2_weight * l2_penalty(self.model).to(total.device)
+            total = total + losses["l2"]
+        losses["total"] = total
+        return losses
+
+    # ---- training -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+        sparse, dense = split_sparse_dense(self.model)
+        optimizers = []
+        if sparse:
+            optimizers.append(self.sparse_optimizer(sparse))
+        if dense:
+            optimizers.append(self.dense_optimizer(dense))
+        return optimizers
+
+    def _optimizers(self) -> List[Any]:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def training_step(self, batch: CTRBatch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        losses = self.compute_losses(batch, out)
+        opts = self._optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(losses["total"])
+        for opt in opts:
+            opt.step()
+        bs = batch.batch_size
+        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            if name != "total":
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+        return losses["total"]
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _collect(self, batch: CTRBatch) -> None:
+        out = self.model(batch)
+        for task in self.tasks:
+            pred = out.logits[task.name]
+            pred = torch.sigmoid(pred) if task.loss == "binary" else pred
+            self._eval[f"pred/{task.name}"].append(pred.detach().float().cpu().numpy())
+            self._eval[f"label/{task.name}"].append(batch.labels[task.name].float().cpu().numpy())
+        self._eval["user"].append(batch.user.cpu().numpy())
+        self._eval["category"].append(batch.target_category.cpu().numpy())
+
+    def validation_step(self, batch: CTRBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: CTRBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
+        """Metrics over everything collected since the last call (then cleared)."""
+        cols = {k: np.concatenate(v) for k, v in self._eval.items()}
+        self._eval.clear()
+        if not cols:
+            return {}
+        metrics: Dict[str, float] = {}
+        aucs, losses = [], []
+        for task in self.tasks:
+            pred, label = cols[f"pred/{task.name}"], cols[f"label/{task.name}"]
+            if task.loss == "binary":
+                metrics[f"{prefix}/{task.name}/auc"] = auc(pred, label)
+                metrics[f"{prefix}/{task.name}/logloss"] = logloss(pred, label)
+                metrics[f"{prefix}/{task.name}/gauc_user"] = gauc(pred, label, cols["user"])
+                metrics[f"{prefix}/{task.name}/gauc_category"] = gauc(pred, label, cols["category"])
+                aucs.append(metrics[f"{prefix}/{task.name}/auc"])
+                losses.append(metrics[f"{prefix}/{task.name}/logloss"])
+            else:
+                metrics[f"{prefix}/{task.name}/rmse"] = rmse(pred, label)
+        if aucs:
+            metrics[f"{prefix}/auc"] = float(np.mean(aucs))
+            metrics[f"{prefix}/logloss"] = float(np.mean(losses))
+            metrics[f"{prefix}/gauc_user"] = float(metrics[f"{prefix}/{self.primary}/gauc_user"])
+            metrics[f"{prefix}/gauc_category"] = float(metrics[f"{prefix}/{self.primary}/gauc_category"])
+        return metrics
+
+    def _log_evaluation(self, prefix: str) -> None:
+        metrics = self.evaluation_metrics(prefix)
+        headline = f"{prefix}/auc"
+        if headline in metrics:
+            self.log(headline, metrics.pop(headline), prog_bar=True)
+        if metrics:
+            self.log_dict(metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")

@@ -1,0 +1,81 @@
+"""MLflow wiring: the logger, run names, flattened params, tags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from pytorch_lightning.loggers import MLFlowLogger
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become JSON strings (MLflow params are flat strings)."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value, default=str)
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
+    """Short stable hash of a resolved config (run names, cache keys)."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def run_name(recsys: str, mtl: Optional[str], data: str, config: Mapping[str, Any]) -> str:
+    """``<recsys>[-<mtl>]-<data>-<short hash>``; the mtl part is left out for the single-task tower."""
+    parts = [recsys] + ([mtl] if mtl and mtl != "single" else []) + [data, config_hash(config)]
+    return "-".join(parts)
+
+
+def git_commit(root: Path) -> str:
+    """Current commit of the checkout, or ``unknown`` outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ensure_store_writable(tracking_uri: str) -> None:
+    """For a local sqlite store, create its folder and fail early with a clear message if it is not writable."""
+    if tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermissionError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"MLflow tracking store folder {folder} is not writable")
+
+
+def build_logger(
+    tracking_uri: str,
+    artifact_location: str,
+    experiment_name: str,
+    run_name: Optional[str] = None,
+    tags: Optional[Dict[str, str]] = None,
+    run_id: Optional[str] = None,
+) -> MLFlowLogger:
+    """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
+    ensure_store_writable(tracking_uri)
+    Path(artifact_location).mkdir(parents=True, exist_ok=True)
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name,
+        tracking_uri=tracking_uri,
+        tags=tags,
+        artifact_location=str(Path(artifact_location).resolve()),
+        run_id=run_id,
+        log_model=False,
+    )

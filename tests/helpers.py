@@ -1,0 +1,37 @@
+"""Small random CTR tables for unit tests (the realistic synthetic data lives in recsys.data.synthetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recsys.data.schema import SAMPLE_SCHEMA, Vocab
+
+
+def random_samples(rows: int = 64, vocab: Vocab = Vocab(20, 50, 6), max_len: int = 12, seed: int = 0,
+                   signal: bool = True) -> pl.DataFrame:
+    """A CTR-sample frame in the documented schema; with ``signal`` the label is 1 iff the target's
+    category appears in the history, so a model can learn it."""
+    rng = np.random.default_rng(seed)
+    item_cat = rng.integers(1, vocab.num_categories + 1, size=vocab.num_items + 1)
+    lengths = rng.integers(1, max_len + 1, size=rows)
+    hist_item = [rng.integers(1, vocab.num_items + 1, size=n).tolist() for n in lengths]
+    hist_cat = [item_cat[h].tolist() for h in hist_item]
+    item = rng.integers(1, vocab.num_items + 1, size=rows)
+    category = item_cat[item]
+    if signal:
+        label = np.array([int(c in set(h)) for c, h in zip(category, hist_cat)], dtype=np.int8)
+    else:
+        label = rng.integers(0, 2, size=rows).astype(np.int8)
+    frame = pl.DataFrame(
+        {
+            "user": rng.integers(1, vocab.num_users + 1, size=rows),
+            "item": item,
+            "category": category,
+            "label": label,
+            "timestamp": np.arange(rows, dtype=np.int64),
+            "hist_item": hist_item,
+            "hist_cat": hist_cat,
+        }
+    )
+    return frame.cast(dict(SAMPLE_SCHEMA))

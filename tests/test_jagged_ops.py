@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from recsys.ops import jagged
+
+
+def _case(seed=0, batch=7, dim=3, max_len=9):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, max_len + 3, (batch,), generator=g)
+    values = torch.randn(int(lengths.sum()), dim, generator=g, dtype=torch.float32)
+    return lengths, values, max_len
+
+
+def test_fbgemm_is_used_on_cpu():
+    assert jagged.fbgemm_supports("cpu"), "fbgemm-gpu-cpu is installed, its CPU kernels must be picked"
+    assert jagged.kernel_backend(torch.device("cpu")) == "fbgemm"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_offsets_match(seed):
+    lengths, _, _ = _case(seed)
+    assert torch.equal(jagged.lengths_to_offsets(lengths), jagged.lengths_to_offsets_torch(lengths))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_padding_forward_and_backward_match(seed):
+    lengths, values, max_len = _case(seed)
+    offsets = jagged.lengths_to_offsets_torch(lengths)
+    a = values.clone().requires_grad_()
+    b = values.clone().requires_grad_()
+    dense_fb = jagged.jagged_to_padded_dense(a, offsets, max_len, -1.0)
+    dense_pt = jagged.jagged_to_padded_dense_torch(b, offsets, max_len, -1.0)
+    assert torch.equal(dense_fb, dense_pt)
+    weight = torch.randn_like(dense_fb)
+    (dense_fb * weight).sum().backward()
+    (dense_pt * weight).sum().backward()
+    assert torch.allclose(a.grad, b.grad)
+    # rows longer than max_len are cut, shorter ones padded
+    row = int(torch.argmax(lengths))
+    assert dense_pt[row].shape[0] == max_len
+
+
+def test_dense_to_jagged_round_trip():
+    lengths = torch.tensor([2, 0, 3])
+    offsets = jagged.lengths_to_offsets(lengths)
+    values = torch.arange(10.0).view(5, 2)
+    dense = jagged.jagged_to_padded_dense(values, offsets, 3)
+    assert torch.equal(jagged.dense_to_jagged(dense, offsets), values)
+    assert torch.equal(jagged.dense_to_jagged_torch(dense, offsets), values)
+    assert dense[1].abs().sum() == 0
