@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from recsys.data.schema import DataValidationError
-from recsys.models.ranking import RankingModel
 from recsys.ops.jagged import kernel_backend
 from recsys.tracking.callbacks import MLflowRunFiles
 from recsys.tracking.mlflow import flatten, git_commit, run_name
@@ -40,13 +39,16 @@ def choices(cfg: DictConfig) -> Dict[str, str]:
 
 
 def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data module (prepared, so its vocabulary is known), then backbone -> tower -> task module."""
+    """Data module (prepared, so its vocabulary is known), then the task builder assembles
+    backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``task``)."""
     datamodule = instantiate(cfg.data)
-    meta = datamodule.prepare()
-    backbone = instantiate(cfg.recsys)(vocab=meta.vocab(), max_len=meta.max_len)
-    tower = instantiate(cfg.mtl)(in_dim=backbone.output_dim, tasks=datamodule.tasks)
-    model = RankingModel(backbone, tower, init_std=cfg.model.init_std)
-    task = instantiate(cfg.task)(model=model, tasks=datamodule.tasks)
+    datamodule.prepare()
+    task = instantiate(cfg.task)(
+        datamodule=datamodule,
+        backbone=instantiate(cfg.recsys),
+        tower=instantiate(cfg.mtl),
+        init_std=cfg.model.init_std,
+    )
     return datamodule, task
 
 

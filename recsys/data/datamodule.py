@@ -64,6 +64,11 @@ class CTRDataModule(pl.LightningDataModule):
             log.info("dataset %s at %s: %s", self.name, self.dataset_dir, self.meta.rows)
         return self.meta
 
+    def backbone_inputs(self) -> Dict[str, Any]:
+        """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""
+        meta = self.prepare()
+        return {"vocab": meta.vocab(), "max_len": meta.max_len}
+
     def prepare_data(self) -> None:
         self.prepare()
 

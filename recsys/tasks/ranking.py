@@ -194,3 +194,20 @@ class RankingTask(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
+
+
+def build_ranking_task(
+    datamodule: Any,
+    backbone: Callable[..., nn.Module],
+    tower: Callable[..., nn.Module],
+    init_std: Optional[float] = 0.01,
+    **task_kwargs: Any,
+) -> RankingTask:
+    """Assemble backbone -> tower -> :class:`RankingTask` for a prepared datamodule.
+
+    ``backbone`` and ``tower`` are the ``_partial_`` factories of the ``recsys`` and ``mtl`` configs; the
+    datamodule supplies what they need (``backbone_inputs()``: vocab, max_len; ``tasks``).
+    """
+    net = backbone(**datamodule.backbone_inputs())
+    head = tower(in_dim=net.output_dim, tasks=datamodule.tasks)
+    return RankingTask(RankingModel(net, head, init_std=init_std), datamodule.tasks, **task_kwargs)
