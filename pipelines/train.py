@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import hydra
 import pytorch_lightning as pl
@@ -22,11 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from recsys.data.schema import DataValidationError
+from recsys.distributed.run import register_rank_resolver, run_context
+from recsys.bundle import export_bundle
+from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
-from recsys.tracking.callbacks import MLflowRunFiles
+from recsys.system import peak_rss_mb
+from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
+from recsys.tracking.gates import GateUsage
 from recsys.tracking.mlflow import flatten, git_commit, run_name
 
 log = logging.getLogger("pipelines.train")
+register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
 
 USER_ERRORS = (DataValidationError, FileNotFoundError, PermissionError, ValueError)
 
@@ -38,18 +45,29 @@ def choices(cfg: DictConfig) -> Dict[str, str]:
     return {"recsys": "custom", "mtl": "single", "data": str(cfg.data.name)}
 
 
-def build(cfg: DictConfig) -> Tuple[pl.LightningDataModule, pl.LightningModule]:
+def build(cfg: DictConfig, table_device: torch.device | None = None) -> Tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data module (prepared, so its vocabulary is known), then the task builder assembles
-    backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``task``)."""
+    backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``task``).
+
+    ``table_device``: passed to the backbone factory as ``device`` (``meta`` when DMP shards the tables).
+    """
     datamodule = instantiate(cfg.data)
     datamodule.prepare()
+    backbone = instantiate(cfg.recsys)
+    if table_device is not None:
+        backbone = functools.partial(backbone, device=table_device)
     task = instantiate(cfg.task)(
         datamodule=datamodule,
-        backbone=instantiate(cfg.recsys),
+        backbone=backbone,
         tower=instantiate(cfg.mtl),
         init_std=cfg.model.init_std,
     )
     return datamodule, task
+
+
+def extra_callbacks(cfg: DictConfig) -> List[pl.Callback]:
+    """The ``callbacks`` config section: name -> Hydra config of a Lightning callback (null = off)."""
+    return [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
 
 
 def train(cfg: DictConfig) -> Dict[str, float]:
@@ -59,9 +77,12 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
-    output_dir = Path(cfg.paths.output_dir)
+    # torchrun: one process group, rank 0's output folder on every rank, tables on meta under DMP
+    run = run_context(cfg.trainer, Path(cfg.paths.output_dir))
+    output_dir = run.output_dir
 
-    datamodule, task = build(cfg)
+    with run.rank_zero_first():  # rank 0 writes the data cache, the others then read it
+        datamodule, task = build(cfg, run.table_device)
     meta = datamodule.meta
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     tags = {
@@ -73,8 +94,11 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         "seed": str(cfg.seed),
         "device": device,
         "jagged_kernels": kernel_backend(torch.device(device)),
+        "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
+        "world_size": str(run.world.world_size),
     }
-    logger = instantiate(cfg.logger, run_name=name, tags=tags)
+    with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
+        logger = instantiate(cfg.logger, run_name=name, tags=tags)
     logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
 
     checkpoint = ModelCheckpoint(
@@ -86,7 +110,9 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         auto_insert_metric_name=False,
     )
     files = MLflowRunFiles(resolved, dataclasses.asdict(meta), str(output_dir))
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, files],
+    timer = EpochTimer()
+    gates = GateUsage(str(output_dir))  # per-task gate/expert utilisation plots (multi-task towers)
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, files, timer, gates, *extra_callbacks(cfg)],
                                       default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
@@ -95,7 +121,23 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         ckpt = "best" if checkpoint.best_model_path else None
         results = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
-    metrics["best_model_path"] = checkpoint.best_model_path  # type: ignore[assignment]
+    weights: Any = task.model
+    if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0
+        weights = run.best_weights(task, task.model, checkpoint.best_model_path)
+    elif checkpoint.best_model_path:  # export the best weights, whatever ran last
+        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        task.load_state_dict(best["state_dict"])
+    if run.is_zero:
+        bundle = export_bundle(output_dir / "model", resolved, datamodule.dataset_dir, weights,
+                               {"run_name": name, "run_id": logger.run_id, "data_fingerprint": meta.fingerprint,
+                                "model_builder": task.model_builder})
+        logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")
+    epochs = timer.epoch_seconds
+    metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
+    metrics["system/peak_rss_mb"] = peak_rss_mb()
+    if run.is_zero:
+        write_json_atomic(output_dir / "metrics.json", {**metrics, "run_name": name, "run_id": logger.run_id,
+                                                         "best_model_path": checkpoint.best_model_path})
     log.info("finished %s: %s", name, {k: v for k, v in metrics.items() if k.startswith("test/")})
     return metrics
 

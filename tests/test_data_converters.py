@@ -196,7 +196,9 @@ def test_remap_ids_first_appearance():
     log = pl.DataFrame(
         {"user": [7, 7, 3, 7], "item": [50, 40, 50, 60], "category": [9, 8, 9, 8],
          "behavior": ["pv"] * 4, "timestamp": [1, 2, 3, 4]}, schema=dict(LOG_SCHEMA))
-    out, vocab = remap_ids(log)
+    out, vocab, maps = remap_ids(log)
+    assert maps["item"].rows() == [(50, 1), (40, 2), (60, 3)]
+    assert maps["user"].rows() == [(7, 1), (3, 2)]
     assert out["user"].to_list() == [1, 1, 2, 1]
     assert out["item"].to_list() == [1, 2, 1, 3]
     assert out["category"].to_list() == [1, 2, 1, 2]

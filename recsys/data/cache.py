@@ -23,7 +23,7 @@ import polars as pl
 from recsys.data.schema import SPLITS, DataValidationError, Vocab
 
 #: Bump when the sample layout or a converter's semantics change; invalidates every cached folder.
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: id maps stored beside the splits
 META_FILE = "meta.json"
 _CHUNK = 1 << 22  # 4 MiB
 _FILE_HASHES: Dict[Tuple[str, int, int], str] = {}
@@ -126,8 +126,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_contents(tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame]) -> None:
-    """Write every split and ``meta.json`` into ``tmp`` and fsync them."""
+def _write_contents(tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame],
+                    id_maps: Optional[Mapping[str, pl.DataFrame]] = None) -> None:
+    """Write every split, the id maps and ``meta.json`` into ``tmp`` and fsync them."""
+    for column, frame in (id_maps or {}).items():
+        target = tmp / f"id_map_{column}.parquet"
+        frame.write_parquet(target)
+        _fsync_path(target)
     for split in SPLITS:
         if split not in splits:
             raise DataValidationError(f"write_dataset({meta.name}): split '{split}' is missing.")
@@ -142,8 +147,12 @@ def _write_contents(tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFr
     _fsync_path(tmp)
 
 
-def write_dataset(root: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame]) -> Path:
+def write_dataset(root: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame],
+                  id_maps: Optional[Mapping[str, pl.DataFrame]] = None) -> Path:
     """Atomically write ``<root>/<name>-<fingerprint>/``; an existing folder is left untouched.
+
+    ``id_maps`` (column -> ``raw, id`` frame) are stored as ``id_map_<column>.parquet``; a dataset
+    without them keeps raw ids (identity maps), as MovieLens does.
 
     Everything goes to a hidden temp folder in ``root`` first, is fsynced, then renamed into place.
     On any error the temp folder is removed and the error re-raised. Returns the dataset folder.
@@ -155,7 +164,7 @@ def write_dataset(root: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFra
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        _write_contents(tmp, meta, splits)
+        _write_contents(tmp, meta, splits, id_maps)
         try:
             os.rename(tmp, target)
         except OSError:

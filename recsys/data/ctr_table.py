@@ -15,7 +15,7 @@ from recsys.data.batch import CTRBatch, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
 
 
-def _list_column(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+def list_column_arrays(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
     """Zero-copy (values, offsets) of a list column, as int64 numpy arrays."""
     arrow = frame[column].to_arrow()
     if isinstance(arrow, pa.ChunkedArray):
@@ -70,8 +70,8 @@ class CTRTable:
             if column not in frame.columns:
                 raise DataValidationError(f"{source}: missing label column '{column}'; found {frame.columns}.")
         validate_samples(frame, source, vocab, label_columns=list(binary_labels))
-        hist_item, offsets = _list_column(frame, "hist_item")
-        hist_cat, cat_offsets = _list_column(frame, "hist_cat")
+        hist_item, offsets = list_column_arrays(frame, "hist_item")
+        hist_cat, cat_offsets = list_column_arrays(frame, "hist_cat")
         if not np.array_equal(offsets, cat_offsets):  # validate_samples checks lengths; belt and braces
             raise DataValidationError(f"{source}: 'hist_item' and 'hist_cat' are not aligned.")
         labels = {}

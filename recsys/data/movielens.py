@@ -16,7 +16,7 @@ import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import polars as pl
@@ -131,10 +131,13 @@ def prepare_ml100k(
     cache_root: Union[str, Path],
     protocol: Union[CTRProtocol, Mapping[str, Any], None] = None,
     download: bool = False,
+    like_threshold: Optional[int] = None,
 ) -> Path:
     """Read -> build samples (``targets="all"`` by default) -> cache (name ``ml100k``, extra ``rating``).
 
     ``download=True`` fetches the archive into ``path`` when ``u.data`` is missing there.
+    ``like_threshold`` adds the label column ``like`` = ``rating >= like_threshold`` (Int8; 0 for the
+    sampled negatives, whose rating is 0), for multi-task runs (``data=ml100k_mtl``).
     """
     protocol = CTRProtocol.coerce(protocol or ML100K_PROTOCOL)
     path = Path(path)
@@ -142,6 +145,8 @@ def prepare_ml100k(
         download_ml100k(path)
     inputs = [_require(path, "u.data"), _require(path, "u.item")]
     params = {"protocol": protocol.to_dict()}
+    if like_threshold is not None:  # only then: the plain dataset keeps its fingerprint
+        params["like_threshold"] = int(like_threshold)
     fp = fingerprint("ml100k", params, inputs)
     hit = cached_dataset(Path(cache_root), "ml100k", fp)
     if hit is not None:
@@ -150,9 +155,14 @@ def prepare_ml100k(
     events = read_ml100k_log(path)
     vocab = Vocab(int(events["user"].max()), int(events["item"].max()), NUM_GENRES)
     splits = build_ctr_samples(events, protocol, extra_columns=("rating",), vocab=vocab, source=str(path))
+    extra = ["rating"]
+    if like_threshold is not None:
+        like = (pl.col("rating") >= like_threshold).cast(pl.Int8).alias("like")
+        splits = {k: v.with_columns(like) for k, v in splits.items()}
+        extra.append("like")
     meta = DatasetMeta(
         name="ml100k", fingerprint=fp, num_users=vocab.num_users, num_items=vocab.num_items,
         num_categories=vocab.num_categories, max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()}, params=params, extra_columns=["rating"],
+        rows={k: v.height for k, v in splits.items()}, params=params, extra_columns=extra,
     )
     return write_dataset(Path(cache_root), meta, splits)

@@ -118,19 +118,26 @@ def _first_appearance_codes(values: np.ndarray) -> Tuple[np.ndarray, int]:
     return rank[inverse.reshape(-1)], len(uniques)
 
 
-def remap_ids(log: pl.DataFrame) -> Tuple[pl.DataFrame, Vocab]:
+def remap_ids(log: pl.DataFrame) -> Tuple[pl.DataFrame, Vocab, Dict[str, pl.DataFrame]]:
     """Remap user/item/category to 1..n by first appearance in log order (0 stays free for padding).
 
-    Returns the remapped log (same row order) and the id-space sizes. Filter behaviours *before*
-    calling this if the vocabulary should cover only the kept behaviours (DARE does).
+    Returns the remapped log (same row order), the id-space sizes and the id maps
+    (column -> frame ``raw: Int64, id: Int64`` sorted by ``id``), which the cache stores so scoring
+    jobs can map raw ids of new logs. Filter behaviours *before* calling this if the vocabulary
+    should cover only the kept behaviours (DARE does).
     """
     check_columns(log.schema, ("user", "item", "category"), "remap_ids(log)")
-    sizes = {}
-    columns = []
+    sizes, columns, maps = {}, [], {}
     for name in ("user", "item", "category"):
-        codes, sizes[name] = _first_appearance_codes(log[name].to_numpy())
+        raw = log[name].to_numpy()
+        codes, sizes[name] = _first_appearance_codes(raw)
         columns.append(pl.Series(name, codes, dtype=pl.Int64))
-    return log.with_columns(columns), Vocab(sizes["user"], sizes["item"], sizes["category"])
+        maps[name] = (
+            pl.DataFrame({"raw": raw, "id": codes}, schema={"raw": pl.Int64, "id": pl.Int64})
+            .unique("id", keep="first", maintain_order=True)
+            .sort("id")
+        )
+    return log.with_columns(columns), Vocab(sizes["user"], sizes["item"], sizes["category"]), maps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,11 +84,11 @@ def prepare_taobao(
         log.info("taobao: reusing cached dataset %s", hit)
         return hit
     raw = filter_behaviors(read_taobao_log(path, time_window), protocol.behaviors)
-    events, vocab = remap_ids(raw)
+    events, vocab, id_maps = remap_ids(raw)
     splits = build_ctr_samples(events, protocol, vocab=vocab, source=str(path))
     meta = DatasetMeta(
         name="taobao", fingerprint=fp, num_users=vocab.num_users, num_items=vocab.num_items,
         num_categories=vocab.num_categories, max_len=protocol.max_len,
         rows={k: v.height for k, v in splits.items()}, params=params, extra_columns=[],
     )
-    return write_dataset(Path(cache_root), meta, splits)
+    return write_dataset(Path(cache_root), meta, splits, id_maps)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -42,3 +43,28 @@ class RankingModel(nn.Module):
         b = self.backbone(batch)
         t = self.tower(b.features)
         return RankingOutput(t.logits, b.aux_logits, t.aux_losses, {**b.extras, **t.extras})
+
+
+def build_ranking_model(
+    datamodule: Any,
+    backbone: Callable[..., nn.Module],
+    tower: Callable[..., Tower],
+    init_std: Optional[float] = 0.01,
+) -> RankingModel:
+    """backbone -> tower for a prepared datamodule (or anything with ``backbone_inputs()`` and ``tasks``).
+
+    ``backbone`` and ``tower`` are the ``_partial_`` factories of the ``recsys`` and ``mtl`` configs.
+    """
+    inputs = datamodule.backbone_inputs()
+    try:
+        inspect.signature(backbone).bind(**inputs)
+    except TypeError as err:  # e.g. recsys=fields on CTR samples, or a sequence backbone on tabular data
+        name = getattr(getattr(backbone, "func", backbone), "__name__", str(backbone))
+        raise ValueError(
+            f"backbone {name} cannot be built from this dataset's inputs {sorted(inputs)} ({err}): sequence "
+            f"backbones (recsys=dare|twin|twin_4e|twin_proj|din) need CTR samples (data=synthetic|ml100k|"
+            f"ml100k_mtl|taobao); recsys=fields needs tabular data (data=census|ali_ccp|aliexpress|byterec)"
+        ) from err
+    net = backbone(**inputs)
+    head = tower(in_dim=net.output_dim, tasks=datamodule.tasks)
+    return RankingModel(net, head, init_std=init_std)

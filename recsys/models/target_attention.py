@@ -190,7 +190,7 @@ class TargetAttentionBackbone(nn.Module):
         pooled = torch.einsum("bk,bkd->bd", weights, top_values)
         features = self._features(target.target, pooled)
         out = BackboneOutput(features=features, extras={"attention": weights, "topk_index": top_index})
-        if self.aux_head is not None:
+        if self.aux_head is not None and self.training:  # the aux head only shapes training
             full = torch.einsum("bl,bld->bd", masked_softmax(scores, mask), history)
             out.aux_logits["full_sequence"] = self.aux_head(self._features(target.target, full)).squeeze(-1)
         return out

@@ -44,9 +44,12 @@ class MLP(nn.Module):
 def normal_init_(module: nn.Module, std: float) -> None:
     """DARE's init: every non-bias dense parameter ~ N(0, std), BatchNorm scale and PReLU slopes included.
 
-    Embedding tables are left alone (they get their own ``init_fn``).
+    Embedding tables are left alone (they get their own ``init_fn``), and so are parameters flagged
+    ``keep_init`` by their module (e.g. zero-initialised experts, see ``mtl.layers.keep_init``).
     """
     for name, param in module.named_parameters():
         if name.endswith("bias") or name.startswith("tables.") or ".tables." in name:
+            continue
+        if getattr(param, "keep_init", False):
             continue
         nn.init.normal_(param, mean=0.0, std=std)

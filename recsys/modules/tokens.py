@@ -62,7 +62,8 @@ class TokenEmbedding(nn.Module):
         max_positions: largest position id (the longest history).
         split_target: separate tables for target and history tokens (TWIN-4E's query/key split).
         init_std: N(0, init_std) initialisation of every table.
-        device: where tables are built; ``torch.device("meta")`` lets DistributedModelParallel materialise them.
+        device: where the EmbeddingCollection tables are built; ``torch.device("meta")`` lets
+            DistributedModelParallel materialise each shard on its rank (position tables stay real).
     """
 
     def __init__(
@@ -93,11 +94,14 @@ class TokenEmbedding(nn.Module):
         self.tables = EmbeddingCollection(tables=configs, device=device)
         self.sem_dim, self.pos_dim = 2 * dim, pos_dim
         self.positions = nn.ModuleList()
+        # Position tables are tiny dense weights (trained data-parallel, never sharded): under a sharded
+        # build (device=meta) they stay on the default device, because DMP would re-create meta modules
+        # with reset_parameters() (N(0, 1)) instead of N(0, init_std).
+        pos_device = None if device is not None and torch.device(device).type == "meta" else device
         if pos_dim > 0:
             for _ in range(2 if split_target else 1):
-                table = nn.Embedding(max_positions + 1, pos_dim, device=device)
-                if table.weight.device.type != "meta":
-                    init(table.weight)
+                table = nn.Embedding(max_positions + 1, pos_dim, device=pos_device)
+                init(table.weight)
                 self.positions.append(table)
 
     @property

@@ -16,23 +16,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.types import ShardedModule
 
 from recsys.data.batch import CTRBatch
 from recsys.data.tasks import TaskSpec
+from recsys.distributed.collectives import gather_batches
 from recsys.metrics.ranking import auc, gauc, logloss, rmse
-from recsys.models.ranking import RankingModel, RankingOutput
+from recsys.models.ranking import RankingModel, RankingOutput, build_ranking_model
+
+# how scoring jobs rebuild the trained nn.Module without Lightning (stored in the model bundle)
+MODEL_BUILDER = "recsys.models.ranking.build_ranking_model"
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
 def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Parameters of TorchRec embedding collections (sparse) and all others (dense)."""
-    sparse_ids = set()
-    for sub in module.modules():
-        if isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection)):
-            sparse_ids.update(id(p) for p in sub.parameters())
-    params = [p for p in module.parameters() if p.requires_grad]
-    return [p for p in params if id(p) in sparse_ids], [p for p in params if id(p) not in sparse_ids]
+    """Parameters of TorchRec embedding collections, sharded or not (sparse), and all others (dense),
+    each in ``module.parameters()`` order."""
+    sparse: list[nn.Parameter] = []
+    dense: list[nn.Parameter] = []
+    seen: set[int] = set()
+
+    def visit(sub: nn.Module, in_table: bool) -> None:
+        in_table = in_table or isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection, ShardedModule))
+        for p in sub.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (sparse if in_table else dense).append(p)
+        for child in sub.children():
+            visit(child, in_table)
+
+    visit(module, False)
+    return sparse, dense
 
 
 def l2_penalty(module: nn.Module) -> torch.Tensor:
@@ -73,6 +88,7 @@ class RankingTask(pl.LightningModule):
         self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
         self.aux_loss_weight, self.l2_weight = aux_loss_weight, l2_weight
         self.automatic_optimization = False
+        self.model_builder = MODEL_BUILDER
         binary = [t for t in self.tasks if t.loss == "binary"]
         self.primary = binary[0].name if binary else None
         self._eval: Dict[str, List[np.ndarray]] = defaultdict(list)
@@ -110,6 +126,11 @@ class RankingTask(pl.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------
     def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "shards_tables", False):
+            # TorchRecStrategy: [DMP's fused table optimiser (updates during backward; its step() only
+            # refreshes the lr), KeyedOptimizerWrapper(dense_optimizer) over the unsharded parameters]
+            return strategy.sharded_optimizers(self.dense_optimizer)
         sparse, dense = split_sparse_dense(self.model)
         optimizers = []
         if sparse:
@@ -132,32 +153,38 @@ class RankingTask(pl.LightningModule):
         for opt in opts:
             opt.step()
         bs = batch.batch_size
-        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
+        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=True)
         for name, value in losses.items():
             if name != "total":
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         return losses["total"]
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def _collect(self, batch: CTRBatch) -> None:
+    def _collect(self, batch: CTRBatch) -> RankingOutput:
         out = self.model(batch)
         for task in self.tasks:
             pred = out.logits[task.name]
             pred = torch.sigmoid(pred) if task.loss == "binary" else pred
             self._eval[f"pred/{task.name}"].append(pred.detach().float().cpu().numpy())
             self._eval[f"label/{task.name}"].append(batch.labels[task.name].float().cpu().numpy())
-        self._eval["user"].append(batch.user.cpu().numpy())
-        self._eval["category"].append(batch.target_category.cpu().numpy())
+        if getattr(batch, "user", None) is not None:  # tabular batches have no user/category: no GAUC
+            self._eval["user"].append(batch.user.cpu().numpy())
+            self._eval["category"].append(batch.target_category.cpu().numpy())
+        return out
 
-    def validation_step(self, batch: CTRBatch, batch_idx: int) -> None:
-        self._collect(batch)
+    def validation_step(self, batch: CTRBatch, batch_idx: int) -> RankingOutput:
+        return self._collect(batch)  # callbacks read the output's extras (gate usage)
 
     def test_step(self, batch: CTRBatch, batch_idx: int) -> None:
         self._collect(batch)
 
     def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
-        """Metrics over everything collected since the last call (then cleared)."""
-        cols = {k: np.concatenate(v) for k, v in self._eval.items()}
+        """Metrics over everything collected since the last call (then cleared); with several ranks,
+        over all ranks' batches (every rank computes the same global values)."""
+        identity = [k for k in self._eval if not k.startswith("pred/")]
+        cols = {k: np.concatenate(v) for k, v in gather_batches(dict(self._eval), identity).items()}
         self._eval.clear()
         if not cols:
             return {}
@@ -168,8 +195,9 @@ class RankingTask(pl.LightningModule):
             if task.loss == "binary":
                 metrics[f"{prefix}/{task.name}/auc"] = auc(pred, label)
                 metrics[f"{prefix}/{task.name}/logloss"] = logloss(pred, label)
-                metrics[f"{prefix}/{task.name}/gauc_user"] = gauc(pred, label, cols["user"])
-                metrics[f"{prefix}/{task.name}/gauc_category"] = gauc(pred, label, cols["category"])
+                if "user" in cols:
+                    metrics[f"{prefix}/{task.name}/gauc_user"] = gauc(pred, label, cols["user"])
+                    metrics[f"{prefix}/{task.name}/gauc_category"] = gauc(pred, label, cols["category"])
                 aucs.append(metrics[f"{prefix}/{task.name}/auc"])
                 losses.append(metrics[f"{prefix}/{task.name}/logloss"])
             else:
@@ -177,17 +205,18 @@ class RankingTask(pl.LightningModule):
         if aucs:
             metrics[f"{prefix}/auc"] = float(np.mean(aucs))
             metrics[f"{prefix}/logloss"] = float(np.mean(losses))
-            metrics[f"{prefix}/gauc_user"] = float(metrics[f"{prefix}/{self.primary}/gauc_user"])
-            metrics[f"{prefix}/gauc_category"] = float(metrics[f"{prefix}/{self.primary}/gauc_category"])
+            if "user" in cols:
+                metrics[f"{prefix}/gauc_user"] = float(metrics[f"{prefix}/{self.primary}/gauc_user"])
+                metrics[f"{prefix}/gauc_category"] = float(metrics[f"{prefix}/{self.primary}/gauc_category"])
         return metrics
 
     def _log_evaluation(self, prefix: str) -> None:
         metrics = self.evaluation_metrics(prefix)
         headline = f"{prefix}/auc"
         if headline in metrics:
-            self.log(headline, metrics.pop(headline), prog_bar=True)
+            self.log(headline, metrics.pop(headline), prog_bar=True, sync_dist=True)  # equal on all ranks
         if metrics:
-            self.log_dict(metrics)
+            self.log_dict(metrics, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_evaluation("val")
@@ -203,11 +232,6 @@ def build_ranking_task(
     init_std: Optional[float] = 0.01,
     **task_kwargs: Any,
 ) -> RankingTask:
-    """Assemble backbone -> tower -> :class:`RankingTask` for a prepared datamodule.
-
-    ``backbone`` and ``tower`` are the ``_partial_`` factories of the ``recsys`` and ``mtl`` configs; the
-    datamodule supplies what they need (``backbone_inputs()``: vocab, max_len; ``tasks``).
-    """
-    net = backbone(**datamodule.backbone_inputs())
-    head = tower(in_dim=net.output_dim, tasks=datamodule.tasks)
-    return RankingTask(RankingModel(net, head, init_std=init_std), datamodule.tasks, **task_kwargs)
+    """Assemble :func:`build_ranking_model` -> :class:`RankingTask` (the ``task=ctr`` builder)."""
+    model = build_ranking_model(datamodule, backbone, tower, init_std)
+    return RankingTask(model, datamodule.tasks, **task_kwargs)

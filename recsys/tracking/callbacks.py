@@ -7,11 +7,14 @@ import logging
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
+
+from recsys.system import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,11 @@ class MLflowRunFiles(pl.Callback):
     def _log_file(self, trainer: pl.Trainer, path: Path, artifact_path: Optional[str] = None) -> None:
         logger = _mlflow_logger(trainer)
         if logger is not None and trainer.is_global_zero:
-            logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
+            if path.is_dir():  # a sharded (DCP) checkpoint is a folder: keep its name under artifact_path
+                folder = f"{artifact_path}/{path.name}" if artifact_path else path.name
+                logger.experiment.log_artifacts(logger.run_id, str(path), folder)
+            else:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -108,3 +115,21 @@ class MLflowRunFiles(pl.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if best and Path(best).exists():
             self._log_file(trainer, Path(best), "checkpoints")
+
+
+class EpochTimer(pl.Callback):
+    """Logs ``time/epoch_seconds`` (training epoch wall time, its validation included) and
+    ``system/peak_rss_mb`` once per epoch."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+        self.epoch_seconds: List[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._start
+        self.epoch_seconds.append(seconds)
+        pl_module.log("time/epoch_seconds", seconds, on_epoch=True)
+        pl_module.log("system/peak_rss_mb", peak_rss_mb(), on_epoch=True)

@@ -1,0 +1,78 @@
+"""Census-Income (KDD) multi-task benchmark: our towers on ``recsys=fields``, side by side with torch-rechub.
+
+    python -m benchmarks.mtl_census                                   # 5 towers x seeds 1..5
+    python -m benchmarks.mtl_census --models mmoe --seeds 1 --set mtl.num_experts=4   # one tuning run
+    python -m benchmarks.mtl_census --import-rechub rechub_census.jsonl   # rows of ../shared/peers/rechub_census.py
+    python -m benchmarks.mtl_census --table                            # rewrite benchmarks/results/mtl.md
+
+Fixed split ``split_seed2026`` (79,810 / 9,976 / 9,976 rows), tasks income > 50K and never-married; every
+run stops early on the mean validation AUC (patience ``--patience``) and the best epoch is tested.
+``sec_per_epoch`` = training seconds per epoch (validation excluded), one intra-op thread by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.mtl_common import (RESULTS, append_rows, log, machine_load, markdown_table, read_rows,
+                                   result_rows, train_and_test)
+
+TASKS = ("income", "marital")
+#: Tuned settings per tower (on the validation AUC of seed 1; see docs/mtl.md).
+COMMON = ["recsys=fields", "data=census", "recsys.embedding_dim=16", "task.dense_optimizer.lr=0.001",
+          "task.sparse_optimizer.lr=0.001", "data.batch_size=256"]
+MODELS = {
+    "shared_bottom": ["mtl=shared_bottom"],
+    "mmoe": ["mtl=mmoe"],
+    "ple": ["mtl=ple"],
+    "switch": ["mtl=switch"],
+    "taskexpert": ["mtl=taskexpert"],
+}
+RECHUB_NAMES = {"SharedBottom": "shared_bottom", "MMOE": "mmoe", "PLE": "ple"}
+
+
+def import_rechub(path: Path, out: Path) -> None:
+    """Rows of the peer runner -> our row format (``implementation: torch-rechub``)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        rows.append({"model": RECHUB_NAMES[r["model"]], "backbone": "rechub-emb4", "dataset": "census",
+                     "seed": r["seed"], "task": r["task"], "auc": r["auc"], "logloss": r["logloss"],
+                     "sec_per_epoch": r["sec_per_epoch"], "implementation": "torch-rechub"})
+    append_rows(out, rows)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--max-epochs", type=int, default=30)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (tuning)")
+    p.add_argument("--out", type=Path, default=RESULTS / "mtl.jsonl")
+    p.add_argument("--import-rechub", type=Path, default=None)
+    p.add_argument("--table", action="store_true", help="only rewrite the markdown table from --out")
+    args = p.parse_args(argv)
+    if args.import_rechub is not None:
+        import_rechub(args.import_rechub, args.out)
+        return
+    if not args.table:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for model in args.models:
+            for seed in args.seeds:
+                run = train_and_test([*COMMON, *MODELS[model], *args.set], seed, args.max_epochs, args.patience)
+                log(f"[{model} seed={seed}] {machine_load()} epochs {run['epochs']} best {run['best_epoch']} "
+                    f"val auc {run['best_val_auc']:.4f} test " + " ".join(
+                        f"{t} {run['test'][f'test/{t}/auc']:.4f}" for t in TASKS) + f" {run['sec_per_epoch']:.1f}s/epoch")
+                append_rows(args.out, result_rows(model, "fields", "census", seed, TASKS, run))
+    table = markdown_table(read_rows(args.out), "census")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

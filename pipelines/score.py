@@ -1,0 +1,127 @@
+"""Batch scoring of parquet logs with a trained model (bounded memory, atomic, resumable).
+
+    python -m pipelines.score input='data/logs/*.parquet' model=logs/train/runs/<run> output=data/scores
+
+One output file per input file, written under a temporary name and renamed when complete, with the
+model's identity in the parquet footer. A rerun skips finished outputs, so a killed job resumes by
+running the same command again.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from recsys.bundle import load_bundle, resolve_bundle
+from recsys.data.schema import DataValidationError
+from recsys.io import write_json_atomic
+from recsys.system import peak_rss_mb
+from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
+from recsys.scoring.reader import SCORING_COLUMNS, count_rows, iter_batches, log_schema
+from recsys.scoring.writer import AtomicParquetWriter
+
+log = logging.getLogger("pipelines.score")
+
+
+def input_files(spec: str) -> List[Path]:
+    """A file, a folder (all ``*.parquet`` below it) or a glob; sorted; at least one file."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+    elif path.exists():
+        files = [path]
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True))
+    if not files:
+        raise FileNotFoundError(f"input={spec}: no parquet files found")
+    return files
+
+
+def input_root(spec: str) -> Path:
+    """The folder outputs are laid out relative to: the folder given, a file's parent, or a glob's fixed prefix."""
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    if path.exists():
+        return path.parent
+    prefix = spec[: min((spec.find(c) for c in "*?[" if c in spec), default=len(spec))]
+    return Path(prefix) if prefix.endswith("/") else Path(prefix).parent
+
+
+def score_file(scorer: CTRScorer, file: Path, target: Path, rejects: Path, batch_size: int,
+               identity: dict, bar: tqdm) -> ScoreStats:
+    """Score one file into ``target`` (and its rejects) atomically."""
+    schema = log_schema(file)
+    columns = list(dict.fromkeys([*SCORING_COLUMNS, *[c for c in scorer.keep_columns if c in schema]]))
+    stats = ScoreStats()
+    meta = {"recsys.model": identity.get("run_name", ""), "recsys.run_id": str(identity.get("run_id", "")),
+            "recsys.weights_sha256": identity.get("weights_sha256", ""), "recsys.input": file.name}
+    with AtomicParquetWriter(target, meta) as out, AtomicParquetWriter(rejects, meta) as bad:
+        for frame in iter_batches(file, columns, batch_size):
+            scored, rejected, batch_stats = scorer.score(frame)
+            out.write(scored) if scored.height else None
+            bad.write(rejected) if rejected.height else None
+            stats.add(batch_stats)
+            bar.update(frame.height)
+        if bad.rows:
+            bad.commit()
+        else:
+            bad.abort()
+        out.commit(scorer.output_schema(dict(schema)))
+    return stats
+
+
+def run(cfg: DictConfig) -> ScoreStats:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    output = Path(cfg.output)
+    files = input_files(str(cfg.input))
+    bundle = load_bundle(resolve_bundle(str(cfg.model), output / "_model"))
+    scorer = CTRScorer(bundle, unseen=cfg.unseen, keep_columns=list(cfg.keep_columns))
+    root = input_root(str(cfg.input)).resolve()
+    targets = [output / f.resolve().relative_to(root) for f in files]
+    for stale in output.rglob(".*.tmp") if output.exists() else []:  # left by a killed run
+        stale.unlink()
+    todo = [(f, t) for f, t in zip(files, targets) if not t.exists()]
+    log.info("%d input files, %d already scored, model %s", len(files), len(files) - len(todo),
+             bundle.identity.get("run_name"))
+    for file, _ in todo:  # fail fast, before any output, on unreadable files or missing columns
+        log_schema(file)
+    total = sum(count_rows(f) for f, _ in todo)
+    stats, start = ScoreStats(), time.perf_counter()
+    with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
+        for file, target in todo:
+            rejects = output / "_rejected" / target.relative_to(output)
+            stats.add(score_file(scorer, file, target, rejects, int(cfg.batch_size), bundle.identity, bar))
+    seconds = time.perf_counter() - start
+    summary = {"files": len(files), "files_scored": len(todo), "rows_in": stats.rows_in,
+               "rows_scored": stats.rows_scored, "rows_rejected": dict(stats.rows_rejected),
+               "unseen_ids_mapped": stats.unseen_ids_mapped, "seconds": round(seconds, 3),
+               "rows_per_s": round(stats.rows_in / seconds, 1) if seconds > 0 else None,
+               "model": bundle.identity.get("run_name"), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "threads": torch.get_num_threads()}
+    write_json_atomic(output / "_summary.json", summary)
+    print("scoring summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="score")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (DataValidationError, FileNotFoundError, ValueError) as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Sequential-recommendation data: S3-Rec files -> cached parquet splits -> :class:`SeqDataModule`.
+
+``prepare_seqrec`` reads any file in the S3-Rec line format (``user item item ...``, oldest first; e.g.
+Beauty.txt, Sports_and_Outdoors.txt, Yelp.txt, Toys_and_Games.txt), splits it leave-one-out
+(``recsys/data/seqrec_format.py``) and writes ``train/val/test.parquet`` + ``meta.json`` through
+:func:`recsys.data.cache.write_dataset` (fingerprinted by the file's bytes and the parameters; atomic).
+
+Parquet schema of every split (one row per user; lists oldest first, jagged, no padding):
+
+==========  ===========  ==================================================================
+column      dtype        meaning
+==========  ===========  ==================================================================
+user        Int64        user id from the file
+history     List(Int64)  model input, <= max_len items
+targets     List(Int64)  train: the next item after each history position; val/test: [target]
+exclude     List(Int64)  val/test: items removed from the ranking (train: empty)
+==========  ===========  ==================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytorch_lightning as lightning
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, load_meta, write_dataset
+from recsys.data.ctr_table import BatchedCTRDataset, EpochBatchSampler, identity_collate, list_column_arrays
+from recsys.data.schema import SPLITS, DataValidationError, Vocab
+from recsys.data.seqrec_format import Jagged, SeqTable, leave_one_out, read_sequences
+from recsys.data.tasks import TaskSpec
+from recsys.data.transitions import TransitionGraph, build_transition_graph, transition_pairs
+
+log = logging.getLogger(__name__)
+
+LIST_COLUMNS = ("history", "targets", "exclude")
+SEQ_SCHEMA = {"user": pl.Int64(), **{c: pl.List(pl.Int64()) for c in LIST_COLUMNS}}
+
+
+def table_to_frame(table: SeqTable) -> pl.DataFrame:
+    """:class:`SeqTable` -> frame in the module's schema (list columns straight from values + offsets)."""
+    columns: Dict[str, Any] = {"user": pl.Series("user", table.user, dtype=pl.Int64)}
+    for name in LIST_COLUMNS:
+        jagged: Jagged = getattr(table, name)
+        arrow = pa.LargeListArray.from_arrays(pa.array(jagged.offsets, pa.int64()), pa.array(jagged.values, pa.int64()))
+        columns[name] = pl.Series(name, arrow)
+    return pl.DataFrame(columns).cast(SEQ_SCHEMA)
+
+
+def frame_to_table(frame: pl.DataFrame, source: str) -> SeqTable:
+    """Validate a split frame and convert it to :class:`SeqTable` arrays (zero-copy list columns)."""
+    missing = [c for c in SEQ_SCHEMA if c not in frame.columns]
+    if missing:
+        raise DataValidationError(f"{source}: missing column(s) {missing}; found {frame.columns}.")
+    columns = {}
+    for name in LIST_COLUMNS:
+        values, offsets = list_column_arrays(frame, name)
+        columns[name] = Jagged(values, offsets)
+    return SeqTable(user=frame["user"].cast(pl.Int64).to_numpy(), **columns)
+
+
+def prepare_seqrec(path: Union[str, Path, None], cache_root: Union[str, Path], name: str = "seqrec",
+                   max_len: int = 50) -> Path:
+    """Read -> leave-one-out -> cache ``<cache_root>/<name>-<fingerprint>/``; returns the folder.
+
+    Raises FileNotFoundError (missing file) or DataValidationError (bad lines, empty or too short
+    sequences), naming the file.
+    """
+    if path is None:
+        raise FileNotFoundError("data.path is not set; give data.path=<file with 'user item item ...' lines>")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; set data.path=<file with one 'user item item ...' line per user>.")
+    params = {"format": "s3rec-lines", "split": "leave-one-out", "max_len": max_len}
+    fp = fingerprint(name, params, [path])
+    hit = cached_dataset(Path(cache_root), name, fp)
+    if hit is not None:
+        log.info("%s: reusing cached dataset %s", name, hit)
+        return hit
+    seqs = read_sequences(path)
+    splits = {split: table_to_frame(table) for split, table in leave_one_out(seqs, max_len).items()}
+    if splits["train"].height == 0:
+        raise DataValidationError(f"{path}: no user has 2 or more training items, so there is nothing to train on.")
+    meta = DatasetMeta(
+        name=name, fingerprint=fp, num_users=seqs.num_users, num_items=seqs.num_items, num_categories=0,
+        max_len=max_len, rows={k: v.height for k, v in splits.items()},
+        params={**params, "source": str(path), "interactions": int(len(seqs.items))},
+    )
+    return write_dataset(Path(cache_root), meta, splits)
+
+
+class SeqDataModule(lightning.LightningDataModule):
+    """Prepares (or reuses) a cached sequential dataset and serves :class:`~recsys.data.seq_batch.SeqBatch` es.
+
+    Same contract as :class:`~recsys.data.datamodule.CTRDataModule`: ``prepare() -> meta``,
+    ``backbone_inputs()`` (``vocab``, ``max_len``), ``tasks`` (empty: next-item prediction scores the item
+    table, it has no tower tasks) and train/val/test dataloaders; plus :meth:`transition_graph` for TED.
+
+    Args:
+        name: dataset name (MLflow experiment). source: ``source(cache_root=...) -> Path`` (a ``_partial_``
+        of :func:`prepare_seqrec`). cache_dir: parquet cache root. path: the raw file (informational).
+        batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
+    """
+
+    def __init__(self, name: str, source: Any, cache_dir: str, path: Optional[str] = None, batch_size: int = 256,
+                 eval_batch_size: int = 1024, num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__()
+        self.name, self.source, self.cache_dir, self.path = name, source, Path(cache_dir), path
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
+        self.tasks: List[TaskSpec] = []
+        self.dataset_dir: Optional[Path] = None
+        self.meta: Optional[DatasetMeta] = None
+        self.tables: Dict[str, SeqTable] = {}
+
+    def prepare(self) -> DatasetMeta:
+        """Build the cache if needed and read ``meta.json`` (idempotent)."""
+        if self.meta is None:
+            self.dataset_dir = Path(self.source(cache_root=self.cache_dir))
+            self.meta = load_meta(self.dataset_dir)
+            log.info("dataset %s at %s: %s", self.name, self.dataset_dir, self.meta.rows)
+        return self.meta
+
+    def backbone_inputs(self) -> Dict[str, Any]:
+        """``vocab`` (``num_items`` sizes the item table) and ``max_len``."""
+        meta = self.prepare()
+        return {"vocab": Vocab(meta.num_users, meta.num_items, 0), "max_len": meta.max_len}
+
+    def prepare_data(self) -> None:
+        self.prepare()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self.prepare()
+        for split in SPLITS:
+            if split not in self.tables:
+                file = self.dataset_dir / f"{split}.parquet"
+                if not file.exists():
+                    raise FileNotFoundError(f"{file}: no such parquet file")
+                self.tables[split] = frame_to_table(pl.read_parquet(file), str(file))
+
+    def transition_graph(self, span: int = 1) -> TransitionGraph:
+        """TED's graph from the training split only (validation and test items never enter it)."""
+        self.setup()
+        train = self.tables["train"]
+        src, dst = transition_pairs(torch.tensor(train.history.values), torch.tensor(train.targets.values),
+                                    torch.tensor(train.history.lengths), span)
+        return build_transition_graph(src, dst, self.prepare().num_items)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        self.setup()
+        table = self.tables[split]
+        sampler = EpochBatchSampler(len(table), batch_size, shuffle, self.seed, self.drop_last and shuffle)
+        return DataLoader(BatchedCTRDataset(table), sampler=sampler, batch_size=None, collate_fn=identity_collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

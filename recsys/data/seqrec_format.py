@@ -1,0 +1,218 @@
+"""S3-Rec sequence files -> leave-one-out splits as flat numpy arrays -> :class:`SeqBatch` es.
+
+Only numpy, torch and torchrec are imported here, so the GPU benchmark (no polars, Lightning, Hydra
+or MLflow) reads the same files into the same splits; ``recsys.data.seqrec`` adds the parquet cache
+and the Lightning data module on top.
+
+**File format** (``../shared/data/seqrec/README.md``): one line per user, ``user_id item_1 ... item_n``,
+space-separated integers, items oldest first; item ids >= 1 (0 is the padding id). Blank lines are
+skipped.
+
+**Split** (the official MQSA-TED code, ../shared/specs/mqsa_ted.md §1.6): with ``n`` items per user,
+``s`` = the training items ``item_1 .. item_{n-2}`` truncated to the last ``max_len``:
+
+========  ==========================================  =================  =========================
+split     history (model input, oldest first)         targets            exclude (ranking mask)
+========  ==========================================  =================  =========================
+train     ``s[:-1]`` (users with ``len(s) >= 2``)      ``s[1:]``          none
+val       ``s``                                       ``item_{n-1}``     ``s``
+test      last ``max_len`` of ``item_1 .. item_{n-1}``  ``item_n``         ``s`` + ``item_{n-1}``
+========  ==========================================  =================  =========================
+
+Every column is a contiguous slice of the user's line, so the split is pure offset arithmetic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+
+from recsys.data.seq_batch import SeqBatch, make_seq_kjt
+
+try:  # schema.py needs polars, which the GPU benchmark environment does not have
+    from recsys.data.schema import DataValidationError
+except ImportError:  # pragma: no cover - exercised only without polars
+    class DataValidationError(ValueError):  # type: ignore[no-redef]
+        """Bad input data; the message names the file."""
+
+MIN_SEQ_LEN = 3  # one train, one validation and one test item
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def _show(lines: Sequence[int], limit: int = 5) -> str:
+    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
+    return f"{list(lines[:limit])}{more}"
+
+
+class Jagged(NamedTuple):
+    """A jagged int64 column: row ``r`` is ``values[offsets[r]:offsets[r + 1]]``."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray) -> "Jagged":
+        """Rows ``rows`` as a new jagged column (vectorised gather)."""
+        return take_segments(self.values, self.offsets[rows], self.lengths[rows])
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """``[N]`` lengths -> ``[N + 1]`` int64 offsets starting at 0."""
+    return np.concatenate(([0], np.cumsum(lengths, dtype=np.int64)))
+
+
+def take_segments(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Jagged:
+    """Concatenate ``values[starts[r] : starts[r] + lengths[r]]`` over rows, without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = offsets_of(lengths)
+    index = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Jagged(values[index], offsets)
+
+
+@dataclass
+class Sequences:
+    """All users' full sequences: ``items[offsets[u]:offsets[u + 1]]`` belongs to ``users[u]``."""
+
+    users: np.ndarray
+    items: np.ndarray
+    offsets: np.ndarray
+    source: str
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_items(self) -> int:
+        return int(self.items.max())
+
+    @property
+    def num_users(self) -> int:
+        return int(self.users.max())
+
+
+def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
+    """Line numbers (1-based) and whitespace tokens of every non-blank line."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; set data.path=<a sequence file with one 'user_id item_id item_id ...' line per user>."
+        )
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise DataValidationError(f"{path}: not a text file ({err}).") from err
+    numbered = [(i + 1, line.split()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not numbered:
+        raise DataValidationError(f"{path}: the file has no sequences (it is empty).")
+    return [n for n, _ in numbered], [tokens for _, tokens in numbered]
+
+
+def read_sequences(path: Union[str, Path], min_len: int = MIN_SEQ_LEN) -> Sequences:
+    """Parse an S3-Rec style file; every problem raises :class:`DataValidationError` naming the file and lines.
+
+    Checks: integer tokens only; no empty sequence; at least ``min_len`` items per user (leave-one-out
+    needs 3); item ids >= 1; each user on one line.
+    """
+    path = Path(path)
+    line_no, tokens = _tokenise(path)
+    try:
+        flat = np.fromiter(map(int, itertools.chain.from_iterable(tokens)), dtype=np.int64)
+    except (ValueError, OverflowError):
+        bad = [n for n, toks in zip(line_no, tokens) if not all(_INTEGER.match(t) for t in toks)]
+        raise DataValidationError(
+            f"{path}: line(s) {_show(bad)} hold non-integer tokens; expected 'user_id item_id item_id ...'."
+        ) from None
+    counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    line_no_arr = np.asarray(line_no)
+    empty = line_no_arr[counts == 1]
+    if len(empty):
+        raise DataValidationError(f"{path}: line(s) {_show(empty.tolist())} have a user id but an empty item sequence.")
+    short = line_no_arr[counts - 1 < min_len]
+    if len(short):
+        raise DataValidationError(
+            f"{path}: line(s) {_show(short.tolist())} have fewer than {min_len} items; leave-one-out needs "
+            f"at least {min_len} (train, validation, test)."
+        )
+    starts = offsets_of(counts)[:-1]
+    users = flat[starts]
+    is_item = np.ones(len(flat), dtype=bool)
+    is_item[starts] = False
+    items = flat[is_item]
+    offsets = offsets_of(counts - 1)
+    if items.min() < 1:
+        rows = np.unique(np.searchsorted(offsets, np.flatnonzero(items < 1), side="right") - 1)
+        raise DataValidationError(
+            f"{path}: line(s) {_show(line_no_arr[rows].tolist())} hold item ids < 1; ids start at 1 (0 is padding)."
+        )
+    uniq, count = np.unique(users, return_counts=True)
+    if (count > 1).any():
+        dup = uniq[count > 1][0]
+        lines = line_no_arr[users == dup].tolist()
+        raise DataValidationError(f"{path}: user {dup} appears on several lines {_show(lines)}; one line per user.")
+    return Sequences(users=users, items=items, offsets=offsets, source=str(path))
+
+
+@dataclass
+class SeqTable:
+    """One split: ``user [N]`` and three jagged item columns (see the module docstring)."""
+
+    user: np.ndarray
+    history: Jagged
+    targets: Jagged
+    exclude: Jagged
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def batch(self, rows: Iterable[int]) -> SeqBatch:
+        """Rows -> :class:`SeqBatch` (vectorised gathers, no per-row Python)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for column in (self.history, self.targets, self.exclude):
+            taken = column.take(rows)
+            parts.append((torch.from_numpy(taken.values), torch.from_numpy(taken.lengths)))
+        return SeqBatch(sparse=make_seq_kjt(*parts), user=torch.from_numpy(self.user[rows]))
+
+
+def leave_one_out(seqs: Sequences, max_len: int = 50) -> Dict[str, SeqTable]:
+    """Train / val / test tables of ``seqs`` (the table in the module docstring)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    start, n = seqs.offsets[:-1], seqs.lengths
+    train_len = n - 2
+    s_len = np.minimum(train_len, max_len)
+    s_start = start + train_len - s_len
+    empty = np.zeros(len(n), dtype=np.int64)
+    val_item, test_item = start + n - 2, start + n - 1
+    test_len = np.minimum(train_len + 1, max_len)
+    keep = s_len >= 2
+    items = seqs.items
+    return {
+        "train": SeqTable(
+            user=seqs.users[keep],
+            history=take_segments(items, s_start[keep], s_len[keep] - 1),
+            targets=take_segments(items, s_start[keep] + 1, s_len[keep] - 1),
+            exclude=take_segments(items, s_start[keep], empty[keep]),
+        ),
+        "val": SeqTable(
+            user=seqs.users,
+            history=take_segments(items, s_start, s_len),
+            targets=take_segments(items, val_item, np.ones_like(n)),
+            exclude=take_segments(items, s_start, s_len),
+        ),
+        "test": SeqTable(
+            user=seqs.users,
+            history=take_segments(items, test_item - test_len, test_len),
+            targets=take_segments(items, test_item, np.ones_like(n)),
+            exclude=take_segments(items, s_start, s_len + 1),
+        ),
+    }

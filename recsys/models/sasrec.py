@@ -1,0 +1,144 @@
+"""SASRec: causal self-attention over the item sequence, scored against the shared item table.
+
+The layout follows the official MQSA-TED code's SASRec setting (its α = 1, λ_kd = 0;
+../shared/specs/mqsa_ted.md §1.2): inputs ``x_t = Dropout(√d e_{s_t} + p_t)`` (jagged: no padding) with learned absolute
+positions (the newest item always at position ``max_len - 1``), one query-pre-LN block per default,
+dropout 0.5, the item table (a TorchRec ``EmbeddingCollection``) shared by input and output.
+
+:class:`SASRec` also carries the TED settings (``lambda_kd``, ``tau``, ``kd_span``) so that SASRec + TED is
+a valid model; the task computes the losses (``recsys/tasks/seq_losses.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig
+
+from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
+from recsys.modules.seq_blocks import Layout, SequenceEncoder
+
+if TYPE_CHECKING:  # schema.py imports polars, which the GPU benchmark does not have
+    from recsys.data.schema import Vocab
+
+ITEM_TABLE = "item"
+
+
+@dataclass
+class SeqOutput:
+    """What sequential models return.
+
+    Attributes:
+        hidden: ``[N, d]`` representation of every input item (jagged, in the batch's ``seq_item`` order,
+            so row ``n`` predicts the ``n``-th ``target_item`` of a training batch), or ``[B, d]`` for each
+            row's newest item (``last_only``).
+        lengths: ``[B]`` items per row.
+        aux_losses: name -> weighted scalar regularisers (MoH load balance), to add to the loss.
+        extras: diagnostics, e.g. ``moh_util/<branch>/block<i>`` -> ``[h]`` head utilisation.
+    """
+
+    hidden: torch.Tensor
+    lengths: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SASRec(nn.Module):
+    """Self-attentive sequential recommender.
+
+    Args:
+        vocab: id-space sizes (``vocab.num_items``; the table has ``num_items + 1`` rows, row 0 = padding).
+        max_len: longest input (number of position embeddings).
+        dim: embedding and hidden width ``d``.
+        num_blocks / num_heads / dropout: encoder shape (official: 1 / 1 / 0.5).
+        attention: ``"mha"`` or ``"moh"`` (Mixture-of-Head gates; ``moh`` holds shared_heads, routed_topk,
+            router, balance_weight and optionally num_heads, which replaces ``num_heads`` under MoH).
+        lambda_kd / tau / kd_span: TED distillation weight, temperature and transition span (0 = no TED).
+        init_std: N(0, init_std) for the item and position tables (dense layers use Glorot, as the code).
+        device: table device (``meta`` for DistributedModelParallel).
+    """
+
+    def __init__(
+        self,
+        vocab: "Vocab",
+        max_len: int,
+        dim: int = 64,
+        num_blocks: int = 1,
+        num_heads: int = 1,
+        dropout: float = 0.5,
+        attention: str = "mha",
+        moh: Optional[Mapping] = None,
+        lambda_kd: float = 0.0,
+        tau: float = 0.1,
+        kd_span: int = 1,
+        init_std: float = 0.01,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if tau <= 0 or lambda_kd < 0:
+            raise ValueError(f"need tau > 0 and lambda_kd >= 0, got tau={tau}, lambda_kd={lambda_kd}")
+        self.num_items, self.max_len, self.dim, self.dropout = vocab.num_items, max_len, dim, dropout
+        self.output_dim = dim
+        self.lambda_kd, self.tau, self.kd_span = lambda_kd, tau, kd_span
+        moh = dict(moh or {})
+        self.balance_weight = float(moh.pop("balance_weight", 0.01))
+        moh_heads = moh.pop("num_heads", None)
+        if attention == "moh" and moh_heads is not None:
+            num_heads = int(moh_heads)
+        self._encoder_args = dict(dim=dim, num_blocks=num_blocks, num_heads=num_heads, dropout=dropout,
+                                  attention=attention, moh=moh)
+        init = partial(nn.init.normal_, mean=0.0, std=init_std)
+        self.item_embeddings = EmbeddingCollection(
+            tables=[EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=self.num_items + 1,
+                                    feature_names=[SEQ_ITEM], init_fn=init)],
+            device=device,
+        )
+        self.positions = nn.Embedding(max_len, dim, device=device)
+        if self.positions.weight.device.type != "meta":
+            init(self.positions.weight)
+        self.encoders = nn.ModuleDict({"short": self.make_encoder(window=1)})
+
+    def make_encoder(self, window: int) -> SequenceEncoder:
+        return SequenceEncoder(window=window, **self._encoder_args)
+
+    def branch_weights(self) -> Dict[str, float]:
+        """Mixing weight of each encoder's output (SASRec: the one short-query branch)."""
+        return {"short": 1.0}
+
+    def item_table(self) -> torch.Tensor:
+        """``[I + 1, d]`` item embedding matrix (row 0 = padding), shared by input and output."""
+        return self.item_embeddings.embeddings[ITEM_TABLE].weight
+
+    def embed(self, batch: SeqBatch) -> tuple[torch.Tensor, Layout]:
+        """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``."""
+        items = self.item_embeddings(batch.sparse)[SEQ_ITEM]
+        layout = Layout(items.lengths())
+        if layout.width > self.max_len:
+            raise ValueError(f"a sequence has {layout.width} items, more than max_len={self.max_len}")
+        rows = torch.repeat_interleave(torch.arange(layout.batch, device=layout.lengths.device), layout.lengths)
+        pos = self.positions(layout.position + (self.max_len - layout.lengths)[rows])
+        x = nn.functional.dropout(items.values() * math.sqrt(self.dim) + pos, self.dropout, self.training)
+        return x, layout
+
+    def forward(self, batch: SeqBatch, last_only: bool = False) -> SeqOutput:
+        """Mix the branches' hidden states; ``last_only`` returns ``[B, d]`` for the newest position only."""
+        x, layout = self.embed(batch)
+        hidden: Optional[torch.Tensor] = None
+        balance, extras = [], {}
+        for name, weight in self.branch_weights().items():
+            if weight == 0.0:
+                continue  # exactly the other branch alone (α = 1 is SASRec)
+            enc = self.encoders[name](x, layout, last_only)
+            part = enc.hidden if weight == 1.0 else weight * enc.hidden
+            hidden = part if hidden is None else hidden + part
+            balance += enc.balance
+            extras.update({f"moh_util/{name}/{k}": v for k, v in enc.utilisation.items()})
+        aux = {}
+        if balance and self.training and self.balance_weight > 0:
+            aux["moh_balance"] = self.balance_weight * torch.stack(balance).mean()
+        return SeqOutput(hidden, layout.lengths, aux, extras)

@@ -1,0 +1,182 @@
+"""Causal self-attention blocks of SASRec / MQSA-TED (../shared/specs/mqsa_ted.md §1.2-§1.3), on jagged tokens.
+
+Layout of one block (the official code): ``q = LN(query_in)``; keys and values from the un-normalised
+input ``x``; ``o = LN(Attn(q, x) + q)``; ``h = o + FFN(o)``; the encoder ends with a LayerNorm.
+``FFN = Dropout(W_2 Dropout(ReLU(W_1 o)))``, width ``d``; dropout also on the attention weights; no
+output projection after the heads (as in the official code).
+
+Tokens stay jagged (``[N, d]``, ``N = Σ L_b`` real items, oldest first per row): every per-token op runs
+on real items only. Only the attention pads, right-aligned to ``[B, T]`` with :mod:`recsys.ops.jagged`
+(FBGEMM where available): there a plain causal mask also hides the padding from every real query.
+``last_only`` computes the final block for each row's newest item alone (evaluation).
+
+The query input is ``x`` itself (SASRec, window 1) or the causal mean of the last ``window`` inputs of
+the same row (MQSA's long query). ``attention="moh"`` gates the heads with
+:class:`~recsys.modules.moh.HeadRouter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.modules.moh import HeadRouter
+from recsys.ops.jagged import dense_to_jagged, jagged_to_padded_dense, lengths_to_offsets, padding_mask
+
+ATTENTIONS = ("mha", "moh")
+LN_EPS = 1e-8
+
+
+class Layout:
+    """Where jagged tokens sit in a right-padded ``[B, T]`` batch (``T`` = longest row)."""
+
+    def __init__(self, lengths: torch.Tensor) -> None:
+        self.lengths = lengths
+        self.offsets = lengths_to_offsets(lengths)
+        self.width = max(int(lengths.max()), 1) if lengths.numel() else 1
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.numel()
+
+    @cached_property
+    def position(self) -> torch.Tensor:
+        """``[N]`` index of each token within its row (0 = oldest)."""
+        rows = torch.repeat_interleave(torch.arange(self.batch, device=self.lengths.device), self.lengths)
+        return torch.arange(rows.numel(), device=rows.device) - self.offsets[:-1][rows]
+
+    @cached_property
+    def last(self) -> torch.Tensor:
+        """``[B]`` flat index of each row's newest token."""
+        return self.offsets[1:] - 1
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N, D] -> [B, T, D]``, zeros after each row's end."""
+        return jagged_to_padded_dense(values, self.offsets, self.width)
+
+    def unpad(self, dense: torch.Tensor) -> torch.Tensor:
+        """``[B, T, D] -> [N, D]``."""
+        return dense_to_jagged(dense, self.offsets, int(self.offsets[-1]))
+
+
+def causal_window_mean(x: torch.Tensor, layout: Layout, window: int) -> torch.Tensor:
+    """``x̄_t = mean of x_{t-window+1..t}`` within each row (fewer at a row's start): ``x [N, d] -> [N, d]``."""
+    if window == 1:
+        return x
+    total = x
+    count = torch.ones_like(layout.position, dtype=x.dtype)
+    index = torch.arange(x.shape[0], device=x.device)
+    for shift in range(1, window):  # a loop over the window, not over data
+        valid = layout.position >= shift
+        total = total + torch.where(valid.unsqueeze(1), x[(index - shift).clamp_min(0)], x.new_zeros(()))
+        count = count + valid.to(x.dtype)
+    return total / count.unsqueeze(1)
+
+
+@dataclass
+class BlockOutput:
+    """``hidden [Nq, d]``; ``balance`` (MoH ``L_b``) and ``utilisation [h]`` (share of tokens on which each
+    head is active) when the block routes heads."""
+
+    hidden: torch.Tensor
+    balance: Optional[torch.Tensor] = None
+    utilisation: Optional[torch.Tensor] = None
+
+
+class CausalAttentionBlock(nn.Module):
+    """One block. ``moh``: keyword arguments of :class:`HeadRouter` (shared_heads, routed_topk, router)."""
+
+    def __init__(self, dim: int, num_heads: int = 1, dropout: float = 0.5, attention: str = "mha",
+                 moh: Optional[Dict] = None) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"unknown attention '{attention}'; choose one of {list(ATTENTIONS)}")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads, self.dropout = num_heads, dropout
+        self.query_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.attn_norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.ff1, self.ff2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.router = HeadRouter(dim, num_heads, **(moh or {})) if attention == "moh" else None
+        for layer in (self.q, self.k, self.v, self.ff1, self.ff2):  # tf.layers.dense defaults
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, T, d] -> [B, h, T, d/h]``."""
+        b, n, d = t.shape
+        return t.view(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def _attend(self, queries: torch.Tensor, x: torch.Tensor, layout: Layout, last_only: bool) -> torch.Tensor:
+        """Multi-head attention of ``queries [Nq, d]`` over the row's keys: ``-> [Nq, h, d/h]``."""
+        dim = x.shape[1]
+        keys, values = layout.pad(torch.cat([self.k(x), self.v(x)], dim=1)).split(dim, dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if last_only:  # one query per row, at its newest slot: mask the padding only
+            mask = padding_mask(layout.lengths, layout.width)[:, None, None, :]
+            out = F.scaled_dot_product_attention(self._heads(queries.unsqueeze(1)), self._heads(keys),
+                                                 self._heads(values), attn_mask=mask, dropout_p=dropout)
+            return out.squeeze(2)
+        out = F.scaled_dot_product_attention(self._heads(layout.pad(queries)), self._heads(keys), self._heads(values),
+                                             dropout_p=dropout, is_causal=True)  # [B, h, T, d/h]
+        return layout.unpad(out.transpose(1, 2).flatten(2)).view(-1, self.num_heads, dim // self.num_heads)
+
+    def forward(self, query_in: torch.Tensor, x: torch.Tensor, layout: Layout, last_only: bool = False) -> BlockOutput:
+        """``query_in [Nq, d]`` (every token, or each row's newest if ``last_only``), ``x [N, d]``."""
+        q = self.query_norm(query_in)
+        queries = self.q(q)
+        heads = self._attend(queries, x, layout, last_only)  # [Nq, h, d/h]
+        out = BlockOutput(hidden=q)
+        if self.router is not None:
+            routed = self.router(q, queries.view_as(heads))
+            heads = heads * routed.gates.unsqueeze(-1)
+            out.balance = routed.balance
+            out.utilisation = (routed.gates > 0).float().mean(0).detach()
+        o = self.attn_norm(heads.flatten(1) + q)
+        ff = F.dropout(self.ff2(F.dropout(F.relu(self.ff1(o)), self.dropout, self.training)), self.dropout, self.training)
+        out.hidden = o + ff
+        return out
+
+
+@dataclass
+class EncoderOutput:
+    """``hidden [Nq, d]``; ``balance``: MoH ``L_b`` per routed block; ``utilisation``: block name -> ``[h]``."""
+
+    hidden: torch.Tensor
+    balance: List[torch.Tensor] = field(default_factory=list)
+    utilisation: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SequenceEncoder(nn.Module):
+    """``num_blocks`` causal blocks + a final LayerNorm; ``window`` = the query length L (1 = SASRec)."""
+
+    def __init__(self, dim: int, num_blocks: int = 1, num_heads: int = 1, dropout: float = 0.5, window: int = 1,
+                 attention: str = "mha", moh: Optional[Dict] = None) -> None:
+        super().__init__()
+        if window < 1 or num_blocks < 1:
+            raise ValueError(f"window and num_blocks must be >= 1, got {window} and {num_blocks}")
+        self.window = window
+        self.blocks = nn.ModuleList(
+            CausalAttentionBlock(dim, num_heads, dropout, attention, moh) for _ in range(num_blocks)
+        )
+        self.final_norm = nn.LayerNorm(dim, eps=LN_EPS)
+
+    def forward(self, x: torch.Tensor, layout: Layout, last_only: bool = False) -> EncoderOutput:
+        """Jagged ``x [N, d]`` -> hidden ``[N, d]`` (``[B, d]``, each row's newest item, if ``last_only``)."""
+        out = EncoderOutput(hidden=x)
+        for i, block in enumerate(self.blocks):
+            query_in = causal_window_mean(x, layout, self.window)
+            final = last_only and i == len(self.blocks) - 1
+            step = block(query_in[layout.last] if final else query_in, x, layout, last_only=final)
+            x = step.hidden
+            if step.balance is not None:
+                out.balance.append(step.balance)
+                out.utilisation[f"block{i}"] = step.utilisation
+        out.hidden = self.final_norm(x)
+        return out

@@ -1,0 +1,56 @@
+"""Parquet output that becomes visible only when complete (temp name, fsync, rename)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class AtomicParquetWriter:
+    """Append frames; :meth:`commit` renames ``<path>.tmp`` to ``path``; :meth:`abort` removes the temp file.
+
+    ``metadata`` lands in the parquet footer (key-value metadata), e.g. the model's identity.
+    Use as a context manager: an exception aborts, a clean exit commits.
+    """
+
+    def __init__(self, path: Path, metadata: Optional[Mapping[str, str]] = None) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.metadata = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+        self._writer: Optional[pq.ParquetWriter] = None
+        self._schema: Optional[pa.Schema] = None
+        self.rows = 0
+
+    def write(self, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._schema = table.schema.with_metadata(self.metadata)
+            self._writer = pq.ParquetWriter(self.tmp, self._schema, compression="zstd")
+        self._writer.write_table(table.cast(self._schema))
+        self.rows += frame.height
+
+    def commit(self, empty_schema: Optional[Mapping[str, pl.DataType]] = None) -> None:
+        if self._writer is None:  # nothing written: still produce a (valid, empty) file
+            self.write(pl.DataFrame(schema=dict(empty_schema or {})))
+        self._writer.close()
+        with open(self.tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "AtomicParquetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()

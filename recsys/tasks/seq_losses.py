@@ -1,0 +1,155 @@
+"""Losses and evaluation scores of sequential models (torch only: the Lightning task and the GPU
+benchmark's plain loop both call these, so both train and score identically).
+
+- :func:`next_item_loss`: full-softmax cross-entropy over all items at every position that has a target
+  (never on padding), the padding id kept as an extra class with logit 0 as in the official code.
+- :func:`ted_loss`: TED's distillation (../shared/specs/mqsa_ted.md §1.5), computed from the sparse graph
+  rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
+- :func:`sequential_losses`: both plus the model's auxiliary losses, for one training batch.
+- :func:`last_position_scores`: ``[B, I]`` scores of the newest position with history items masked;
+  :func:`last_position_ranks`: the target's rank among them (batched, one reused buffer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from recsys.data.batch import TARGET_ITEM
+from recsys.data.seq_batch import EXCLUDE_ITEM, SEQ_ITEM, SeqBatch
+from recsys.data.transitions import TransitionGraph
+from recsys.metrics.topk import target_ranks
+from recsys.models.sasrec import SASRec, SeqOutput
+from recsys.ops.workspace import WORKSPACE
+
+
+class _LinearLogSumExp(torch.autograd.Function):
+    """``lse_i = log Σ_j exp(a_i · b_j)`` for ``a [N, d]``, ``b [I, d]``, holding one ``[N, I]`` buffer.
+
+    The logits (GEMM into a reused workspace buffer) are turned into ``exp(logit - max)`` in place and
+    kept for the backward pass, which scales them in place into ``softmax · grad`` and runs the two
+    GEMMs: about half the memory passes of ``torch.logsumexp(a @ b.T)`` under autograd and no fresh
+    ``[N, I]`` allocations. The backward runs once (no ``retain_graph``; the buffer is consumed).
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.flat, buffer = WORKSPACE.take(a.shape[0], b.shape[0], a)
+        lse, total = _exp_logits(a, b, buffer)
+        ctx.save_for_backward(a, b, buffer, total)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b, buffer, total = ctx.saved_tensors
+        weights = buffer.mul_(grad.unsqueeze(1) / total)  # softmax · grad, in place
+        grads = (weights @ b if ctx.needs_input_grad[0] else None,
+                 weights.T @ a if ctx.needs_input_grad[1] else None)
+        WORKSPACE.give(ctx.flat)
+        return grads
+
+
+def _exp_logits(a: torch.Tensor, b: torch.Tensor, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill ``buffer [N, I]`` with ``exp(a @ b.T - rowmax)``; return ``lse [N]`` and the row sums ``[N, 1]``."""
+    torch.mm(a, b.T, out=buffer)
+    top = buffer.amax(dim=1, keepdim=True)
+    total = buffer.sub_(top).exp_().sum(dim=1, keepdim=True)
+    return (total.log() + top).squeeze(1), total
+
+
+def linear_logsumexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N]`` log-normaliser of the logits ``a [N, d] @ b[I, d].T`` (see :class:`_LinearLogSumExp`)."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return _LinearLogSumExp.apply(a, b)
+    flat, buffer = WORKSPACE.take(a.shape[0], b.shape[0], a)
+    try:
+        return _exp_logits(a, b, buffer)[0]
+    finally:
+        WORKSPACE.give(flat)
+
+
+def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, pad_class: bool = True) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden [N, d]`` against ``targets [N]`` (ids 1..I) over the items ``table[1:]``.
+
+    ``CE = lse - ⟨h, e_target⟩``; ``pad_class`` adds the padding row as a class with constant logit 0
+    (the official code's zero row): ``lse -> log(e^lse + 1)``. The logits matrix is never kept.
+    """
+    lse = linear_logsumexp(hidden, table[1:])
+    if pad_class:
+        lse = torch.logaddexp(lse, lse.new_zeros(()))
+    return (lse - (hidden * table[targets]).sum(-1)).mean()
+
+
+def ted_loss(heads: torch.Tensor, table: torch.Tensor, graph: TransitionGraph, tau: float,
+             dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """TED: mean over ``heads [N]`` of ``CE(q_i, p_i)`` over the items 1..I.
+
+    Teacher ``q_i = softmax_j(Ã_ij / τ)`` over *all* items (zero-count items included); student
+    ``p_i = softmax_j(s_ij)``, ``s_ij = ⟨√d Dropout(e_i), e_j⟩ / τ``. As ``Σ_j q_ij = 1``,
+    ``CE_i = lse_i - Σ_j q_ij s_ij``, and with ``a_ij = Ã_ij / τ`` on the graph's non-zeros,
+    ``m_i = max(0, max_j a_ij)`` (for stability), ``base_i = e^{-m_i}``, ``x_ij = e^{a_ij - m_i} - base_i``::
+
+        Σ_j q_ij s_ij = (base_i Σ_j s_ij + Σ_nz x_ij s_ij) / Z_i,   Z_i = I base_i + Σ_nz x_ij
+
+    where ``Σ_j s_ij = u_i · Σ_j e_j``: the dense teacher ``[N, I]`` is never built (exact, no sampling).
+    """
+    items = table[1:]
+    num_items = items.shape[0]
+    u = F.dropout(table[heads], dropout, training) * (math.sqrt(table.shape[1]) / tau)
+    lse = linear_logsumexp(u, items)
+    local, col, weight = graph.rows(heads)
+    a = weight.to(u.dtype) / tau
+    m = torch.zeros_like(lse).scatter_reduce(0, local, a, reduce="amax", include_self=True)
+    base = torch.exp(-m)
+    excess = torch.exp(a - m[local]) - base[local]
+    s_nz = (u[local] * table[col]).sum(-1)
+    z = num_items * base + torch.zeros_like(lse).index_add(0, local, excess)
+    expected = base * (u @ items.sum(0)) + torch.zeros_like(lse).index_add(0, local, excess * s_nz)
+    return (lse - expected / z).mean()
+
+
+def sequential_losses(model: SASRec, batch: SeqBatch, graph: Optional[TransitionGraph] = None,
+                      pad_class: bool = True, out: Optional[SeqOutput] = None) -> Dict[str, torch.Tensor]:
+    """``rec`` (+ ``kd``) (+ the model's aux losses) and their weighted ``total`` for one training batch."""
+    out = model(batch) if out is None else out
+    table = model.item_table()
+    targets, _ = batch.jagged(TARGET_ITEM)
+    losses = {"rec": next_item_loss(out.hidden, targets, table, pad_class)}
+    total = losses["rec"]
+    if model.lambda_kd > 0:
+        if graph is None:
+            raise ValueError("lambda_kd > 0 needs the transition graph (TED); none was given")
+        heads, _ = batch.jagged(SEQ_ITEM)
+        losses["kd"] = ted_loss(heads, table, graph, model.tau, model.dropout, model.training)
+        total = total + model.lambda_kd * losses["kd"]
+    for name, value in out.aux_losses.items():
+        losses[name] = value
+        total = total + value
+    losses["total"] = total
+    return losses
+
+
+@torch.no_grad()
+def last_position_scores(model: SASRec, batch: SeqBatch, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, I]`` scores of items 1..I (column ``j - 1`` = item ``j``) at each row's newest position;
+    the row's ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional buffer."""
+    hidden = model(batch, last_only=True).hidden
+    scores = torch.mm(hidden, model.item_table()[1:].T, out=out)
+    excluded, lengths = batch.jagged(EXCLUDE_ITEM)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    scores[rows, excluded - 1] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def last_position_ranks(model: SASRec, batch: SeqBatch) -> torch.Tensor:
+    """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed)."""
+    flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, model.item_table())
+    try:
+        scores = last_position_scores(model, batch, out=buffer)
+        return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
+    finally:
+        WORKSPACE.give(flat)

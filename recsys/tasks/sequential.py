@@ -1,0 +1,171 @@
+"""LightningModule for next-item prediction (SASRec, MQSA-TED): losses, manual optimisation, full ranking.
+
+Same pattern as :class:`~recsys.tasks.ranking.RankingTask`: manual optimisation with a sparse optimiser
+(the TorchRec item table) and a dense one (everything else), so DistributedModelParallel can later swap
+in its fused optimiser. Losses and scores come from ``recsys/tasks/seq_losses.py`` (shared with the
+GPU benchmark's plain loop).
+
+Evaluation ranks every item at each user's newest position (history items removed), batched:
+``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``; these are the names Lightning sees
+(``checkpoint.monitor``, early stopping, ``trainer.test`` results, e.g. ``val/ndcg@20``). MLflow forbids
+``@`` in metric names; Lightning's MLflow logger drops it, so the run stores ``val/ndcg20``, ``test/hr10``, ...
+(its warning about the rewrite is silenced here). With MoH attention the mean share of
+tokens on which each head is active is logged per layer (``moh/<branch>/block<i>/head<j>``) and plotted
+into ``plots/head_utilisation.png`` after each training epoch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import MLFlowLogger
+
+from recsys.data.seq_batch import SeqBatch
+from recsys.data.transitions import TransitionGraph
+from recsys.metrics.topk import DEFAULT_KS, rank_metrics
+from recsys.models.sasrec import SASRec
+from recsys.models.sequential import build_sequential_model
+from recsys.tasks.ranking import OptimizerFactory, split_sparse_dense
+from recsys.tasks.seq_losses import last_position_ranks, last_position_scores, sequential_losses
+from recsys.tracking.head_plots import plot_head_utilisation
+
+_GRAPH_PARTS = ("crow", "col", "weight", "counts")
+MODEL_BUILDER = "recsys.models.sequential.build_sequential_model"
+warnings.filterwarnings("ignore", message="MLFlow only allows", category=RuntimeWarning)
+
+
+class SequentialTask(pl.LightningModule):
+    """Trains a sequential model (``SASRec`` or a subclass) on :class:`SeqBatch` es.
+
+    Args:
+        model: the sequential backbone (owns the item table and the TED settings).
+        graph: TED's transition graph (needed when ``model.lambda_kd > 0``); kept as non-persistent buffers.
+        sparse_optimizer / dense_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``); the
+            official L2 (1e-4 · ½Σθ² on all weights) is Adam's ``weight_decay`` (the same gradient).
+        ks: cut-offs of HR@K / NDCG@K.
+        pad_class: keep the padding id as an extra softmax class with logit 0 (the official code).
+    """
+
+    def __init__(self, model: SASRec, graph: Optional[TransitionGraph], sparse_optimizer: OptimizerFactory,
+                 dense_optimizer: OptimizerFactory, ks: Sequence[int] = DEFAULT_KS, pad_class: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
+        self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
+        self.automatic_optimization = False
+        self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
+        self.num_items = model.num_items
+        self.has_graph = graph is not None
+        for part in _GRAPH_PARTS:
+            self.register_buffer(f"graph_{part}", getattr(graph, part) if graph is not None else None, persistent=False)
+        self._ranks: List[torch.Tensor] = []
+        self._util: Dict[str, List[torch.Tensor]] = defaultdict(list)
+        self.util_history: List[Dict[str, List[float]]] = []
+
+    @property
+    def graph(self) -> Optional[TransitionGraph]:
+        if not self.has_graph:
+            return None
+        return TransitionGraph(*(getattr(self, f"graph_{p}") for p in _GRAPH_PARTS), num_items=self.num_items)
+
+    def forward(self, batch: SeqBatch) -> torch.Tensor:
+        """``[B, I]`` scores at the newest position (history items at ``-inf``)."""
+        return last_position_scores(self.model, batch)
+
+    # ---- training -----------------------------------------------------------------------------
+    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+        sparse, dense = split_sparse_dense(self.model)
+        return [factory(params) for factory, params in ((self.sparse_optimizer, sparse), (self.dense_optimizer, dense))
+                if params]
+
+    def _optimizers(self) -> List[Any]:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        losses = sequential_losses(self.model, batch, self.graph, self.pad_class, out=out)
+        opts = self._optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(losses["total"])
+        for opt in opts:
+            opt.step()
+        bs = batch.batch_size
+        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        for name, value in losses.items():
+            if name != "total":
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+        for key, value in out.extras.items():
+            if key.startswith("moh_util/"):
+                self._util[key[len("moh_util/"):]].append(value)
+        return losses["total"]
+
+    def on_train_epoch_end(self) -> None:
+        if not self._util:
+            return
+        usage = {layer: torch.stack(values).mean(0).tolist() for layer, values in sorted(self._util.items())}
+        self._util.clear()
+        self.util_history.append(usage)
+        for layer, heads in usage.items():
+            for j, value in enumerate(heads):
+                self.log(f"moh/{layer}/head{j}", value)
+        if self.trainer.is_global_zero:
+            path = Path(self.trainer.default_root_dir) / "plots" / "head_utilisation.png"
+            plot = plot_head_utilisation(self.util_history, path, "MoH: mean head utilisation per layer (training)")
+            for logger in self.loggers:
+                if isinstance(logger, MLFlowLogger) and plot is not None:
+                    logger.experiment.log_artifact(logger.run_id, str(plot), "plots")
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def _rank(self, batch: SeqBatch) -> None:
+        self._ranks.append(last_position_ranks(self.model, batch))
+
+    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        self._rank(batch)
+
+    def test_step(self, batch: SeqBatch, batch_idx: int) -> None:
+        self._rank(batch)
+
+    def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
+        """HR/NDCG over everything ranked since the last call (then cleared)."""
+        if not self._ranks:
+            return {}
+        ranks = torch.cat(self._ranks).cpu()
+        self._ranks.clear()
+        return rank_metrics(ranks, self.ks, prefix=f"{prefix}/")
+
+    def _publish(self, prefix: str) -> None:
+        metrics = self.evaluation_metrics(prefix)
+        if not metrics or self.trainer.sanity_checking:
+            return
+        headline = f"{prefix}/ndcg@{max(self.ks)}"
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == headline)
+
+    def on_validation_epoch_end(self) -> None:
+        self._publish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._publish("test")
+
+
+def build_sequential_task(
+    datamodule: Any,
+    backbone: Callable[..., SASRec],
+    tower: Optional[Callable[..., Any]] = None,
+    init_std: Optional[float] = 0.01,
+    **task_kwargs: Any,
+) -> SequentialTask:
+    """:func:`~recsys.models.sequential.build_sequential_model` (``mtl=single`` only) wrapped in
+    :class:`SequentialTask`; TED's transition graph comes from the datamodule's training split."""
+    if not hasattr(datamodule, "transition_graph"):
+        raise ValueError(f"task=seqrec needs sequence data (data=beauty|sports|yelp|seqrec), got {type(datamodule).__name__}")
+    model = build_sequential_model(datamodule, backbone, tower, init_std)
+    graph = datamodule.transition_graph(model.kd_span) if model.lambda_kd > 0 else None
+    return SequentialTask(model, graph, **task_kwargs)

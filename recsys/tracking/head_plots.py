@@ -1,0 +1,42 @@
+"""Mixture-of-Head utilisation plot: share of tokens on which each head is active, per layer, per epoch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def plot_head_utilisation(history: List[Dict[str, List[float]]], path: Path, title: str) -> Optional[Path]:
+    """One panel per layer (``<branch>/block<i>``), one line per head against epoch; atomic PNG write.
+
+    ``history[e]`` maps layer name -> ``[h]`` mean utilisation in [0, 1] of epoch ``e``.
+    """
+    layers = sorted({name for row in history for name in row})
+    if not layers:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        points = [(epoch, row[layer]) for epoch, row in enumerate(history) if layer in row]
+        epochs = [e for e, _ in points]
+        for head in range(len(points[0][1])):
+            ax.plot(epochs, [u[head] for _, u in points], marker="o", label=f"head {head}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("active share of tokens")
+        ax.set_title(layer, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

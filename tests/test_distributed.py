@@ -1,0 +1,301 @@
+"""TorchRecStrategy on 2 CPU ranks (gloo, ``elastic_launch``) against a single-process reference.
+
+One launch per model case trains through Lightning + DMP with row-wise *and* table-wise tables and
+a fused row-wise Adagrad, then checks:
+
+1. the plan shards each table as configured;
+2. dense weights are identical on both ranks after the run;
+3. the loss curve matches a single-process run on the same data (tolerance ``LOSS_ATOL``): the reference
+   evaluates the same per-rank micro-batches one after another (BatchNorm statistics are per rank under
+   DDP, so one big batch would be a different model), backpropagates the mean of their losses (DDP
+   averages dense gradients, TorchRec divides table gradients by the world size) and applies the same
+   optimisers (FBGEMM's row-wise Adagrad written out for the tables, Adam for dense weights); final
+   weights agree within ``WEIGHT_ATOL``;
+4. a DCP checkpoint saved at the end of epoch 1 (step 3) and resumed reaches the same weights and
+   losses at step 6 as the uninterrupted run (``RESUME_ATOL``), so model shards and the fused
+   optimiser state (Adagrad momentum) round-trip;
+5. validation metrics are gathered across ranks: both ranks log the same ``val/auc``;
+6. the fallback for devices without FBGEMM kernels (forced here) trains as plain DDP with whole tables.
+
+Adding a model is one entry in ``CASES`` (a :class:`Case` built by a function like :func:`dare_case`).
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.data.ctr_table import CTRTable, identity_collate
+from recsys.data.schema import Vocab
+from recsys.data.tasks import TaskSpec
+from recsys.distributed.collectives import merge_batches
+from tests.helpers import random_samples
+
+WORLD = 2
+EPOCHS, STEPS_PER_EPOCH, BATCH = 2, 3, 32  # per rank: 3 steps of 32 rows per epoch
+FUSED = {"name": "row_wise_adagrad", "lr": 0.05, "eps": 1e-8}
+DENSE_LR = 0.01
+LOSS_ATOL = 1e-4    # per-step global loss, distributed vs single-process reference (losses ~1.4)
+# final weights, distributed vs reference; after 6 steps weights have moved by ~5e-2, tables and most dense
+# weights agree to ~1e-6, the BatchNorm scales to ~1e-4 (their N(0, 0.01) init gives tiny gradients, and
+# Adam's normalised step amplifies float summation-order differences)
+WEIGHT_ATOL = 5e-4
+RESUME_ATOL = 1e-6  # final weights and losses, resumed vs uninterrupted
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model under test.
+
+    Attributes:
+        task: ``table_device -> LightningModule`` (``meta`` for the sharded build, ``None`` unsharded).
+        batches: ``() -> (train batches in global step order, val batches)``; train batch ``s * WORLD + r``
+            is rank r's batch at step s of every epoch.
+        sharding: ``trainer.sharding`` for the strategy.
+        expected: table name -> sharding type the plan must use.
+    """
+
+    task: Callable[[Optional[torch.device]], torch.nn.Module]
+    batches: Callable[[], Tuple[list, list]]
+    sharding: Dict[str, str]
+    expected: Dict[str, str]
+
+
+# ---- DARE -----------------------------------------------------------------------------------------
+DARE_VOCAB, DARE_MAX_LEN = Vocab(40, 120, 10), 12
+
+
+def _dare_task(table_device: Optional[torch.device]):
+    from mtl.single import SingleTower
+    from recsys.models.ranking import RankingModel
+    from recsys.models.target_attention import TargetAttentionBackbone
+    from recsys.tasks.ranking import RankingTask
+
+    tasks = [TaskSpec("click")]
+    backbone = TargetAttentionBackbone(DARE_VOCAB, DARE_MAX_LEN, embedding_dim=8, attention_dim=8, decoupled=True,
+                                       top_k=5, aux_hidden=(16,), device=table_device)
+    tower = SingleTower(backbone.output_dim, tasks, hidden=(16, 8))
+    return RankingTask(RankingModel(backbone, tower, init_std=0.01), tasks,
+                       sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),  # unused under DMP
+                       dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR))
+
+
+def _dare_batches() -> Tuple[list, list]:
+    n_train, n_val = STEPS_PER_EPOCH * WORLD * BATCH, 3 * BATCH
+    frame = random_samples(rows=n_train + n_val, vocab=DARE_VOCAB, max_len=DARE_MAX_LEN, seed=0)
+    table = CTRTable.from_frame(frame, "test", {"click": "label"}, DARE_VOCAB, ["label"])
+    rows = np.arange(n_train + n_val)
+    chunks = [table.batch(rows[i : i + BATCH]) for i in range(0, len(rows), BATCH)]
+    return chunks[: STEPS_PER_EPOCH * WORLD], chunks[STEPS_PER_EPOCH * WORLD :]
+
+
+def dare_case() -> Case:
+    """DARE: item tables row-wise, category tables table-wise (four tables: att/repr x item/category)."""
+    rw, tw = "row_wise", "table_wise"
+    return Case(_dare_task, _dare_batches, {"item": rw, "category": tw},
+                {"att_item": rw, "repr_item": rw, "att_category": tw, "repr_category": tw})
+
+
+CASES: Dict[str, Callable[[], Case]] = {"dare": dare_case}
+
+
+# ---- the distributed side (runs in each elastic_launch worker) --------------------------------------
+def _worker(case_name: str, workdir: str) -> dict:
+    """One rank: uninterrupted run (A), then a run resumed from A's epoch-1 checkpoint (B)."""
+    import pytorch_lightning as pl
+    import torch.distributed as dist
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from recsys.distributed.checkpoint import gather_full_state_dict, load_full_state_dict
+    from recsys.distributed.strategy import TorchRecStrategy
+
+    torch.set_num_threads(1)
+    case = CASES[case_name]()
+    train, val = case.batches()
+    init = torch.load(Path(workdir) / "init.pt", weights_only=True)
+
+    class Data(pl.LightningDataModule):
+        """Rank r trains on batches r, r + WORLD, ...; validates on val[r::WORLD], where rank 1 also gets
+        a repeat of val[0] (as Lightning's sampler pads), which the metric gathering must drop."""
+
+        def train_dataloader(self):
+            rank = dist.get_rank()
+            return DataLoader(train[rank::WORLD], batch_size=None, collate_fn=identity_collate)
+
+        def val_dataloader(self):
+            rank = dist.get_rank()
+            mine = val[rank::WORLD] + ([val[0]] if rank == 1 else [])
+            return DataLoader(mine, batch_size=None, collate_fn=identity_collate)
+
+    class Record(pl.Callback):
+        """Loads the shared initial weights into the shards (after DMP setup) and records step losses."""
+
+        def __init__(self) -> None:
+            self.losses: List[float] = []
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            load_full_state_dict(pl_module, init)
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.wrapper = type(trainer.strategy.model).__name__
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    def fit(ckpt_dir: str, resume: Optional[str] = None):
+        task = case.task(torch.device("meta"))
+        strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
+        record = Record()
+        saver = ModelCheckpoint(dirpath=str(Path(workdir) / ckpt_dir), filename="epoch{epoch}", monitor=None,
+                                save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True,
+                                auto_insert_metric_name=False)
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=EPOCHS, logger=False,
+                             callbacks=[record, saver], use_distributed_sampler=False, num_sanity_val_steps=0,
+                             enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(task, datamodule=Data(), ckpt_path=resume)
+        dense = {n: p.detach().clone() for n, p in in_backward_optimizer_filter(strategy.dmp.named_parameters())}
+        return trainer, strategy, record.losses, dense, gather_full_state_dict(task)
+
+    trainer, strategy, losses_a, dense_a, full_a = fit("a")
+    plan = {table: ps.sharding_type for module_plan in strategy.dmp.plan.plan.values()
+            for table, ps in module_plan.items()}
+    val_auc = float(trainer.callback_metrics["val/auc"])
+    _, _, losses_b, _, full_b = fit("b", resume=str(Path(workdir) / "a" / "epoch0.ckpt"))
+
+    # C: the fallback when FBGEMM kernels do not run on the device (forced here): plain DDP, whole tables
+    import recsys.distributed.strategy as strategy_module
+    from recsys.distributed.env import FALLBACK
+
+    strategy_module.sharding_path = lambda requested, device_type: FALLBACK
+    task = case.task(None)
+    strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
+    record = Record()
+    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=1, logger=False,
+                         callbacks=[record], use_distributed_sampler=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, datamodule=Data())
+    fallback = {"path": strategy.sharding_path, "wrapper": record.wrapper,
+                "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+    return {"losses_a": losses_a, "losses_b": losses_b, "dense": dense_a, "full_a": full_a, "full_b": full_b,
+            "plan": plan, "val_auc": val_auc, "fallback": fallback}
+
+
+def launch(case_name: str, workdir: Path) -> Dict[int, dict]:
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=WORLD, run_id=f"test-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn")
+    return elastic_launch(config, entrypoint=_worker)(case_name, str(workdir))
+
+
+# ---- the single-process reference ------------------------------------------------------------------
+def reference(case: Case, init: Dict[str, torch.Tensor], train: list) -> Tuple[List[float], Dict[str, torch.Tensor]]:
+    """Global loss per step and final state of the emulated 2-rank run (module docstring, point 3)."""
+    from recsys.tasks.ranking import split_sparse_dense
+
+    task = case.task(None)
+    task.load_state_dict(init)
+    task.train()
+    tables, dense = split_sparse_dense(task.model)
+    adam = torch.optim.Adam(dense, lr=DENSE_LR)
+    momentum = [torch.zeros(t.shape[0]) for t in tables]
+    losses = []
+    for _ in range(EPOCHS):
+        for step in range(STEPS_PER_EPOCH):
+            micro = train[step * WORLD : (step + 1) * WORLD]
+            loss = torch.stack([task.compute_losses(b, task.model(b))["total"] for b in micro]).mean()
+            adam.zero_grad(set_to_none=True)
+            for t in tables:
+                t.grad = None
+            loss.backward()
+            with torch.no_grad():
+                for t, m in zip(tables, momentum):  # FBGEMM EXACT_ROWWISE_ADAGRAD (duplicate ids summed)
+                    g = t.grad
+                    m += g.pow(2).mean(dim=1)
+                    t -= FUSED["lr"] * g / (m.sqrt() + FUSED["eps"]).unsqueeze(1)
+            adam.step()
+            losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in task.state_dict().items()}
+
+
+# ---- tests -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=sorted(CASES))
+def two_rank_run(request, tmp_path_factory):
+    case = CASES[request.param]()
+    workdir = tmp_path_factory.mktemp(f"dist-{request.param}")
+    torch.manual_seed(0)
+    init = {k: v.detach().clone() for k, v in case.task(None).state_dict().items()}
+    torch.save(init, workdir / "init.pt")
+    results = launch(request.param, workdir)
+    return case, init, results, workdir
+
+
+def test_plan_uses_the_configured_sharding_types(two_rank_run):
+    case, _, results, _ = two_rank_run
+    assert results[0]["plan"] == case.expected
+
+
+def test_dense_weights_identical_across_ranks(two_rank_run):
+    _, _, results, _ = two_rank_run
+    assert results[0]["dense"].keys() == results[1]["dense"].keys() and results[0]["dense"]
+    for name, value in results[0]["dense"].items():
+        assert torch.equal(value, results[1]["dense"][name]), name
+
+
+def test_loss_curve_and_weights_match_single_process(two_rank_run):
+    case, init, results, _ = two_rank_run
+    train, _ = case.batches()
+    ref_losses, ref_state = reference(case, init, train)
+    dist_losses = [float(np.mean([results[r]["losses_a"][i] for r in range(WORLD)])) for i in range(len(ref_losses))]
+    np.testing.assert_allclose(dist_losses, ref_losses, rtol=0, atol=LOSS_ATOL)
+    assert ref_losses[-1] < ref_losses[0]  # it trains
+    full = results[0]["full_a"]
+    for name, value in ref_state.items():
+        if value.is_floating_point() and "running_" not in name:  # BN running stats are per rank
+            torch.testing.assert_close(full[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def test_resume_from_sharded_checkpoint_matches_uninterrupted_run(two_rank_run):
+    _, _, results, workdir = two_rank_run
+    ckpt = workdir / "a" / "epoch0.ckpt"
+    assert (ckpt / ".metadata").exists() and len(list(ckpt.glob("*.distcp"))) == WORLD
+    assert not list((workdir / "a").glob("*.tmp")) and not list((workdir / "a").glob("*.old"))
+    for r in range(WORLD):
+        np.testing.assert_allclose(results[r]["losses_b"], results[r]["losses_a"][STEPS_PER_EPOCH:], atol=RESUME_ATOL)
+    full_a, full_b = results[0]["full_a"], results[0]["full_b"]
+    assert full_a.keys() == full_b.keys()
+    for name in full_a:
+        torch.testing.assert_close(full_b[name], full_a[name], rtol=0, atol=RESUME_ATOL, msg=name)
+
+
+def test_validation_metrics_are_global(two_rank_run):
+    _, _, results, _ = two_rank_run
+    assert results[0]["val_auc"] == results[1]["val_auc"] and 0.0 <= results[0]["val_auc"] <= 1.0
+
+
+def test_fallback_without_fbgemm_is_plain_ddp(two_rank_run):
+    _, init, results, _ = two_rank_run
+    a, b = results[0]["fallback"], results[1]["fallback"]
+    assert a["path"] == "unsharded_fallback" and a["wrapper"] == "DistributedDataParallel"
+    for name, value in a["state"].items():
+        if "running_" not in name:
+            assert torch.equal(value, b["state"][name]), name
+    assert any(not torch.equal(a["state"][k], init[k]) for k in init if "tower" in k)  # it trained
+
+
+def test_merge_batches_drops_sampler_repeats():
+    a = {"user": [np.array([1, 2]), np.array([3])], "pred/click": [np.array([.1, .2]), np.array([.3])]}
+    b = {"user": [np.array([4]), np.array([1, 2])], "pred/click": [np.array([.4]), np.array([.15, .25])]}
+    merged = merge_batches([a, b], identity=["user"])
+    assert [u.tolist() for u in merged["user"]] == [[1, 2], [3], [4]]
+    assert np.concatenate(merged["pred/click"]).tolist() == [.1, .2, .3, .4]

@@ -1,0 +1,88 @@
+"""Sequential models end to end: `python -m pipelines.train recsys=sasrec` into MLflow, the builder's tower
+check, and the benchmark's plain loop without polars / Lightning / Hydra / MLflow."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mtl.base import Tower
+from recsys.models.sasrec import SASRec
+from recsys.tasks.sequential import build_sequential_task
+from tests.conftest import REPO
+
+
+def run_train(tmp_path, *overrides):
+    """``python -m pipelines.train`` into a tmp sqlite MLflow store (as tests/test_train_e2e.py does)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", "trainer.enable_progress_bar=false",
+           "trainer.enable_model_summary=false", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def tiny_sequences(path, users=60, items=40, seed=0):
+    """S3-Rec lines with a learnable pattern: each user walks the items with a fixed stride."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for user in range(1, users + 1):
+        start, n = rng.integers(1, items), rng.integers(4, 12)
+        lines.append(" ".join(map(str, [user] + [(start + 3 * k) % items + 1 for k in range(n)])))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
+    data = tiny_sequences(tmp_path / "tiny.txt")
+    proc = run_train(tmp_path, "recsys=sasrec", "data=beauty", f"data.path={data}", "trainer.max_epochs=3",
+                     "callbacks.early_stopping.patience=1")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("beauty").experiment_id])[0]
+    assert run.info.run_name.startswith("sasrec-beauty-") and run.info.status == "FINISHED"
+    assert run.data.params["checkpoint.monitor"] == "val/ndcg@20"
+    metrics = run.data.metrics
+    # MLflow forbids '@' in metric names: val/ndcg@20 is stored as val/ndcg20
+    for key in ("test/ndcg10", "test/hr10", "test/ndcg20", "val/ndcg20", "train/rec", "train/loss_epoch"):
+        assert key in metrics, key
+    assert metrics["test/hr20"] > 0.3, metrics  # a stride pattern is learnable even in 3 tiny epochs
+    assert "'test/ndcg@10'" in proc.stdout + proc.stderr  # Lightning-side names keep the '@'
+    assert "checkpoints/best.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+def test_builder_rejects_task_towers():
+    class FakeData:
+        transition_graph = None
+
+    with pytest.raises(ValueError, match=r"mtl=Tower is not supported with recsys=SASRec"):
+        build_sequential_task(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
+
+
+BENCH = """
+import json, sys
+for name in ("polars", "pyarrow", "pytorch_lightning", "lightning", "hydra", "omegaconf", "mlflow"):
+    sys.modules[name] = None  # the GPU machine has none of these
+import benchmarks.seqrec as bench
+rows = bench.main(sys.argv[1:])
+print(json.dumps(rows))
+"""
+
+
+def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
+    data = tiny_sequences(tmp_path / "tiny.txt")
+    out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
+    args = ["--datasets", str(data), "--models", "sasrec", "mqsa_ted_moh", "--seeds", "0", "--max-epochs", "2",
+            "--out", str(out), "--table", str(table)]
+    proc = subprocess.run([sys.executable, "-c", BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["sasrec", "mqsa_ted_moh"]
+    assert all(list(r) == ["model", "dataset", "seed", "hr5", "hr10", "hr20", "ndcg5", "ndcg10", "ndcg20",
+                           "best_epoch", "sec_per_epoch", "device"] for r in rows)
+    assert rows[0]["dataset"] == "tiny" and rows[0]["device"] == "cpu" and 1 <= rows[0]["best_epoch"] <= 2
+    assert "| tiny | sasrec | cpu | 1 |" in table.read_text()
