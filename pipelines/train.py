@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -29,6 +30,7 @@ from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
+from recsys.tracking.sweep import PARENT_ENV
 from recsys.tracking.gates import GateUsage
 from recsys.tracking.mlflow import flatten, git_commit, run_name
 
@@ -97,6 +99,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
     }
+    if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
+        tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
         logger = instantiate(cfg.logger, run_name=name, tags=tags)
     logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})

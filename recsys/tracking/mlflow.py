@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Dict, Mapping, Optional
 
 from pytorch_lightning.loggers import MLFlowLogger
@@ -69,13 +70,15 @@ def build_logger(
 ) -> MLFlowLogger:
     """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
     ensure_store_writable(tracking_uri)
-    Path(artifact_location).mkdir(parents=True, exist_ok=True)
+    if urlparse(artifact_location).scheme in ("", "file"):  # a local folder (else e.g. mlflow-artifacts:/, s3://)
+        artifact_location = str(Path(artifact_location.removeprefix("file://")).resolve())
+        Path(artifact_location).mkdir(parents=True, exist_ok=True)
     return MLFlowLogger(
         experiment_name=experiment_name,
         run_name=run_name,
         tracking_uri=tracking_uri,
         tags=tags,
-        artifact_location=str(Path(artifact_location).resolve()),
+        artifact_location=artifact_location,
         run_id=run_id,
         log_model=False,
     )

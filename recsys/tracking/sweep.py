@@ -1,0 +1,72 @@
+"""Hydra multirun -> one MLflow parent run holding the sweep's child runs and their mean ± std.
+
+Enabled in ``configs/train.yaml`` under ``hydra.callbacks``. ``python -m pipelines.train -m seed=1,2,3``
+creates the parent run first, every job tags its run with ``mlflow.parentRunId`` (the MLflow UI nests
+it), and at the end the parent gets ``<metric>/mean`` and ``<metric>/std`` for every ``test/*`` metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from typing import Any, Dict, List
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "RECSYS_SWEEP_PARENT_RUN_ID"
+
+
+def _client_and_experiment(config: DictConfig):
+    from mlflow.tracking import MlflowClient
+
+    logger = OmegaConf.to_container(config.logger, resolve=True)
+    client = MlflowClient(tracking_uri=logger["tracking_uri"])
+    name = logger["experiment_name"]
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=logger["artifact_location"])
+    return client, exp_id
+
+
+def aggregate(values: Dict[str, List[float]]) -> Dict[str, float]:
+    """``{metric: [v1, v2, ...]}`` -> ``{metric/mean: .., metric/std: ..}`` (std 0 for a single run)."""
+    out = {}
+    for metric, vals in values.items():
+        out[f"{metric}/mean"] = statistics.mean(vals)
+        out[f"{metric}/std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+class MLflowSweepParent(Callback):
+    """Hydra callback: a parent MLflow run per multirun."""
+
+    def __init__(self) -> None:
+        self.parent_id: str | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        client, exp_id = _client_and_experiment(config)
+        overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
+        run = client.create_run(exp_id, run_name=f"sweep-{config.data.name}",
+                                tags={"sweep_parent": "true", "sweep_overrides": overrides})
+        self.parent_id = run.info.run_id
+        os.environ[PARENT_ENV] = self.parent_id
+        log.info("MLflow sweep parent run %s", self.parent_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None:
+            return
+        client, exp_id = _client_and_experiment(config)
+        children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'")
+        values: Dict[str, List[float]] = {}
+        for child in children:
+            for key, value in child.data.metrics.items():
+                if key.startswith("test/"):
+                    values.setdefault(key, []).append(value)
+        for key, value in aggregate(values).items():
+            client.log_metric(self.parent_id, key, value)
+        client.log_param(self.parent_id, "children", len(children))
+        client.set_terminated(self.parent_id)
+        os.environ.pop(PARENT_ENV, None)
