@@ -32,7 +32,8 @@ from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
 from recsys.tracking.sweep import PARENT_ENV
 from recsys.tracking.gates import GateUsage
-from recsys.tracking.mlflow import flatten, git_commit, run_name
+from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, run_name
+from recsys.tracking.resume import PeriodicCheckpoint, find_resume_point
 
 log = logging.getLogger("pipelines.train")
 register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
@@ -79,6 +80,11 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    resume = find_resume_point(cfg.resume, logger_cfg["tracking_uri"], logger_cfg["experiment_name"],
+                               experiment_hash(resolved))
+    if resume.output_dir is not None:  # continue in the interrupted run's folder
+        cfg.paths.output_dir = str(resume.output_dir)
     # torchrun: one process group, rank 0's output folder on every rank, tables on meta under DMP
     run = run_context(cfg.trainer, Path(cfg.paths.output_dir))
     output_dir = run.output_dir
@@ -98,12 +104,15 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         "jagged_kernels": kernel_backend(torch.device(device)),
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
+        "config_hash": experiment_hash(resolved),
+        "output_dir": str(output_dir),
     }
     if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
-        logger = instantiate(cfg.logger, run_name=name, tags=tags)
-    logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
+        logger = instantiate(cfg.logger, run_name=name, tags=tags, run_id=resume.run_id)
+    if resume.run_id is None:  # MLflow params are immutable: a resumed run keeps its own
+        logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
 
     checkpoint = ModelCheckpoint(
         dirpath=str(output_dir / "checkpoints"),
@@ -116,10 +125,11 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     files = MLflowRunFiles(resolved, dataclasses.asdict(meta), str(output_dir))
     timer = EpochTimer()
     gates = GateUsage(str(output_dir))  # per-task gate/expert utilisation plots (multi-task towers)
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=[checkpoint, files, timer, gates, *extra_callbacks(cfg)],
-                                      default_root_dir=str(output_dir))
+    periodic = PeriodicCheckpoint(str(output_dir / "checkpoints"), cfg.checkpoint.every_n_steps)
+    callbacks = [checkpoint, periodic, files, timer, gates, *extra_callbacks(cfg)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.resume, weights_only=True)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test_after_fit:
         ckpt = "best" if checkpoint.best_model_path else None

@@ -71,11 +71,12 @@ def read_split(split_dir: Union[str, Path], num_rows: int) -> Dict[str, np.ndarr
 
 def prepare_census(path: Union[str, Path], split_dir: Union[str, Path], cache_root: Union[str, Path],
                    dense: Sequence[str] = DENSE, log_dense: Sequence[str] = (), dense_buckets: int = 0,
-                   name: str = "census") -> Path:
+                   dense_pwl: int = 0, name: str = "census") -> Path:
     """Read -> encode (vocabularies and scaling fitted on the train rows) -> cache ``<name>-<fp>``.
 
     ``log_dense``: dense columns put through ``log1p`` before scaling (the heavy-tailed money columns);
     ``dense_buckets``: also add each dense column as a categorical train-quantile bucket (0 = off);
+    ``dense_pwl``: also add its piecewise-linear quantile encoding (0 = off);
     see :func:`recsys.data.tabular.encode_tabular`.
     """
     path, split_dir = Path(path), Path(split_dir)
@@ -90,13 +91,15 @@ def prepare_census(path: Union[str, Path], split_dir: Union[str, Path], cache_ro
     if not set(log_dense) <= set(dense):
         raise ValueError(f"census: log_dense {list(log_dense)} must be a subset of dense {list(dense)}")
     params = {"dense": list(dense), "log_dense": list(log_dense), "dense_buckets": int(dense_buckets),
+              "dense_pwl": int(dense_pwl),
               "not_features": list(NOT_FEATURES), "labels": list(LABELS)}
 
     def build() -> Tuple[Dict[str, pl.DataFrame], list]:
         frame = read_census(path)
         parts = read_split(split_dir, frame.height)
         categorical = [c for c in COLUMNS if c not in dense and c not in NOT_FEATURES]
-        splits = encode_tabular(frame, parts, categorical, dense, LABELS, str(path), log_dense, dense_buckets)
+        splits = encode_tabular(frame, parts, categorical, dense, LABELS, str(path), log_dense, dense_buckets,
+                                dense_pwl)
         return splits, list(LABELS)
 
     return prepare_tabular(name, Path(cache_root), params, inputs, build)

@@ -143,6 +143,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     def __init__(self, num_rows: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
         self.num_rows, self.batch_size, self.shuffle = num_rows, batch_size, shuffle
         self.seed, self.drop_last, self.epoch, self.start_batch = seed, drop_last, 0, 0
+        self.yielded = 0  # batches handed out in the current epoch (saved in checkpoints)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -156,11 +157,36 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
         else:
             order = np.arange(self.num_rows)
-        for b in range(self.start_batch, len(self)):
+        start, self.start_batch = self.start_batch, 0
+        self.yielded = start
+        for b in range(start, len(self)):
+            self.yielded = b + 1
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-        self.start_batch = 0
 
 
 def identity_collate(batch: CTRBatch) -> CTRBatch:
     """Batches come out of the dataset whole; nothing to collate."""
     return batch
+
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    """DataLoader whose position (epoch, batches handed out) Lightning stores in checkpoints, so a run
+    resumed from a mid-epoch checkpoint continues with the next unseen batch of the same order.
+
+    Exact with ``num_workers=0`` (the default): worker prefetching would count batches not yet trained on.
+    """
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": self.sampler.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch = state["epoch"]
+        self.sampler.start_batch = state["batches_done"]
+
+
+def batch_loader(dataset: torch.utils.data.Dataset, num_rows: int, batch_size: int, shuffle: bool, seed: int,
+                 drop_last: bool = False, num_workers: int = 0) -> ResumableLoader:
+    """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch)."""
+    sampler = EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
+    return ResumableLoader(dataset, sampler=sampler, batch_size=None, collate_fn=identity_collate,
+                           num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from recsys.data.cache import DatasetMeta, load_meta
-from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, EpochBatchSampler, identity_collate
+from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
 from recsys.data.schema import SPLITS
 from recsys.data.tasks import TaskSpec, parse_tasks
 
@@ -86,15 +86,8 @@ class CTRDataModule(pl.LightningDataModule):
         if split not in self.tables:
             self.setup()
         table = self.tables[split]
-        sampler = EpochBatchSampler(len(table), batch_size, shuffle, self.seed, self.drop_last and shuffle)
-        return DataLoader(
-            BatchedCTRDataset(table),
-            sampler=sampler,
-            batch_size=None,
-            collate_fn=identity_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return batch_loader(BatchedCTRDataset(table), len(table), batch_size, shuffle, self.seed,
+                            self.drop_last, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -38,21 +38,23 @@ log = logging.getLogger(__name__)
 
 def encode_tabular(frame: pl.DataFrame, parts: Mapping[str, np.ndarray], categorical: Sequence[str],
                    dense: Sequence[str], labels: Mapping[str, pl.Expr], source: str,
-                   log_dense: Sequence[str] = (), dense_buckets: int = 0) -> Dict[str, pl.DataFrame]:
+                   log_dense: Sequence[str] = (), dense_buckets: int = 0, dense_pwl: int = 0) -> Dict[str, pl.DataFrame]:
     """Raw frame + row numbers per split -> encoded splits (columns: categorical, dense, labels).
 
     Categorical values (compared as strings) get ids 1..K in sorted order of the values in the
     ``train`` rows, 0 for values never seen there; dense columns (``log_dense`` ones through
     ``log1p`` first) are standardised with the train rows' mean and std (ddof 0; std 0 -> 1).
     ``dense_buckets > 0`` also adds every dense column as a categorical field ``<col>_bucket``: its
-    train-quantile bucket (at most ``dense_buckets`` buckets, ids 1..K). ``labels`` maps a label column
+    train-quantile bucket (at most ``dense_buckets`` buckets, ids 1..K); ``dense_pwl > 0`` adds its
+    piecewise-linear encoding over at most ``dense_pwl`` train-quantile bins as dense columns
+    ``<col>_pwl<j>`` = ``clip((x - b_{j-1}) / (b_j - b_{j-1}), 0, 1)``. ``labels`` maps a label column
     name to a polars expression over the raw columns (e.g. ``pl.col("click") * pl.col("purchase")``).
     """
     missing = [c for c in list(categorical) + list(dense) if c not in frame.columns]
     if missing:
         raise DataValidationError(f"{source}: missing column(s) {missing}; found {frame.columns}.")
     train = parts["train"]
-    columns, bucket_columns = [], []
+    columns, pwl_columns, bucket_columns = [], [], []
     for col in categorical:
         values = frame[col].cast(pl.String).fill_null("")
         vocab = values.gather(train).unique().sort()
@@ -71,17 +73,32 @@ def encode_tabular(frame: pl.DataFrame, parts: Mapping[str, np.ndarray], categor
             values = values.log1p()
         fit = values.gather(train)
         if dense_buckets > 0:
-            edges = np.unique(np.quantile(fit.to_numpy(), np.linspace(0, 1, dense_buckets + 1)[1:-1]))
+            edges = quantile_edges(fit.to_numpy(), dense_buckets)[1:-1]
             bucket = np.searchsorted(edges, values.to_numpy(), side="right") + 1
             bucket_columns.append(pl.Series(f"{col}_bucket", bucket, dtype=pl.Int64))
+        if dense_pwl > 0:
+            edges = quantile_edges(fit.to_numpy(), dense_pwl)
+            x = values.to_numpy()[:, None]
+            pwl = np.clip((x - edges[:-1]) / np.diff(edges), 0.0, 1.0).astype(np.float32)
+            pwl_columns += [pl.Series(f"{col}_pwl{j + 1}", pwl[:, j]) for j in range(pwl.shape[1])]
         mean, std = float(fit.mean()), float(fit.std(ddof=0))
         columns.append(((values - mean) / (std if std > 0 else 1.0)).cast(pl.Float32).alias(col))
     try:
         label_frame = frame.select([expr.alias(name) for name, expr in labels.items()])
     except pl.exceptions.PolarsError as err:
         raise DataValidationError(f"{source}: cannot derive label columns {list(labels)} ({err}).") from err
-    encoded = pl.DataFrame(columns + bucket_columns).hstack(label_frame)
+    encoded = pl.DataFrame(columns + pwl_columns + bucket_columns).hstack(label_frame)
     return {split: encoded[np.asarray(rows)] for split, rows in parts.items()}
+
+
+def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """Sorted distinct bin edges (min and max included): the ``bins``-quantiles of ``values`` merged with
+    those of the values other than the most frequent one, so zero-inflated columns still get bins."""
+    grid = np.linspace(0, 1, bins + 1)
+    uniq, counts = np.unique(values, return_counts=True)
+    rest = values[values != uniq[np.argmax(counts)]]
+    parts = [np.quantile(values, grid)] + ([np.quantile(rest, grid)] if rest.size else [])
+    return np.unique(np.concatenate(parts + [values.min(keepdims=True), values.max(keepdims=True)]))
 
 
 def write_tabular(cache_root: Path, name: str, fp: str, params: Mapping[str, Any],

@@ -33,9 +33,18 @@ def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+# keys that do not change what is trained: left out of the run's config hash
+VOLATILE_KEYS = ("paths", "resume", "run_name")
+
+
+def experiment_hash(config: Mapping[str, Any]) -> str:
+    """Hash of what defines a run's results (config without paths / resume / run name)."""
+    return config_hash({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
+
+
 def run_name(recsys: str, mtl: Optional[str], data: str, config: Mapping[str, Any]) -> str:
     """``<recsys>[-<mtl>]-<data>-<short hash>``; the mtl part is left out for the single-task tower."""
-    parts = [recsys] + ([mtl] if mtl and mtl != "single" else []) + [data, config_hash(config)]
+    parts = [recsys] + ([mtl] if mtl and mtl != "single" else []) + [data, experiment_hash(config)]
     return "-".join(parts)
 
 

@@ -1,0 +1,88 @@
+"""Finding where to resume: ``resume=auto`` (the latest unfinished run of the same config), an MLflow run
+id, or a checkpoint path; plus the periodic ``last.ckpt`` writer that makes resuming possible."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+
+log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """``checkpoint``: file or DCP folder to load; ``run_id``: MLflow run to continue (None = new run);
+    ``output_dir``: the interrupted run's folder (checkpoints keep going there)."""
+
+    checkpoint: Optional[str] = None
+    run_id: Optional[str] = None
+    output_dir: Optional[Path] = None
+
+
+def _from_run(run) -> ResumePoint:
+    output_dir = Path(run.data.tags.get("output_dir", ""))
+    last = output_dir / "checkpoints" / LAST
+    if not last.exists():
+        raise FileNotFoundError(f"run {run.info.run_id} has no checkpoint at {last}; nothing to resume from")
+    return ResumePoint(str(last), run.info.run_id, output_dir)
+
+
+def find_resume_point(resume: Optional[str], tracking_uri: str, experiment: str, config_hash: str) -> ResumePoint:
+    """Interpret the ``resume`` option.
+
+    * ``None``: start fresh.
+    * ``auto``: the most recent unfinished (killed, failed or still marked running) run of this experiment
+      with the same config hash and a ``last.ckpt``; fresh if there is none.
+    * a 32-hex MLflow run id: that run's ``last.ckpt``, logging into the same run.
+    * anything else: a checkpoint path, logged as a new run.
+    """
+    if resume is None:
+        return ResumePoint()
+    if resume != "auto" and not RUN_ID.match(str(resume)):
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"resume={resume}: no such checkpoint (give a path, an MLflow run id or 'auto')")
+        return ResumePoint(str(resume))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if resume != "auto":
+        return _from_run(client.get_run(resume))
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return ResumePoint()
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.config_hash = '{config_hash}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if (Path(run.data.tags.get("output_dir", "")) / "checkpoints" / LAST).exists():
+            log.info("resume=auto: continuing run %s (%s)", run.info.run_id, run.info.run_name)
+            return _from_run(run)
+    log.info("resume=auto: no unfinished run with config hash %s; starting fresh", config_hash)
+    return ResumePoint()
+
+
+class PeriodicCheckpoint(pl.Callback):
+    """Saves ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (and the best/last epoch
+    checkpoints come from ModelCheckpoint). Lightning writes checkpoint files atomically (a temporary file
+    moved into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full
+    disk leaves the previous ``last.ckpt`` intact."""
+
+    def __init__(self, dirpath: str, every_n_steps: int) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
+        self.path = str(Path(dirpath) / LAST)
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.path)
