@@ -5,8 +5,8 @@
     python -m benchmarks.gpu_throughput --device cpu --items 100000 --batch-size 64 --steps 3 --warmup 1  # smoke
 
 Needs torch (CUDA), torchrec importable (its CPU fbgemm wheel is enough; no CUDA kernels are used) and
-this repository (the model code; ``recsys.data.schema`` imports polars). No Lightning or MLflow: the
-timed loop is plain PyTorch. Batches are synthetic and generated on the GPU (a pool of ``--pool``
+this repository's model code; it imports neither Lightning, MLflow, Hydra nor polars, and the timed loop
+is plain PyTorch. Batches are synthetic and generated on the GPU (a pool of ``--pool``
 batches, cycled): Taobao vocabulary (4,068,791 items, 9,408 categories), histories of ``--seq-len``
 (uniform ids; every history ``--seq-len`` long unless ``--min-len`` is lower), K = ``--top-k``.
 

@@ -1,7 +1,7 @@
 """Shared pieces of the scale benchmarks: Taobao-size vocabulary, the DARE model, the result-line format.
 
 Taobao UserBehavior (DARE protocol) has 4,068,791 items and 9,408 categories; tables get one extra
-padding row each (``recsys.data.schema.Vocab``). DARE has four such tables: attention and
+padding row each (``recsys.data.vocab.Vocab``). DARE has four such tables: attention and
 representation x item and category (plus two 201-row position tables, which stay dense).
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from mtl.single import SingleTower
-from recsys.data.schema import Vocab
+from recsys.data.vocab import Vocab
 from recsys.data.tasks import TaskSpec
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone

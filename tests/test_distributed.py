@@ -23,6 +23,7 @@ Adding a model is one entry in ``CASES`` (a :class:`Case` built by a function li
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import pytest
 import torch
 
 from recsys.data.ctr_table import CTRTable, identity_collate
-from recsys.data.schema import Vocab
+from recsys.data.vocab import Vocab
 from recsys.data.tasks import TaskSpec
 from recsys.distributed.collectives import merge_batches
 from tests.helpers import random_samples
@@ -299,3 +300,78 @@ def test_merge_batches_drops_sampler_repeats():
     merged = merge_batches([a, b], identity=["user"])
     assert [u.tolist() for u in merged["user"]] == [[1, 2], [3], [4]]
     assert np.concatenate(merged["pred/click"]).tolist() == [.1, .2, .3, .4]
+
+
+# ---- single-process unit tests: config, validation, checkpoint folders -----------------------------
+def test_dmp_trainer_config_composes_and_builds():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from recsys.distributed.run import register_rank_resolver
+    from recsys.distributed.strategy import TorchRecStrategy
+    from tests.conftest import REPO
+
+    register_rank_resolver()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["recsys=dare", "trainer=dmp", "trainer.sharding.item=table_wise",
+                                                      "+trainer.sharding.att_item=column_wise", "trainer.max_epochs=3"])
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.accelerator == "auto"
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, TorchRecStrategy)
+    assert strategy.sharding == {"item": "table_wise", "category": "table_wise", "default": "table_wise",
+                                 "att_item": "column_wise"}
+    assert strategy.fused_optimizer_config["name"] == "row_wise_adagrad"
+
+
+def test_fused_adam_on_cpu_names_the_option_and_the_choices():
+    from recsys.distributed.optim import parse_fused_optimizer
+
+    with pytest.raises(ValueError, match=r"trainer.fused_optimizer.name='adam'.*\['sgd', 'adagrad', 'row_wise_adagrad'\]"):
+        parse_fused_optimizer({"name": "adam", "lr": 0.01}, "cpu")
+    with pytest.raises(ValueError, match="'momentum'.*not accepted by 'sgd'"):
+        parse_fused_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}, "cpu")
+    assert parse_fused_optimizer({"name": "adam", "lr": 0.01}, "cuda").kwargs == {"lr": 0.01}
+
+
+def test_sharding_keys_match_tables_and_fail_clearly(caplog):
+    from recsys.distributed.planner import build_constraints
+
+    model = _dare_task(torch.device("meta"))
+    got = build_constraints(model, {"item": "row_wise", "category": "table_wise"}, "cpu")
+    assert {t: c.sharding_types for t, c in got.items()} == {
+        "repr_item": ["row_wise"], "repr_category": ["table_wise"], "att_item": ["row_wise"], "att_category": ["table_wise"]}
+    assert build_constraints(model, {"item": "row_wise", "att_item": "column_wise"}, "cpu")["att_item"].sharding_types == ["column_wise"]
+    with caplog.at_level(logging.WARNING, logger="recsys.distributed.planner"):
+        assert build_constraints(model, {"itm": "row_wise", "default": "row_wise"}, "cpu")["att_item"].sharding_types == ["row_wise"]
+    assert "['itm'] match no table" in caplog.text
+    with pytest.raises(ValueError, match="'item' and 'att' both match table 'att_item'|'att' and 'item' both match"):
+        build_constraints(model, {"att": "table_wise", "item": "row_wise"}, "cpu")
+    with pytest.raises(ValueError, match="EmbeddingCollection on cpu supports"):
+        build_constraints(model, {"default": "data_parallel"}, "cpu")
+
+
+def test_checkpoint_folder_is_replaced_atomically(tmp_path):
+    from recsys.distributed import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    path = tmp_path / "last.ckpt"
+    (tmp_path / "last.ckpt.tmp").mkdir()  # leftover of a crashed save
+    ckpt.save_sharded({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 1}, path)
+    assert (path / ckpt.TRAINER_STATE).exists() and not (tmp_path / "last.ckpt.tmp").exists()
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ckpt.save_sharded({"state_dict": model.state_dict(), "optimizer_states": [opt.state_dict()], "epoch": 2}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    path.rename(tmp_path / "last.ckpt.old")  # a crash between the two renames leaves only .old
+    with torch.no_grad():
+        model.weight.zero_()
+    loaded = ckpt.load_sharded(path, model.state_dict(), [opt.state_dict()])
+    assert loaded["epoch"] == 2 and torch.equal(model.weight, first["weight"] + 1.0)
+    assert loaded["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-3
+    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint folder"):
+        ckpt.load_sharded(tmp_path / "nothing", model.state_dict())

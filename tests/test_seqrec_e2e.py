@@ -40,7 +40,7 @@ def tiny_sequences(path, users=60, items=40, seed=0):
 
 def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
-    proc = run_train(tmp_path, "recsys=sasrec", "data=beauty", f"data.path={data}", "trainer.max_epochs=3",
+    proc = run_train(tmp_path, "recsys=sasrec", "data=beauty", f"data.path={data}", "trainer.max_epochs=2",
                      "callbacks.early_stopping.patience=1")
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("beauty").experiment_id])[0]
@@ -50,7 +50,7 @@ def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     # MLflow forbids '@' in metric names: val/ndcg@20 is stored as val/ndcg20
     for key in ("test/ndcg10", "test/hr10", "test/ndcg20", "val/ndcg20", "train/rec", "train/loss_epoch"):
         assert key in metrics, key
-    assert metrics["test/hr20"] > 0.3, metrics  # a stride pattern is learnable even in 3 tiny epochs
+    assert metrics["test/hr20"] > 0.3, metrics  # a stride pattern is learnable even in 2 tiny epochs
     assert "'test/ndcg@10'" in proc.stdout + proc.stderr  # Lightning-side names keep the '@'
     assert "checkpoints/best.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
 
@@ -76,7 +76,7 @@ print(json.dumps(rows))
 def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
-    args = ["--datasets", str(data), "--models", "sasrec", "mqsa_ted_moh", "--seeds", "0", "--max-epochs", "2",
+    args = ["--datasets", str(data), "--models", "sasrec", "mqsa_ted_moh", "--seeds", "0", "--max-epochs", "1",
             "--out", str(out), "--table", str(table)]
     proc = subprocess.run([sys.executable, "-c", BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,5 +84,5 @@ def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
     assert [r["model"] for r in rows] == ["sasrec", "mqsa_ted_moh"]
     assert all(list(r) == ["model", "dataset", "seed", "hr5", "hr10", "hr20", "ndcg5", "ndcg10", "ndcg20",
                            "best_epoch", "sec_per_epoch", "device"] for r in rows)
-    assert rows[0]["dataset"] == "tiny" and rows[0]["device"] == "cpu" and 1 <= rows[0]["best_epoch"] <= 2
+    assert rows[0]["dataset"] == "tiny" and rows[0]["device"] == "cpu" and rows[0]["best_epoch"] == 1
     assert "| tiny | sasrec | cpu | 1 |" in table.read_text()

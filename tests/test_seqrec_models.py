@@ -248,3 +248,24 @@ def test_target_ranks_keeps_scores_unless_told():
     scores = torch.tensor([[3.0, 1.0, 2.0]])
     assert target_ranks(scores, torch.tensor([3])).tolist() == [1.0]
     assert scores.tolist() == [[3.0, 1.0, 2.0]]
+
+
+def test_torch_fallback_without_fbgemm_kernels_gives_the_same_model(monkeypatch):
+    """The GPU benchmark machine has no FBGEMM CUDA kernels: the torch paths must agree with FBGEMM's."""
+    import recsys.data.transitions as transitions
+    import recsys.ops.jagged as jagged
+
+    torch.manual_seed(9)
+    model = MQSATED(VOCAB, max_len=8, dim=8, num_heads=2)
+    graph = build_transition_graph(torch.tensor([1, 2, 3, 3]), torch.tensor([2, 3, 4, 5]), 12)
+    batch = make_batch(SEQS)
+    results = []
+    for fbgemm in (True, False):
+        monkeypatch.setattr(jagged, "fbgemm_supports", lambda device_type, on=fbgemm: on)
+        monkeypatch.setattr(transitions, "fbgemm_supports", lambda device_type, on=fbgemm: on)
+        model.zero_grad()
+        loss = sequential_losses(model.eval(), batch, graph)["total"]
+        loss.backward()
+        results.append((loss.detach(), model.item_table().grad.clone(), model(batch, last_only=True).hidden.detach()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

@@ -39,6 +39,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import polars as pl
 
+from recsys.data.vocab import Vocab  # noqa: F401  (re-exported: polars-free home)
+
 LOG_SCHEMA: Mapping[str, pl.DataType] = {
     "user": pl.Int64(),
     "item": pl.Int64(),
@@ -64,25 +66,6 @@ SPLITS = ("train", "val", "test")
 
 class DataValidationError(ValueError):
     """Raised when a table does not follow the documented schema; the message names file and column."""
-
-
-@dataclass(frozen=True)
-class Vocab:
-    """Sizes of the id spaces. Tables get ``num_x + 1`` rows: id 0 is the padding row."""
-
-    num_users: int
-    num_items: int
-    num_categories: int
-
-    def limit(self, column: str) -> int:
-        """Largest valid id for ``column`` (user/item/category or a history column)."""
-        return {
-            "user": self.num_users,
-            "item": self.num_items,
-            "hist_item": self.num_items,
-            "category": self.num_categories,
-            "hist_cat": self.num_categories,
-        }[column]
 
 
 def _is_integer(dtype: pl.DataType) -> bool:

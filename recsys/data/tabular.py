@@ -32,6 +32,9 @@ from recsys.data.schema import SPLITS, DataValidationError
 
 log = logging.getLogger(__name__)
 
+#: Bump when :func:`encode_tabular`'s output changes for the same parameters (part of every fingerprint).
+TABULAR_VERSION = "2"
+
 
 # ---------------------------------------------------------------------------------------------- converting
 
@@ -112,6 +115,7 @@ def write_tabular(cache_root: Path, name: str, fp: str, params: Mapping[str, Any
 
 def prepare_tabular(name: str, cache_root: Path, params: Mapping[str, Any], inputs: Sequence[Path], build) -> Path:
     """Reuse ``<cache_root>/<name>-<fp>`` or call ``build() -> (splits, label names)`` and write it."""
+    params = {**params, "tabular_version": TABULAR_VERSION}
     fp = fingerprint(name, params, inputs)
     hit = cached_dataset(Path(cache_root), name, fp)
     if hit is not None:

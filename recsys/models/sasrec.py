@@ -24,7 +24,7 @@ from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.modules.seq_blocks import Layout, SequenceEncoder
 
 if TYPE_CHECKING:  # schema.py imports polars, which the GPU benchmark does not have
-    from recsys.data.schema import Vocab
+    from recsys.data.vocab import Vocab
 
 ITEM_TABLE = "item"
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from recsys.data.batch import CTRBatch
-from recsys.data.schema import Vocab
+from recsys.data.vocab import Vocab
 from recsys.modules.mlp import MLP
 from recsys.modules.tokens import PartProjection, TokenEmbedding, Tokens
 

@@ -12,8 +12,8 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM
-from recsys.data.schema import Vocab
-from recsys.ops.jagged import jagged_to_padded_dense, padding_mask
+from recsys.data.vocab import Vocab
+from recsys.ops.jagged import jagged_to_padded_dense, lengths_to_offsets, padding_mask
 
 
 @dataclass
@@ -114,7 +114,8 @@ class TokenEmbedding(nn.Module):
         lengths = hist.lengths()
         max_len = max(int(lengths.max()), 1) if lengths.numel() else 1
         hist_values = torch.cat([hist.values(), out[HIST_CAT].values()], dim=-1)
-        hist_sem = jagged_to_padded_dense(hist_values, hist.offsets(), max_len)
+        # offsets through recsys.ops (torchrec's own call needs FBGEMM kernels on the device)
+        hist_sem = jagged_to_padded_dense(hist_values, lengths_to_offsets(lengths), max_len)
         target_sem = torch.cat([out[TARGET_ITEM].values(), out[TARGET_CAT].values()], dim=-1)
         target_pos = hist_pos = None
         if self.pos_dim > 0:
