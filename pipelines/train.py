@@ -33,7 +33,7 @@ from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
 from recsys.tracking.sweep import PARENT_ENV
 from recsys.tracking.gates import GateUsage
 from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, run_name
-from recsys.tracking.resume import PeriodicCheckpoint, find_resume_point
+from recsys.tracking.resume import PeriodicCheckpoint, check_checkpoint, find_resume_point
 
 log = logging.getLogger("pipelines.train")
 register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
@@ -129,6 +129,8 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     callbacks = [checkpoint, periodic, files, timer, gates, *extra_callbacks(cfg)]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
+    if resume.checkpoint is not None:
+        check_checkpoint(resume.checkpoint, task)
     trainer.fit(task, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test_after_fit:

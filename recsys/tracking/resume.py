@@ -86,3 +86,31 @@ class PeriodicCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.path)
+
+
+def check_checkpoint(path: str, module) -> None:
+    """Fail early, with the file named, on a truncated file or a checkpoint of another model.
+
+    Sharded (DCP folder) checkpoints are checked by the strategy when it loads them.
+    """
+    import torch
+
+    if Path(path).is_dir():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, unsafe pickle
+        raise ValueError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
+    saved = state.get("state_dict") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(f"resume={path}: not a training checkpoint (no state_dict)")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in saved.items()}
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"resume={path}: the checkpoint belongs to another model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} differently shaped tensors; e.g. "
+            f"{(missing + unexpected + mismatched)[:3]})"
+        )
