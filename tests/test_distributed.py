@@ -375,3 +375,11 @@ def test_checkpoint_folder_is_replaced_atomically(tmp_path):
     assert loaded["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-3
     with pytest.raises(FileNotFoundError, match="not a sharded checkpoint folder"):
         ckpt.load_sharded(tmp_path / "nothing", model.state_dict())
+
+
+def test_loading_a_checkpoint_of_another_model_names_the_folder(tmp_path):
+    from recsys.distributed import checkpoint as ckpt
+
+    ckpt.save_sharded({"state_dict": torch.nn.Linear(3, 2).state_dict()}, tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="a.ckpt: cannot load this sharded checkpoint"):
+        ckpt.load_sharded(tmp_path / "a.ckpt", torch.nn.Linear(4, 2).state_dict())

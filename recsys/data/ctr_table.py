@@ -177,9 +177,14 @@ class ResumableLoader(torch.utils.data.DataLoader):
     """
 
     def state_dict(self) -> dict:
+        if not isinstance(self.sampler, EpochBatchSampler):  # wrapped by Lightning for DDP/DMP ranks
+            return {}
         return {"epoch": self.sampler.epoch, "batches_done": self.sampler.yielded}
 
     def load_state_dict(self, state: dict) -> None:
+        """Under DDP/DMP (a wrapped sampler) a mid-epoch resume restarts the epoch: not rank-aware yet."""
+        if not state or not isinstance(self.sampler, EpochBatchSampler):
+            return
         self.sampler.epoch = state["epoch"]
         self.sampler.start_batch = state["batches_done"]
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,11 @@ def load_sharded(
             raise ValueError(f"{folder}: holds {saved} optimiser states, the run has {len(optimizer_states)}")
         states = {str(i): s for i, s in enumerate(optimizer_states)}
         template["optimizer_states"] = split_tensors(states)[0]
-    dcp.load(template, checkpoint_id=str(folder))
+    try:
+        dcp.load(template, checkpoint_id=str(folder))
+    except (Exception, CheckpointException) as err:  # missing keys, other shapes, unreadable shard files
+        raise ValueError(f"{folder}: cannot load this sharded checkpoint into the model ({type(err).__name__}: "
+                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r})") from err
     checkpoint = dict(rest)
     checkpoint["state_dict"] = merge_trees(rest.get("state_dict", {}), template["state_dict"])
     if optimizer_states is not None:
