@@ -1,30 +1,38 @@
-"""DIN / TWIN / DARE on a prepared CTR dataset with a plain PyTorch loop (no Lightning, Hydra, polars, MLflow).
+"""DIN / TWIN / DARE (× any ``mtl`` tower) on a prepared CTR dataset with a plain PyTorch loop (no Lightning,
+Hydra, polars, MLflow).
 
 For machines that lack the CPU stack, e.g. the benchmark GPU (torch + torchrec + pyarrow only):
 
     python -m benchmarks.ctr_plain --dataset .cache/data/ml100k-<fp> --models din twin dare --seeds 1 2 3 4 5 \
         --epochs 2 --device cuda --out benchmarks/results/dare_ml100k_runs.jsonl
 
+Multi-task (``data=ml100k_mtl``'s click and like, a dataset folder with a ``like`` column):
+
+    python -m benchmarks.ctr_plain --dataset .device/ml100k_mtl --models dare --tower mmoe \
+        --tasks click:label like:like --out /tmp/mtl_runs.jsonl
+
 It runs exactly what ``pipelines.train`` trains: the backbone built from ``configs/recsys/<model>.yaml``
-(+ its ``twin`` base), the ``mtl=single`` tower, ``RankingTask.compute_losses`` (BCE + auxiliary head +
-1e-6 L2), Adam lr 0.01 on tables and dense weights, N(0, 0.01) init, the same batch order (seeded by
-seed and epoch), model selection by validation AUC, test metrics of the best epoch.
+(+ its ``twin`` base), the tower of ``configs/mtl/<tower>.yaml`` (default ``single``), ``RankingTask.compute_losses`` (BCE + auxiliary head +
+1e-6 L2 + the tower's auxiliary losses), Adam lr 0.01 on tables and dense weights, N(0, 0.01) init, the same
+batch order (seeded by seed and epoch), model selection by the mean validation AUC over tasks, test metrics of
+the best epoch (per task under ``tasks`` when there are several).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import json
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import yaml
 
-from mtl.single import SingleTower
 from recsys.data.batch import CTRBatch, make_ctr_kjt
 from recsys.data.tasks import TaskSpec
 from recsys.data.vocab import Vocab
@@ -45,13 +53,28 @@ def backbone_kwargs(model: str) -> Dict:
     return {k: v for k, v in merged.items() if not k.startswith("_")}
 
 
+def build_tower(name: str, in_dim: int, tasks: List[TaskSpec]) -> torch.nn.Module:
+    """The tower of ``configs/mtl/<name>.yaml`` (its ``_target_`` class with the file's arguments)."""
+    cfg = yaml.safe_load((REPO / "configs" / "mtl" / f"{name}.yaml").read_text())
+    module, _, cls = cfg.pop("_target_").rpartition(".")
+    kwargs = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return getattr(importlib.import_module(module), cls)(in_dim=in_dim, tasks=tasks, **kwargs)
+
+
+def parse_task(text: str) -> TaskSpec:
+    """``name:column`` (binary task ``name`` reading label column ``column``); plain ``name`` reads ``label``."""
+    name, _, column = text.partition(":")
+    return TaskSpec(name, label=column or "label")
+
+
 class Split:
     """One split as numpy arrays (hist values + offsets), batched like recsys.data.ctr_table."""
 
-    def __init__(self, path: Path) -> None:
-        table = pq.read_table(path, columns=["user", "item", "category", "label", "hist_item", "hist_cat"])
+    def __init__(self, path: Path, tasks: Sequence[TaskSpec]) -> None:
+        columns = sorted({t.label for t in tasks})
+        table = pq.read_table(path, columns=["user", "item", "category", *columns, "hist_item", "hist_cat"])
         self.user, self.item, self.category = (table[c].to_numpy() for c in ("user", "item", "category"))
-        self.label = table["label"].to_numpy().astype(np.float32)
+        self.labels = {t.name: table[t.label].to_numpy().astype(np.float32) for t in tasks}
         hist = table["hist_item"].combine_chunks()
         self.offsets = np.asarray(hist.offsets, dtype=np.int64)
         self.hist_item = np.asarray(hist.values, dtype=np.int64)
@@ -66,33 +89,44 @@ class Split:
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
         sparse = make_ctr_kjt(t(self.hist_item[flat]), t(self.hist_cat[flat]), t(lengths), t(self.item[rows]),
                               t(self.category[rows]))
-        return CTRBatch(sparse=sparse, labels={"click": t(self.label[rows])}, user=t(self.user[rows]))
+        labels = {name: t(values[rows]) for name, values in self.labels.items()}
+        return CTRBatch(sparse=sparse, labels=labels, user=t(self.user[rows]))
 
 
 @torch.no_grad()
-def evaluate(model: RankingModel, split: Split, device: torch.device, batch_size: int = 8192) -> Dict[str, float]:
+def evaluate(model: RankingModel, split: Split, device: torch.device, batch_size: int = 8192) -> Dict[str, Dict[str, float]]:
+    """``{task: {auc, logloss, gauc_user, gauc_category}}`` over the whole split."""
     model.eval()
-    preds = []
+    preds: Dict[str, List[np.ndarray]] = {name: [] for name in split.labels}
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
-        preds.append(torch.sigmoid(model(split.batch(rows, device)).logits["click"]).float().cpu().numpy())
+        logits = model(split.batch(rows, device)).logits
+        for name in preds:
+            preds[name].append(torch.sigmoid(logits[name]).float().cpu().numpy())
     model.train()
-    p = np.concatenate(preds)
-    return {"auc": auc(p, split.label), "logloss": logloss(p, split.label), "gauc_user": gauc(p, split.label, split.user),
-            "gauc_category": gauc(p, split.label, split.category)}
+    out = {}
+    for name, parts in preds.items():
+        p, y = np.concatenate(parts), split.labels[name]
+        out[name] = {"auc": auc(p, y), "logloss": logloss(p, y), "gauc_user": gauc(p, y, split.user),
+                     "gauc_category": gauc(p, y, split.category)}
+    return out
+
+
+def mean_auc(metrics: Dict[str, Dict[str, float]]) -> float:
+    return float(np.mean([m["auc"] for m in metrics.values()]))
 
 
 def run(model_name: str, dataset: Path, seed: int, epochs: int, batch_size: int, device: torch.device,
-        max_batches: int = 0) -> Dict:
+        max_batches: int = 0, tower: str = "single", tasks: Sequence[TaskSpec] = (TaskSpec("click"),)) -> Dict:
     from recsys.tasks.ranking import RankingTask  # compute_losses: the training objective of pipelines.train
 
     meta = json.loads((dataset / "meta.json").read_text())
     vocab = Vocab(meta["num_users"], meta["num_items"], meta["num_categories"])
-    splits = {s: Split(dataset / f"{s}.parquet") for s in ("train", "val", "test")}
+    tasks = list(tasks)
+    splits = {s: Split(dataset / f"{s}.parquet", tasks) for s in ("train", "val", "test")}
     torch.manual_seed(seed)
     backbone = TargetAttentionBackbone(vocab, meta["max_len"], **backbone_kwargs(model_name))
-    tasks = [TaskSpec("click")]
-    model = RankingModel(backbone, SingleTower(backbone.output_dim, tasks), init_std=0.01).to(device)
+    model = RankingModel(backbone, build_tower(tower, backbone.output_dim, tasks), init_std=0.01).to(device)
     adam = lambda p: torch.optim.Adam(p, lr=0.01)
     task = RankingTask(model, tasks, adam, adam).to(device)
     optimizers = task.configure_optimizers()
@@ -113,12 +147,14 @@ def run(model_name: str, dataset: Path, seed: int, epochs: int, batch_size: int,
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - start)
-        if best is None or val["auc"] > best[0]["auc"]:
+        if best is None or mean_auc(val) > mean_auc(best[0]):
             best = (val, evaluate(model, splits["test"], device), epoch)
     val, test, best_epoch = best
-    return {"model": model_name, "dataset": meta["name"], "seed": seed, "epochs": epochs, "batch_size": batch_size,
-            "auc": test["auc"], "logloss": test["logloss"], "gauc_user": test["gauc_user"],
-            "gauc_category": test["gauc_category"], "val_auc": val["auc"], "best_epoch": best_epoch,
+    first = test[tasks[0].name]
+    return {"model": model_name, "tower": tower, "dataset": meta["name"], "seed": seed, "epochs": epochs,
+            "batch_size": batch_size, "auc": first["auc"], "logloss": first["logloss"], "gauc_user": first["gauc_user"],
+            "gauc_category": first["gauc_category"], "val_auc": mean_auc(val), "best_epoch": best_epoch,
+            "tasks": test if len(tasks) > 1 else None,
             "sec_per_epoch": float(np.mean(epoch_seconds)), "peak_rss_mb": peak_rss_mb(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "run_id": "plain-loop"}
 
@@ -133,11 +169,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-batches", type=int, default=0, help="smoke tests: train batches per epoch (0 = all)")
+    parser.add_argument("--towers", nargs="+", default=["single"], help="configs/mtl/<name>.yaml")
+    parser.add_argument("--tasks", nargs="+", type=parse_task, default=[TaskSpec("click")],
+                        help="name:label_column per task (default: click:label)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for seed in args.seeds:
-        for model in args.models:
-            row = run(model, args.dataset, seed, args.epochs, args.batch_size, device, args.max_batches)
+        for model, tower in itertools.product(args.models, args.towers):
+            row = run(model, args.dataset, seed, args.epochs, args.batch_size, device, args.max_batches, tower,
+                      args.tasks)
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -16,12 +16,11 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.mtl_common import (RESULTS, append_rows, log, machine_load, markdown_table, read_rows,
-                                   result_rows, train_and_test)
+from benchmarks.mtl_common import RESULTS, append_rows, markdown_table, read_rows, run_grid
 
 TASKS = ("income", "marital")
 #: Tuned settings per tower (on the validation AUC of seed 1; see docs/mtl.md).
-COMMON = ["recsys=fields", "data=census", "recsys.embedding_dim=16", "task.dense_optimizer.lr=0.001",
+COMMON = ["recsys=fields", "data=census", "task.dense_optimizer.lr=0.001",
           "task.sparse_optimizer.lr=0.001", "data.batch_size=256"]
 MODELS = {
     "shared_bottom": ["mtl=shared_bottom"],
@@ -60,16 +59,8 @@ def main(argv=None) -> None:
         import_rechub(args.import_rechub, args.out)
         return
     if not args.table:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        for model in args.models:
-            for seed in args.seeds:
-                run = train_and_test([*COMMON, *MODELS[model], *args.set], seed, args.max_epochs, args.patience)
-                log(f"[{model} seed={seed}] {machine_load()} epochs {run['epochs']} best {run['best_epoch']} "
-                    f"val auc {run['best_val_auc']:.4f} test " + " ".join(
-                        f"{t} {run['test'][f'test/{t}/auc']:.4f}" for t in TASKS) + f" {run['sec_per_epoch']:.1f}s/epoch")
-                append_rows(args.out, result_rows(model, "fields", "census", seed, TASKS, run))
+        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, "fields", "census",
+                 args.out, args.threads, args.max_epochs, args.patience)
     table = markdown_table(read_rows(args.out), "census")
     print(table)
 

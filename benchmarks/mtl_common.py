@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
@@ -79,6 +79,23 @@ def train_and_test(overrides: Sequence[str], seed: int, max_epochs: int, patienc
         test = trainer.test(task, datamodule=datamodule, ckpt_path="best", weights_only=True, verbose=False)[0]
     return {"test": {k: float(v) for k, v in test.items()}, "sec_per_epoch": float(np.mean(timer.seconds)),
             "epochs": trainer.current_epoch, "best_epoch": best_epoch, "best_val_auc": best_val}
+
+
+def run_grid(models: Mapping[str, Sequence[str]], common: Sequence[str], extra: Sequence[str], seeds: Sequence[int],
+             tasks: Sequence[str], backbone: str, dataset: str, out: Path, threads: int, max_epochs: int,
+             patience: int) -> None:
+    """Every model × seed: :func:`train_and_test` with ``common + models[model] + extra`` overrides, a line
+    per run on stderr, result rows appended to ``out`` as each run ends (a crash keeps the finished ones)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for model, overrides in models.items():
+        for seed in seeds:
+            run = train_and_test([*common, *overrides, *extra], seed, max_epochs, patience)
+            log(f"[{model} seed={seed}] {machine_load()} epochs {run['epochs']} best {run['best_epoch']} "
+                f"val auc {run['best_val_auc']:.4f} test " + " ".join(
+                    f"{t} {run['test'][f'test/{t}/auc']:.4f}" for t in tasks) + f" {run['sec_per_epoch']:.1f}s/epoch")
+            append_rows(out, result_rows(model, backbone, dataset, seed, tasks, run))
 
 
 def torch_load_epoch(path: str) -> int:

@@ -2,6 +2,11 @@
 
     python -m benchmarks.mtl_ml100k                      # 5 towers, seed 1
     python -m benchmarks.mtl_ml100k --models switch --seeds 1 2 3
+    python -m benchmarks.mtl_ml100k --import-plain benchmarks/results/mtl_ml100k_gpu_runs.jsonl   # GPU runs
+
+On a GPU machine without the CPU stack, ``benchmarks/ctr_plain.py`` runs the same models in a plain loop
+(``--towers single mmoe ple switch taskexpert --tasks click:label like:like``); ``--import-plain`` turns its
+rows into result rows.
 
 ``data=ml100k_mtl``: every rating after the first 5 is a positive with 2 sampled negatives; click = rated,
 like = rating >= 4 (entire space). Early stopping on the mean validation AUC of the two tasks; the best
@@ -11,14 +16,25 @@ epoch is tested. Rows go to ``benchmarks/results/mtl.jsonl`` (dataset ``ml100k_m
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from benchmarks.mtl_common import (RESULTS, append_rows, log, machine_load, markdown_table, read_rows,
-                                   result_rows, train_and_test)
+from benchmarks.mtl_common import RESULTS, append_rows, markdown_table, read_rows, result_rows, run_grid
 
 TASKS = ("click", "like")
 COMMON = ["recsys=dare", "data=ml100k_mtl", "data.batch_size=1024"]
 MODELS = {name: [f"mtl={name}"] for name in ("single", "mmoe", "ple", "switch", "taskexpert")}
+
+
+def import_plain(path: Path, out: Path) -> None:
+    """Rows of ``benchmarks.ctr_plain`` (one per run, per-task metrics under ``tasks``) -> result rows."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        run = {"test": {f"test/{t}/{m}": r["tasks"][t][m] for t in TASKS for m in ("auc", "logloss")},
+               "sec_per_epoch": r["sec_per_epoch"]}
+        rows += result_rows(r["tower"], r["model"], "ml100k_mtl", r["seed"], TASKS, run)
+    append_rows(out, rows)
 
 
 def main(argv=None) -> None:
@@ -31,18 +47,13 @@ def main(argv=None) -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--out", type=Path, default=RESULTS / "mtl.jsonl")
     p.add_argument("--table", action="store_true", help="only print the markdown table of --out")
+    p.add_argument("--import-plain", type=Path, default=None, help="rows of benchmarks.ctr_plain to convert")
     args = p.parse_args(argv)
-    if not args.table:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        for model in args.models:
-            for seed in args.seeds:
-                run = train_and_test([*COMMON, *MODELS[model], *args.set], seed, args.max_epochs, args.patience)
-                log(f"[{model} seed={seed}] {machine_load()} epochs {run['epochs']} best {run['best_epoch']} "
-                    f"val auc {run['best_val_auc']:.4f} test " + " ".join(
-                        f"{t} {run['test'][f'test/{t}/auc']:.4f}" for t in TASKS) + f" {run['sec_per_epoch']:.1f}s/epoch")
-                append_rows(args.out, result_rows(model, "dare", "ml100k_mtl", seed, TASKS, run))
+    if args.import_plain is not None:
+        import_plain(args.import_plain, args.out)
+    elif not args.table:
+        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, "dare", "ml100k_mtl",
+                 args.out, args.threads, args.max_epochs, args.patience)
     print(markdown_table(read_rows(args.out), "ml100k_mtl"))
 
 

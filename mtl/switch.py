@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn

@@ -10,17 +10,16 @@ bars) and ``..._curves.png`` (``curve_metric`` against epoch, one line per run).
 
 from __future__ import annotations
 
-import math
-import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import hydra
 import polars as pl
 from omegaconf import DictConfig
 
 from recsys.io import atomic_write_bytes
+from recsys.tracking.figures import pyplot, save_figure
 
 
 def load_runs(tracking_uri: str, experiment: str, metric: str) -> pl.DataFrame:
@@ -63,10 +62,7 @@ def to_markdown(table: pl.DataFrame, metric: str) -> str:
 
 
 def plot_final(table: pl.DataFrame, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(4, 1.2 * table.height), 3.5))
     ax.bar(table["model"].to_list(), table["mean"].to_list(), yerr=table["std"].to_list(), capsize=4, color="#4c72b0")
@@ -77,16 +73,11 @@ def plot_final(table: pl.DataFrame, metric: str, path: Path) -> None:
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per model (mean ± std over runs)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_curves(tracking_uri: str, runs: pl.DataFrame, metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -101,9 +92,7 @@ def plot_curves(tracking_uri: str, runs: pl.DataFrame, metric: str, path: Path) 
     ax.set_title(f"{metric} per epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare(tracking_uri: str, experiment: str, metric: str, curve_metric: str, out: Path) -> Dict[str, Path]:

@@ -35,3 +35,26 @@ def random_samples(rows: int = 64, vocab: Vocab = Vocab(20, 50, 6), max_len: int
         }
     )
     return frame.cast(dict(SAMPLE_SCHEMA))
+
+
+def fit_one_batch(model, tasks, batch, steps: int, lr: float = 0.01) -> tuple[float, float]:
+    """Train ``model`` (a ``RankingModel``) on one batch with ``RankingTask``'s losses and Adam for ``steps``
+    steps; returns (first loss, last loss) so a test can assert that it learns."""
+    import torch
+
+    from recsys.tasks.ranking import RankingTask
+
+    adam = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
+    task = RankingTask(model, tasks, adam, adam)
+    opts = task.configure_optimizers()
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = task.compute_losses(batch, model(batch))["total"]
+        losses.append(loss.item())
+        for opt in opts:
+            opt.zero_grad()
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    return losses[0], losses[-1]

@@ -8,8 +8,8 @@ from recsys.data.schema import Vocab
 from recsys.data.tasks import TaskSpec
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
-from recsys.tasks.ranking import RankingTask, split_sparse_dense
-from tests.helpers import random_samples
+from recsys.tasks.ranking import split_sparse_dense
+from tests.helpers import fit_one_batch, random_samples
 
 VOCAB = Vocab(20, 50, 6)
 VARIANTS = {
@@ -63,21 +63,8 @@ def test_topk_picks_highest_scores_and_ignores_padding(table):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_few_steps_reduce_the_loss(variant, table):
     model = make_model(variant)
-    task = RankingTask(model, [TaskSpec("click")], lambda p: torch.optim.Adam(p, lr=0.01),
-                       lambda p: torch.optim.Adam(p, lr=0.01))
-    opts = task.configure_optimizers()
-    batch = table.batch(np.arange(len(table)))
-    model.train()
-    first = None
-    for _ in range(30):
-        loss = task.compute_losses(batch, model(batch))["total"]
-        first = loss.item() if first is None else first
-        for o in opts:
-            o.zero_grad()
-        loss.backward()
-        for o in opts:
-            o.step()
-    assert loss.item() < 0.8 * first, (first, loss.item())
+    first, last = fit_one_batch(model, [TaskSpec("click")], table.batch(np.arange(len(table))), steps=30)
+    assert last < 0.8 * first, (first, last)
 
 
 

@@ -17,8 +17,13 @@ from recsys.data.tasks import TaskSpec, parse_tasks
 log = logging.getLogger(__name__)
 
 
-class CTRDataModule(pl.LightningDataModule):
-    """Prepares (or reuses) a cached dataset, validates each split, and serves :class:`CTRBatch` es.
+class CachedDataModule(pl.LightningDataModule):
+    """Base of every datamodule: a cached dataset folder (``meta.json`` + ``train/val/test.parquet``, built
+    once by ``source``) read split by split and served as whole batches in an order fixed by (seed, epoch)
+    through the resumable loader.
+
+    Subclasses give :meth:`read_split` (parquet -> a table whose ``dataset[rows]`` is a batch) and
+    :meth:`backbone_inputs` (the keyword arguments every backbone factory of the family receives).
 
     Args:
         name: dataset name, used for the MLflow experiment.
@@ -26,35 +31,22 @@ class CTRDataModule(pl.LightningDataModule):
             (e.g. a ``_partial_`` of :func:`recsys.data.synthetic.prepare_synthetic`).
         cache_dir: root of the git-ignored parquet cache.
         path: raw-data location (informational here; the ``source`` reads it via ``${data.path}``).
-        tasks: task entries (name, label, loss, weight); see :class:`TaskSpec`.
         batch_size / eval_batch_size: rows per training / evaluation batch.
         seed: shuffling seed (the order is a function of seed and epoch, so resumes replay it).
+        drop_last: drop the last incomplete training batch.
     """
 
-    def __init__(
-        self,
-        name: str,
-        source: Callable[[Path], Path],
-        cache_dir: str,
-        tasks: Iterable[Mapping[str, Any]] = ({"name": "click", "label": "label"},),
-        batch_size: int = 512,
-        eval_batch_size: int = 4096,
-        num_workers: int = 0,
-        seed: int = 0,
-        drop_last: bool = False,
-        path: Optional[str] = None,
-    ) -> None:
+    def __init__(self, name: str, source: Callable[..., Path], cache_dir: str, path: Optional[str] = None,
+                 batch_size: int = 512, eval_batch_size: int = 4096, num_workers: int = 0, seed: int = 0,
+                 drop_last: bool = False) -> None:
         super().__init__()
-        self.name = name
-        self.source = source
-        self.cache_dir = Path(cache_dir)
-        self.path = path
-        self.tasks: List[TaskSpec] = parse_tasks(tasks)
+        self.name, self.source, self.cache_dir, self.path = name, source, Path(cache_dir), path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
+        self.tasks: List[TaskSpec] = []
         self.dataset_dir: Optional[Path] = None
         self.meta: Optional[DatasetMeta] = None
-        self.tables: Dict[str, CTRTable] = {}
+        self.tables: Dict[str, Any] = {}
 
     def prepare(self) -> DatasetMeta:
         """Build the cache if needed and read ``meta.json`` (idempotent). Called before the model exists."""
@@ -65,26 +57,23 @@ class CTRDataModule(pl.LightningDataModule):
         return self.meta
 
     def backbone_inputs(self) -> Dict[str, Any]:
-        """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""
-        meta = self.prepare()
-        return {"vocab": meta.vocab(), "max_len": meta.max_len}
+        raise NotImplementedError
+
+    def read_split(self, file: Path, meta: DatasetMeta) -> Any:
+        """One split's parquet file -> a table (``len(table)`` rows, ``BatchedCTRDataset(table)[rows]``)."""
+        raise NotImplementedError
 
     def prepare_data(self) -> None:
         self.prepare()
 
     def setup(self, stage: Optional[str] = None) -> None:
         meta = self.prepare()
-        labels = {t.name: t.label for t in self.tasks}
-        binary = [t.label for t in self.tasks if t.loss == "binary"]
         for split in SPLITS:
             if split not in self.tables:
-                self.tables[split] = CTRTable.read_parquet(
-                    self.dataset_dir / f"{split}.parquet", labels, meta.vocab(), binary
-                )
+                self.tables[split] = self.read_split(self.dataset_dir / f"{split}.parquet", meta)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        if split not in self.tables:
-            self.setup()
+        self.setup()
         table = self.tables[split]
         return batch_loader(BatchedCTRDataset(table), len(table), batch_size, shuffle, self.seed,
                             self.drop_last, self.num_workers)
@@ -97,3 +86,37 @@ class CTRDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class CTRDataModule(CachedDataModule):
+    """Prepares (or reuses) a cached CTR dataset, validates each split, and serves :class:`CTRBatch` es.
+
+    Arguments as :class:`CachedDataModule`, plus ``tasks``: task entries (name, label, loss, weight); see
+    :class:`TaskSpec`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Callable[..., Path],
+        cache_dir: str,
+        tasks: Iterable[Mapping[str, Any]] = ({"name": "click", "label": "label"},),
+        batch_size: int = 512,
+        eval_batch_size: int = 4096,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+        path: Optional[str] = None,
+    ) -> None:
+        super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
+        self.tasks = parse_tasks(tasks)
+
+    def backbone_inputs(self) -> Dict[str, Any]:
+        """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""
+        meta = self.prepare()
+        return {"vocab": meta.vocab(), "max_len": meta.max_len}
+
+    def read_split(self, file: Path, meta: DatasetMeta) -> CTRTable:
+        labels = {t.name: t.label for t in self.tasks}
+        binary = [t.label for t in self.tasks if t.loss == "binary"]
+        return CTRTable.read_parquet(file, labels, meta.vocab(), binary)

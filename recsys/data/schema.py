@@ -34,7 +34,6 @@ Every check raises :class:`DataValidationError` with a message naming the file a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import polars as pl

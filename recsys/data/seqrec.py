@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
-import pytorch_lightning as lightning
 import torch
-from torch.utils.data import DataLoader
 
-from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, load_meta, write_dataset
-from recsys.data.ctr_table import BatchedCTRDataset, EpochBatchSampler, identity_collate, list_column_arrays
-from recsys.data.schema import SPLITS, DataValidationError, Vocab
+from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
+from recsys.data.ctr_table import list_column_arrays
+from recsys.data.datamodule import CachedDataModule
+from recsys.data.schema import DataValidationError, Vocab
 from recsys.data.seqrec_format import Jagged, SeqTable, leave_one_out, read_sequences
-from recsys.data.tasks import TaskSpec
 from recsys.data.transitions import TransitionGraph, build_transition_graph, transition_pairs
 
 log = logging.getLogger(__name__)
@@ -95,7 +92,7 @@ def prepare_seqrec(path: Union[str, Path, None], cache_root: Union[str, Path], n
     return write_dataset(Path(cache_root), meta, splits)
 
 
-class SeqDataModule(lightning.LightningDataModule):
+class SeqDataModule(CachedDataModule):
     """Prepares (or reuses) a cached sequential dataset and serves :class:`~recsys.data.seq_batch.SeqBatch` es.
 
     Same contract as :class:`~recsys.data.datamodule.CTRDataModule`: ``prepare() -> meta``,
@@ -110,39 +107,17 @@ class SeqDataModule(lightning.LightningDataModule):
 
     def __init__(self, name: str, source: Any, cache_dir: str, path: Optional[str] = None, batch_size: int = 256,
                  eval_batch_size: int = 1024, num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> None:
-        super().__init__()
-        self.name, self.source, self.cache_dir, self.path = name, source, Path(cache_dir), path
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
-        self.tasks: List[TaskSpec] = []
-        self.dataset_dir: Optional[Path] = None
-        self.meta: Optional[DatasetMeta] = None
-        self.tables: Dict[str, SeqTable] = {}
-
-    def prepare(self) -> DatasetMeta:
-        """Build the cache if needed and read ``meta.json`` (idempotent)."""
-        if self.meta is None:
-            self.dataset_dir = Path(self.source(cache_root=self.cache_dir))
-            self.meta = load_meta(self.dataset_dir)
-            log.info("dataset %s at %s: %s", self.name, self.dataset_dir, self.meta.rows)
-        return self.meta
+        super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
 
     def backbone_inputs(self) -> Dict[str, Any]:
         """``vocab`` (``num_items`` sizes the item table) and ``max_len``."""
         meta = self.prepare()
         return {"vocab": Vocab(meta.num_users, meta.num_items, 0), "max_len": meta.max_len}
 
-    def prepare_data(self) -> None:
-        self.prepare()
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        self.prepare()
-        for split in SPLITS:
-            if split not in self.tables:
-                file = self.dataset_dir / f"{split}.parquet"
-                if not file.exists():
-                    raise FileNotFoundError(f"{file}: no such parquet file")
-                self.tables[split] = frame_to_table(pl.read_parquet(file), str(file))
+    def read_split(self, file: Path, meta: DatasetMeta) -> SeqTable:
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no such parquet file")
+        return frame_to_table(pl.read_parquet(file), str(file))
 
     def transition_graph(self, span: int = 1) -> TransitionGraph:
         """TED's graph from the training split only (validation and test items never enter it)."""
@@ -151,19 +126,3 @@ class SeqDataModule(lightning.LightningDataModule):
         src, dst = transition_pairs(torch.tensor(train.history.values), torch.tensor(train.targets.values),
                                     torch.tensor(train.history.lengths), span)
         return build_transition_graph(src, dst, self.prepare().num_items)
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        self.setup()
-        table = self.tables[split]
-        sampler = EpochBatchSampler(len(table), batch_size, shuffle, self.seed, self.drop_last and shuffle)
-        return DataLoader(BatchedCTRDataset(table), sampler=sampler, batch_size=None, collate_fn=identity_collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)

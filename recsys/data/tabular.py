@@ -272,16 +272,12 @@ class TabularDataModule(CTRDataModule):
         self.prepare()
         return {"categorical": dict(self._features["categorical"]), "dense": list(self._features["dense"])}
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        self.prepare()
+    def read_split(self, file: Path, meta: DatasetMeta) -> TabularTable:
         labels = {t.name: t.label for t in self.tasks}
         binary = [t.label for t in self.tasks if t.loss == "binary"]
-        for split in SPLITS:
-            if split not in self.tables:
-                path = self.dataset_dir / f"{split}.parquet"
-                try:
-                    frame = pl.read_parquet(path)
-                except Exception as err:  # polars raises several types for corrupt files
-                    raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
-                self.tables[split] = TabularTable.from_frame(frame, str(path), self._features["categorical"],
-                                                             self._features["dense"], labels, binary)
+        try:
+            frame = pl.read_parquet(file)
+        except Exception as err:  # polars raises several types for corrupt files
+            raise DataValidationError(f"{file}: cannot read parquet ({type(err).__name__}: {err})") from err
+        return TabularTable.from_frame(frame, str(file), self._features["categorical"], self._features["dense"],
+                                       labels, binary)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 
 from recsys.system import peak_rss_mb
+from recsys.tracking.figures import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ def _mlflow_logger(trainer: pl.Trainer) -> Optional[MLFlowLogger]:
 
 def plot_curves(history: List[Dict[str, float]], path: Path, title: str) -> Optional[Path]:
     """One panel per metric family (loss, AUC, logloss) against epoch; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = sorted({k for row in history for k in row if k != "epoch"})
     panels = [("loss", [k for k in keys if k.startswith("train/") and "loss" in k and "/aux" not in k]),
@@ -51,14 +48,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path, title: str) -> Opti
         ax.set_title(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title)
 
 
 class MLflowRunFiles(pl.Callback):

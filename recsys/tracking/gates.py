@@ -9,7 +9,6 @@ model output, so this callback sees them batch by batch. Per epoch it writes ``p
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -17,7 +16,9 @@ from typing import Any, Dict, List, Optional
 import pytorch_lightning as pl
 import torch
 
+from recsys.io import atomic_write_bytes
 from recsys.tracking.callbacks import _mlflow_logger
+from recsys.tracking.figures import pyplot, save_figure
 
 
 def split_gate_key(key: str) -> tuple[str, str]:
@@ -28,10 +29,7 @@ def split_gate_key(key: str) -> tuple[str, str]:
 
 def plot_gate_usage(usage: Dict[str, List[float]], path: Path, title: str) -> Optional[Path]:
     """One heat map per group (rows: tasks, columns: experts, colour: mean gate weight); atomic PNG write."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups: Dict[str, Dict[str, List[float]]] = defaultdict(dict)
     for key, weights in usage.items():
@@ -57,14 +55,7 @@ def plot_gate_usage(usage: Dict[str, List[float]], path: Path, title: str) -> Op
         ax.set_xlabel("expert")
         ax.set_title(group or "gates", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.05)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title, fontsize=9)
 
 
 class GateUsage(pl.Callback):
@@ -99,9 +90,7 @@ class GateUsage(pl.Callback):
         folder = self.output_dir / "plots"
         plot = plot_gate_usage(usage, folder / "gate_usage.png", f"mean validation gate weights, epoch {trainer.current_epoch}")
         table = folder / "gate_usage.json"
-        tmp = table.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.history, indent=1))
-        os.replace(tmp, table)
+        atomic_write_bytes(table, json.dumps(self.history, indent=1).encode())
         logger = _mlflow_logger(trainer)
         if logger is not None:
             if plot is not None:

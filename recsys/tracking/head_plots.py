@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from recsys.tracking.figures import pyplot, save_figure
 
 
 def plot_head_utilisation(history: List[Dict[str, List[float]]], path: Path, title: str) -> Optional[Path]:
@@ -15,10 +16,7 @@ def plot_head_utilisation(history: List[Dict[str, List[float]]], path: Path, tit
     layers = sorted({name for row in history for name in row})
     if not layers:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -32,11 +30,4 @@ def plot_head_utilisation(history: List[Dict[str, List[float]]], path: Path, tit
         ax.set_title(layer, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, title, fontsize=9)
