@@ -1,6 +1,7 @@
 """Census-Income (KDD) multi-task benchmark: our towers on ``recsys=fields``, side by side with torch-rechub.
 
     python -m benchmarks.mtl_census                                   # 5 towers x seeds 1..5
+    python -m benchmarks.mtl_census --set data.source.dense_pwl=16 --backbone-name fields-pwl16   # tuned inputs
     python -m benchmarks.mtl_census --models mmoe --seeds 1 --set mtl.num_experts=4   # one tuning run
     python -m benchmarks.mtl_census --import-rechub rechub_census.jsonl   # rows of ../shared/peers/rechub_census.py
     python -m benchmarks.mtl_census --table                            # rewrite benchmarks/results/mtl.md
@@ -51,6 +52,7 @@ def main(argv=None) -> None:
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (tuning)")
+    p.add_argument("--backbone-name", default="fields", help="the rows' backbone label (name a --set variant)")
     p.add_argument("--out", type=Path, default=RESULTS / "mtl.jsonl")
     p.add_argument("--import-rechub", type=Path, default=None)
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table from --out")
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
         import_rechub(args.import_rechub, args.out)
         return
     if not args.table:
-        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, "fields", "census",
+        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, args.backbone_name, "census",
                  args.out, args.threads, args.max_epochs, args.patience)
     table = markdown_table(read_rows(args.out), "census")
     print(table)

@@ -1,7 +1,8 @@
 """TorchRecStrategy on 2 CPU ranks (gloo, ``elastic_launch``) against a single-process reference.
 
-One launch per model case trains through Lightning + DMP with row-wise *and* table-wise tables and
-a fused row-wise Adagrad, then checks:
+Each model case trains through Lightning + DMP with row-wise or table-wise tables and a fused row-wise
+Adagrad; the cases of one group (``GROUPS``: DARE; SASRec and MQSA-TED with the item table table-wise
+and row-wise) share one launch. Each case checks:
 
 1. the plan shards each table as configured;
 2. dense weights are identical on both ranks after the run;
@@ -14,10 +15,13 @@ a fused row-wise Adagrad, then checks:
 4. a DCP checkpoint saved at the end of epoch 1 (step 3) and resumed reaches the same weights and
    losses at step 6 as the uninterrupted run (``RESUME_ATOL``), so model shards and the fused
    optimiser state (Adagrad momentum) round-trip;
-5. validation metrics are gathered across ranks: both ranks log the same ``val/auc``;
+5. validation metrics are gathered across ranks: both ranks log the same ``val/auc`` (``val/ndcg@10``);
 6. the fallback for devices without FBGEMM kernels (forced here) trains as plain DDP with whole tables.
 
-Adding a model is one entry in ``CASES`` (a :class:`Case` built by a function like :func:`dare_case`).
+Sequential models score against the whole item table (tied output layer); sharded, they obtain it through
+the collection's lookup of ids 0..I (``SASRec.lookup``), which a single-process test compares with the
+direct weight. Adding a model is one entry in ``CASES`` (a :class:`Case` built by a function like
+:func:`dare_case`) and in ``GROUPS``.
 """
 
 from __future__ import annotations
@@ -61,12 +65,21 @@ class Case:
             is rank r's batch at step s of every epoch.
         sharding: ``trainer.sharding`` for the strategy.
         expected: table name -> sharding type the plan must use.
+        val_metric: validation metric both ranks must log identically.
+        dense_key: a parameter-name fragment of dense weights that must change in the fallback run.
+        not_compared: parameter-name fragments left out of the final-weight comparison with the reference
+            because their exact gradient is zero: float noise, normalised by Adam into lr-sized steps, moves
+            them differently in every summation order (attention key biases: softmax ignores a constant
+            added to every key's score).
     """
 
     task: Callable[[Optional[torch.device]], torch.nn.Module]
     batches: Callable[[], Tuple[list, list]]
     sharding: Dict[str, str]
     expected: Dict[str, str]
+    val_metric: str = "val/auc"
+    dense_key: str = "tower"
+    not_compared: Tuple[str, ...] = ()
 
 
 # ---- DARE -----------------------------------------------------------------------------------------
@@ -104,12 +117,87 @@ def dare_case() -> Case:
                 {"att_item": rw, "repr_item": rw, "att_category": tw, "repr_category": tw})
 
 
-CASES: Dict[str, Callable[[], Case]] = {"dare": dare_case}
+# ---- SASRec / MQSA-TED: one item table, tied to the full-softmax output layer ---------------------------
+SEQ_VOCAB, SEQ_MAX_LEN = Vocab(100, 30, 0), 6
+SEQ_BATCH = 8  # users per batch
+
+
+def _seq_rows(users: range, seed: int) -> List[List[int]]:
+    """One learnable item sequence per user (a walk with stride 3 from a random start), 3..MAX_LEN+1 items."""
+    rng = np.random.default_rng(seed)
+    n_items = SEQ_VOCAB.num_items
+    return [[(int(rng.integers(n_items)) + 3 * k) % n_items + 1 for k in range(int(rng.integers(3, SEQ_MAX_LEN + 2)))]
+            for _ in users]
+
+
+def _seq_batch(seqs: List[List[int]], users: range, train: bool):
+    """Training rows: inputs ``s[:-1]``, targets ``s[1:]``; evaluation rows: target ``s[-1]``, history excluded."""
+    from recsys.data.seq_batch import SeqBatch, make_seq_kjt
+
+    def pack(rows):
+        return torch.tensor([i for r in rows for i in r], dtype=torch.long), torch.tensor([len(r) for r in rows])
+
+    inputs = [s[:-1] for s in seqs]
+    targets = [s[1:] for s in seqs] if train else [s[-1:] for s in seqs]
+    exclude = [[] for _ in seqs] if train else [sorted(set(s[:-1])) for s in seqs]
+    return SeqBatch(make_seq_kjt(pack(inputs), pack(targets), pack(exclude)), torch.tensor(list(users)))
+
+
+def _seq_batches() -> Tuple[list, list]:
+    n_train, n_val = STEPS_PER_EPOCH * WORLD, 3
+    out = []
+    for b in range(n_train + n_val):
+        users = range(1 + b * SEQ_BATCH, 1 + (b + 1) * SEQ_BATCH)
+        out.append(_seq_batch(_seq_rows(users, seed=b), users, train=b < n_train))
+    return out[:n_train], out[n_train:]
+
+
+def _seq_task(model_cls: type, table_device: Optional[torch.device]):
+    """A tiny SASRec or MQSA-TED (TED on, graph from the training batches) without dropout (deterministic)."""
+    from recsys.data.seq_batch import SEQ_ITEM
+    from recsys.data.batch import TARGET_ITEM
+    from recsys.data.transitions import build_transition_graph
+    from recsys.tasks.sequential import SequentialTask
+
+    model = model_cls(SEQ_VOCAB, SEQ_MAX_LEN, dim=8, dropout=0.0, init_std=0.1, device=table_device)
+    graph = None
+    if model.lambda_kd > 0:
+        train, _ = _seq_batches()
+        src = torch.cat([b.jagged(SEQ_ITEM)[0] for b in train])
+        dst = torch.cat([b.jagged(TARGET_ITEM)[0] for b in train])
+        graph = build_transition_graph(src, dst, SEQ_VOCAB.num_items)
+    return SequentialTask(model, graph, sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+                          dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR), ks=(5, 10))
+
+
+def seq_case(model: str, sharding: str) -> Case:
+    """``sasrec`` or ``mqsa_ted`` with its one table (``item``) sharded ``table_wise`` or ``row_wise``."""
+    from recsys.models.mqsa_ted import MQSATED
+    from recsys.models.sasrec import SASRec
+
+    model_cls = {"sasrec": SASRec, "mqsa_ted": MQSATED}[model]
+    return Case(functools.partial(_seq_task, model_cls), _seq_batches, {"item": sharding}, {"item": sharding},
+                val_metric="val/ndcg@10", dense_key="encoders", not_compared=(".k.bias",))
+
+
+CASES: Dict[str, Callable[[], Case]] = {
+    "dare": dare_case,
+    **{f"{m}_{short}": functools.partial(seq_case, m, kind) for m in ("sasrec", "mqsa_ted")
+       for short, kind in (("tw", "table_wise"), ("rw", "row_wise"))},
+}
+# cases trained in one launch (one pair of processes)
+GROUPS: Dict[str, Tuple[str, ...]] = {"dare": ("dare",), "seqrec": ("sasrec_tw", "sasrec_rw", "mqsa_ted_tw", "mqsa_ted_rw")}
 
 
 # ---- the distributed side (runs in each elastic_launch worker) --------------------------------------
-def _worker(case_name: str, workdir: str) -> dict:
-    """One rank: uninterrupted run (A), then a run resumed from A's epoch-1 checkpoint (B)."""
+def _worker(case_names: Tuple[str, ...], workdir: str) -> Dict[str, dict]:
+    """One rank: every case of a group, each in its own folder ``workdir/<case>``."""
+    return {name: _run_case(name, str(Path(workdir) / name)) for name in case_names}
+
+
+def _run_case(case_name: str, workdir: str) -> dict:
+    """One rank, one case: uninterrupted run (A), then a run resumed from A's epoch-1 checkpoint (B), then
+    the forced no-FBGEMM fallback (C)."""
     import pytorch_lightning as pl
     import torch.distributed as dist
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -169,34 +257,39 @@ def _worker(case_name: str, workdir: str) -> dict:
     trainer, strategy, losses_a, dense_a, full_a = fit("a")
     plan = {table: ps.sharding_type for module_plan in strategy.dmp.plan.plan.values()
             for table, ps in module_plan.items()}
-    val_auc = float(trainer.callback_metrics["val/auc"])
+    val_metric = float(trainer.callback_metrics[case.val_metric])
     _, _, losses_b, _, full_b = fit("b", resume=str(Path(workdir) / "a" / "epoch0.ckpt"))
 
     # C: the fallback when FBGEMM kernels do not run on the device (forced here): plain DDP, whole tables
     import recsys.distributed.strategy as strategy_module
     from recsys.distributed.env import FALLBACK
 
+    real_path = strategy_module.sharding_path
     strategy_module.sharding_path = lambda requested, device_type: FALLBACK
-    task = case.task(None)
-    strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
-    record = Record()
-    trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=1, logger=False,
-                         callbacks=[record], use_distributed_sampler=False, num_sanity_val_steps=0,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(task, datamodule=Data())
-    fallback = {"path": strategy.sharding_path, "wrapper": record.wrapper,
-                "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+    try:
+        task = case.task(None)
+        strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
+        record = Record()
+        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=1, logger=False,
+                             callbacks=[record], use_distributed_sampler=False, num_sanity_val_steps=0,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(task, datamodule=Data())
+        fallback = {"path": strategy.sharding_path, "wrapper": record.wrapper,
+                    "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+    finally:
+        strategy_module.sharding_path = real_path  # the group's next case shards again
     return {"losses_a": losses_a, "losses_b": losses_b, "dense": dense_a, "full_a": full_a, "full_b": full_b,
-            "plan": plan, "val_auc": val_auc, "fallback": fallback}
+            "plan": plan, "val_metric": val_metric, "fallback": fallback}
 
 
-def launch(case_name: str, workdir: Path) -> Dict[int, dict]:
+def launch(case_names: Tuple[str, ...], workdir: Path) -> Dict[int, Dict[str, dict]]:
+    """Rank -> case -> the worker's results (one pair of processes for all ``case_names``)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=WORLD, run_id=f"test-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn")
-    return elastic_launch(config, entrypoint=_worker)(case_name, str(workdir))
+    return elastic_launch(config, entrypoint=_worker)(tuple(case_names), str(workdir))
 
 
 # ---- the single-process reference ------------------------------------------------------------------
@@ -230,15 +323,30 @@ def reference(case: Case, init: Dict[str, torch.Tensor], train: list) -> Tuple[L
 
 
 # ---- tests -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=sorted(CASES))
-def two_rank_run(request, tmp_path_factory):
-    case = CASES[request.param]()
-    workdir = tmp_path_factory.mktemp(f"dist-{request.param}")
-    torch.manual_seed(0)
-    init = {k: v.detach().clone() for k, v in case.task(None).state_dict().items()}
-    torch.save(init, workdir / "init.pt")
-    results = launch(request.param, workdir)
-    return case, init, results, workdir
+@pytest.fixture(scope="module")
+def launched() -> Dict[str, tuple]:
+    """Group name -> (workdir, rank -> case -> results), filled on first use of each group."""
+    return {}
+
+
+def _launch_group(group: str, tmp_path_factory) -> tuple:
+    workdir = tmp_path_factory.mktemp(f"dist-{group}")
+    for name in GROUPS[group]:
+        torch.manual_seed(0)
+        (workdir / name).mkdir()
+        torch.save({k: v.detach().clone() for k, v in CASES[name]().task(None).state_dict().items()},
+                   workdir / name / "init.pt")
+    return workdir, launch(GROUPS[group], workdir)
+
+
+@pytest.fixture(scope="module", params=[name for names in GROUPS.values() for name in names])
+def two_rank_run(request, launched, tmp_path_factory):
+    group = next(g for g, names in GROUPS.items() if request.param in names)
+    if group not in launched:
+        launched[group] = _launch_group(group, tmp_path_factory)
+    workdir, results = launched[group]
+    init = torch.load(workdir / request.param / "init.pt", weights_only=True)
+    return CASES[request.param](), init, {r: results[r][request.param] for r in results}, workdir / request.param
 
 
 def test_plan_uses_the_configured_sharding_types(two_rank_run):
@@ -262,7 +370,8 @@ def test_loss_curve_and_weights_match_single_process(two_rank_run):
     assert ref_losses[-1] < ref_losses[0]  # it trains
     full = results[0]["full_a"]
     for name, value in ref_state.items():
-        if value.is_floating_point() and "running_" not in name:  # BN running stats are per rank
+        skip = any(part in name for part in case.not_compared) or "running_" in name  # BN stats: per rank
+        if value.is_floating_point() and not skip:
             torch.testing.assert_close(full[name], value, rtol=0, atol=WEIGHT_ATOL, msg=name)
 
 
@@ -281,17 +390,17 @@ def test_resume_from_sharded_checkpoint_matches_uninterrupted_run(two_rank_run):
 
 def test_validation_metrics_are_global(two_rank_run):
     _, _, results, _ = two_rank_run
-    assert results[0]["val_auc"] == results[1]["val_auc"] and 0.0 <= results[0]["val_auc"] <= 1.0
+    assert results[0]["val_metric"] == results[1]["val_metric"] and 0.0 <= results[0]["val_metric"] <= 1.0
 
 
 def test_fallback_without_fbgemm_is_plain_ddp(two_rank_run):
-    _, init, results, _ = two_rank_run
+    case, init, results, _ = two_rank_run
     a, b = results[0]["fallback"], results[1]["fallback"]
     assert a["path"] == "unsharded_fallback" and a["wrapper"] == "DistributedDataParallel"
     for name, value in a["state"].items():
         if "running_" not in name:
             assert torch.equal(value, b["state"][name]), name
-    assert any(not torch.equal(a["state"][k], init[k]) for k in init if "tower" in k)  # it trained
+    assert any(not torch.equal(a["state"][k], init[k]) for k in init if case.dense_key in k)  # it trained
 
 
 def test_merge_batches_drops_sampler_repeats():
@@ -303,6 +412,35 @@ def test_merge_batches_drops_sampler_repeats():
 
 
 # ---- single-process unit tests: config, validation, checkpoint folders -----------------------------
+@pytest.mark.parametrize("model", ["sasrec", "mqsa_ted"])
+def test_item_matrix_by_lookup_equals_the_weight(model):
+    """The sharded models' path to the tied output layer (the collection's lookup of ids 0..I) gives the
+    unsharded path's losses, gradients and rankings (single process, TED on for MQSA-TED)."""
+    from recsys.tasks.seq_losses import last_position_ranks
+
+    case = CASES[f"{model}_tw"]()
+    train, val = case.batches()
+    torch.manual_seed(0)
+    task = case.task(None)
+    results = []
+    for by_lookup in (False, True):
+        task.model.table_by_lookup = by_lookup
+        task.model.train().zero_grad(set_to_none=True)
+        out = task.model(train[0])
+        assert (out.table is task.model.item_table()) != by_lookup
+        losses = task.compute_losses(train[0], out)
+        losses["total"].backward()
+        grads = {n: p.grad.clone() for n, p in task.model.named_parameters()}
+        results.append((losses, grads, last_position_ranks(task.model.eval(), val[0])))
+    (losses_w, grads_w, ranks_w), (losses_l, grads_l, ranks_l) = results
+    assert set(losses_w) == set(losses_l) >= {"rec", "total"}
+    for name, value in losses_w.items():
+        assert torch.equal(losses_l[name], value), name
+    for name, value in grads_w.items():
+        torch.testing.assert_close(grads_l[name], value, rtol=0, atol=1e-7, msg=name)
+    assert torch.equal(ranks_l, ranks_w)
+
+
 def test_dmp_trainer_config_composes_and_builds():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate

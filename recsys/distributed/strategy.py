@@ -168,7 +168,7 @@ class TorchRecStrategy(DDPStrategy):
             if not any(opt is self._dmp.fused_optimizer for opt in self.optimizers):
                 raise ValueError(
                     f"{type(self.lightning_module).__name__} does not support trainer=dmp: its configure_optimizers "
-                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.tasks.ranking.RankingTask)")
+                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.tasks.base.SparseDenseTask)")
         self.setup_precision_plugin()
 
     def _wrap(self, module: pl.LightningModule) -> DistributedModelParallel:

@@ -5,6 +5,13 @@ The layout follows the official MQSA-TED code's SASRec setting (its α = 1, λ_k
 positions (the newest item always at position ``max_len - 1``), one query-pre-LN block per default,
 dropout 0.5, the item table (a TorchRec ``EmbeddingCollection``) shared by input and output.
 
+The output layer is tied to the item table: :meth:`SASRec.forward` returns the ``[I + 1, d]`` item matrix
+beside the hidden states (``SeqOutput.table``). Unsharded it is the table's weight itself; once
+DistributedModelParallel has sharded the table (row- or table-wise) no rank holds the whole weight, so
+the matrix comes from the same collection lookup as the inputs: ids ``0..I`` are appended to the batch's
+KeyedJaggedTensor as one extra jagged row. One lookup per step keeps TorchRec's fused backward exact (a
+row's gradients from input and output are summed before its one optimiser update).
+
 :class:`SASRec` also carries the TED settings (``lambda_kd``, ``tau``, ``kd_span``) so that SASRec + TED is
 a valid model; the task computes the losses (``recsys/tasks/seq_losses.py``).
 """
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING, Dict, Mapping, Optional
 import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.modules.seq_blocks import Layout, SequenceEncoder
@@ -40,12 +48,15 @@ class SeqOutput:
         lengths: ``[B]`` items per row.
         aux_losses: name -> weighted scalar regularisers (MoH load balance), to add to the loss.
         extras: diagnostics, e.g. ``moh_util/<branch>/block<i>`` -> ``[h]`` head utilisation.
+        table: ``[I + 1, d]`` item matrix the output layer scores against (row 0 = padding), or ``None``
+            when not asked for (``with_table=False``).
     """
 
     hidden: torch.Tensor
     lengths: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    table: Optional[torch.Tensor] = None
 
 
 class SASRec(nn.Module):
@@ -60,7 +71,12 @@ class SASRec(nn.Module):
             router, balance_weight and optionally num_heads, which replaces ``num_heads`` under MoH).
         lambda_kd / tau / kd_span: TED distillation weight, temperature and transition span (0 = no TED).
         init_std: N(0, init_std) for the item and position tables (dense layers use Glorot, as the code).
-        device: table device (``meta`` for DistributedModelParallel).
+        device: table device (``meta`` for DistributedModelParallel; the position table, a dense weight,
+            then stays on the default device, as DMP would re-create meta modules with their own init).
+
+    Attributes:
+        table_by_lookup: take the output matrix from the collection lookup even when the table is unsharded
+            (the path sharded tables always use; the results are the same, tests compare both).
     """
 
     def __init__(
@@ -98,7 +114,9 @@ class SASRec(nn.Module):
                                     feature_names=[SEQ_ITEM], init_fn=init)],
             device=device,
         )
-        self.positions = nn.Embedding(max_len, dim, device=device)
+        self.table_by_lookup = False
+        pos_device = None if device is not None and torch.device(device).type == "meta" else device
+        self.positions = nn.Embedding(max_len, dim, device=pos_device)
         if self.positions.weight.device.type != "meta":
             init(self.positions.weight)
         self.encoders = nn.ModuleDict({"short": self.make_encoder(window=1)})
@@ -110,24 +128,57 @@ class SASRec(nn.Module):
         """Mixing weight of each encoder's output (SASRec: the one short-query branch)."""
         return {"short": 1.0}
 
+    @property
+    def sharded(self) -> bool:
+        """True once DistributedModelParallel has replaced the item collection by its sharded version."""
+        return not isinstance(self.item_embeddings, EmbeddingCollection)
+
     def item_table(self) -> torch.Tensor:
-        """``[I + 1, d]`` item embedding matrix (row 0 = padding), shared by input and output."""
+        """``[I + 1, d]`` item embedding parameter (row 0 = padding), shared by input and output; unsharded
+        tables only (a sharded model's matrix is ``forward(...).table``)."""
+        if self.sharded:
+            raise RuntimeError("the item table is sharded: no rank holds its weight; use forward(batch).table")
         return self.item_embeddings.embeddings[ITEM_TABLE].weight
 
-    def embed(self, batch: SeqBatch) -> tuple[torch.Tensor, Layout]:
-        """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``."""
-        items = self.item_embeddings(batch.sparse)[SEQ_ITEM]
-        layout = Layout(items.lengths())
+    def lookup(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Input item embeddings ``[N, d]`` (``seq_item`` order) and the item matrix ``[I + 1, d]`` (``None``
+        without ``with_table``), from one collection call.
+
+        The matrix is the table's weight when unsharded (the batch's KJT goes in as it is), else (or with
+        :attr:`table_by_lookup`) the embeddings of ids ``0..I``, looked up as one extra jagged row after the
+        batch's ``B`` rows (a one-key KJT of stride ``B + 1``; a sharded collection always gets one-key KJTs,
+        as it fixes its input features at the first call), so its gradient reaches the table through the
+        same (fused) backward.
+        """
+        if not (self.sharded or self.table_by_lookup):
+            values = self.item_embeddings(batch.sparse)[SEQ_ITEM].values()
+            return values, self.item_table() if with_table else None
+        ids, lengths = batch.jagged(SEQ_ITEM)
+        if with_table:
+            ids = torch.cat([ids, torch.arange(self.num_items + 1, device=ids.device, dtype=ids.dtype)])
+            lengths = torch.cat([lengths, lengths.new_full((1,), self.num_items + 1)])
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=[SEQ_ITEM], values=ids, lengths=lengths)
+        values = self.item_embeddings(kjt)[SEQ_ITEM].values()
+        if with_table:
+            return values[: -(self.num_items + 1)], values[-(self.num_items + 1):]
+        return values, None
+
+    def embed(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Layout, Optional[torch.Tensor]]:
+        """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``;
+        their layout; the item matrix ``[I + 1, d]`` or ``None`` (see :meth:`lookup`)."""
+        items, table = self.lookup(batch, with_table)
+        layout = Layout(batch.jagged(SEQ_ITEM)[1])
         if layout.width > self.max_len:
             raise ValueError(f"a sequence has {layout.width} items, more than max_len={self.max_len}")
         rows = torch.repeat_interleave(torch.arange(layout.batch, device=layout.lengths.device), layout.lengths)
         pos = self.positions(layout.position + (self.max_len - layout.lengths)[rows])
-        x = nn.functional.dropout(items.values() * math.sqrt(self.dim) + pos, self.dropout, self.training)
-        return x, layout
+        x = nn.functional.dropout(items * math.sqrt(self.dim) + pos, self.dropout, self.training)
+        return x, layout, table
 
-    def forward(self, batch: SeqBatch, last_only: bool = False) -> SeqOutput:
-        """Mix the branches' hidden states; ``last_only`` returns ``[B, d]`` for the newest position only."""
-        x, layout = self.embed(batch)
+    def forward(self, batch: SeqBatch, last_only: bool = False, with_table: bool = True) -> SeqOutput:
+        """Mix the branches' hidden states; ``last_only`` returns ``[B, d]`` for the newest position only;
+        ``with_table`` also returns the item matrix of the tied output layer (``SeqOutput.table``)."""
+        x, layout, table = self.embed(batch, with_table)
         hidden: Optional[torch.Tensor] = None
         balance, extras = [], {}
         for name, weight in self.branch_weights().items():
@@ -141,4 +192,4 @@ class SASRec(nn.Module):
         aux = {}
         if balance and self.training and self.balance_weight > 0:
             aux["moh_balance"] = self.balance_weight * torch.stack(balance).mean()
-        return SeqOutput(hidden, layout.lengths, aux, extras)
+        return SeqOutput(hidden, layout.lengths, aux, extras, table)

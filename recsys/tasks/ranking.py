@@ -1,53 +1,29 @@
-"""LightningModule for CTR / multi-task ranking: losses, manual optimisation, evaluation metrics.
+"""LightningModule for CTR / multi-task ranking: losses, evaluation metrics.
 
 Manual optimisation with a *sparse* optimiser (embedding tables) and a *dense* one (everything else), so
-TorchRec's DistributedModelParallel can later replace the sparse one with its fused optimiser
-(../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
+TorchRec's DistributedModelParallel can replace the sparse one with its fused optimiser; both the
+optimisers and the training step live in :class:`~recsys.tasks.base.SparseDenseTask`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.types import ShardedModule
 
 from recsys.data.batch import CTRBatch
 from recsys.data.tasks import TaskSpec
 from recsys.distributed.collectives import gather_batches
 from recsys.metrics.ranking import auc, gauc, logloss, rmse
 from recsys.models.ranking import RankingModel, RankingOutput, build_ranking_model
+from recsys.tasks.base import OptimizerFactory, SparseDenseTask, split_sparse_dense  # noqa: F401 (re-exported)
 
 # how scoring jobs rebuild the trained nn.Module without Lightning (stored in the model bundle)
 MODEL_BUILDER = "recsys.models.ranking.build_ranking_model"
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-
-
-def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Parameters of TorchRec embedding collections, sharded or not (sparse), and all others (dense),
-    each in ``module.parameters()`` order."""
-    sparse: list[nn.Parameter] = []
-    dense: list[nn.Parameter] = []
-    seen: set[int] = set()
-
-    def visit(sub: nn.Module, in_table: bool) -> None:
-        in_table = in_table or isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection, ShardedModule))
-        for p in sub.parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                (sparse if in_table else dense).append(p)
-        for child in sub.children():
-            visit(child, in_table)
-
-    visit(module, False)
-    return sparse, dense
 
 
 def l2_penalty(module: nn.Module) -> torch.Tensor:
@@ -58,7 +34,7 @@ def l2_penalty(module: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-class RankingTask(pl.LightningModule):
+class RankingTask(SparseDenseTask):
     """Trains a :class:`RankingModel` on :class:`CTRBatch` es.
 
     Args:
@@ -82,12 +58,9 @@ class RankingTask(pl.LightningModule):
         aux_loss_weight: float = 1.0,
         l2_weight: float = 1e-6,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, sparse_optimizer, dense_optimizer)
         self.tasks = list(tasks)
-        self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
         self.aux_loss_weight, self.l2_weight = aux_loss_weight, l2_weight
-        self.automatic_optimization = False
         self.model_builder = MODEL_BUILDER
         binary = [t for t in self.tasks if t.loss == "binary"]
         self.primary = binary[0].name if binary else None
@@ -123,43 +96,6 @@ class RankingTask(pl.LightningModule):
             total = total + losses["l2"]
         losses["total"] = total
         return losses
-
-    # ---- training -----------------------------------------------------------------------------
-    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "shards_tables", False):
-            # TorchRecStrategy: [DMP's fused table optimiser (updates during backward; its step() only
-            # refreshes the lr), KeyedOptimizerWrapper(dense_optimizer) over the unsharded parameters]
-            return strategy.sharded_optimizers(self.dense_optimizer)
-        sparse, dense = split_sparse_dense(self.model)
-        optimizers = []
-        if sparse:
-            optimizers.append(self.sparse_optimizer(sparse))
-        if dense:
-            optimizers.append(self.dense_optimizer(dense))
-        return optimizers
-
-    def _optimizers(self) -> List[Any]:
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
-
-    def training_step(self, batch: CTRBatch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch)
-        losses = self.compute_losses(batch, out)
-        opts = self._optimizers()
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        self.manual_backward(losses["total"])
-        for opt in opts:
-            opt.step()
-        bs = batch.batch_size
-        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
-        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
-                 sync_dist=True)
-        for name, value in losses.items():
-            if name != "total":
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        return losses["total"]
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _collect(self, batch: CTRBatch) -> RankingOutput:

@@ -8,6 +8,9 @@ benchmark's plain loop both call these, so both train and score identically).
 - :func:`sequential_losses`: both plus the model's auxiliary losses, for one training batch.
 - :func:`last_position_scores`: ``[B, I]`` scores of the newest position with history items masked;
   :func:`last_position_ranks`: the target's rank among them (batched, one reused buffer).
+
+All of them score against the item matrix the model returns (``SeqOutput.table``): the table's weight
+when unsharded, the sharded collection's lookup of every item under DistributedModelParallel.
 """
 
 from __future__ import annotations
@@ -118,11 +121,17 @@ def ted_loss(heads: torch.Tensor, table: torch.Tensor, graph: TransitionGraph, t
     return (lse - expected / z).mean()
 
 
+def output_table(model: SASRec, out: SeqOutput) -> torch.Tensor:
+    """``[I + 1, d]`` item matrix of the tied output layer: ``out.table``, else the (unsharded) weight."""
+    table = getattr(out, "table", None)
+    return table if table is not None else model.item_table()
+
+
 def sequential_losses(model: SASRec, batch: SeqBatch, graph: Optional[TransitionGraph] = None,
                       pad_class: bool = True, out: Optional[SeqOutput] = None) -> Dict[str, torch.Tensor]:
     """``rec`` (+ ``kd``) (+ the model's aux losses) and their weighted ``total`` for one training batch."""
     out = model(batch) if out is None else out
-    table = model.item_table()
+    table = output_table(model, out)
     targets, _ = batch.jagged(TARGET_ITEM)
     losses = {"rec": next_item_loss(out.hidden, targets, table, pad_class)}
     total = losses["rec"]
@@ -139,12 +148,11 @@ def sequential_losses(model: SASRec, batch: SeqBatch, graph: Optional[Transition
     return losses
 
 
-@torch.no_grad()
-def last_position_scores(model: SASRec, batch: SeqBatch, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[B, I]`` scores of items 1..I (column ``j - 1`` = item ``j``) at each row's newest position;
-    the row's ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional buffer."""
-    hidden = model(batch, last_only=True).hidden
-    scores = torch.mm(hidden, model.item_table()[1:].T, out=out)
+def masked_scores(hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); the row's
+    ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional ``[B, I]`` buffer."""
+    scores = torch.mm(hidden, table[1:].T, out=out)
     excluded, lengths = batch.jagged(EXCLUDE_ITEM)
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     scores[rows, excluded - 1] = float("-inf")
@@ -152,11 +160,19 @@ def last_position_scores(model: SASRec, batch: SeqBatch, out: Optional[torch.Ten
 
 
 @torch.no_grad()
+def last_position_scores(model: SASRec, batch: SeqBatch) -> torch.Tensor:
+    """``[B, I]`` scores of items 1..I at each row's newest position, history removed (:func:`masked_scores`)."""
+    out = model(batch, last_only=True)
+    return masked_scores(out.hidden, output_table(model, out), batch)
+
+
+@torch.no_grad()
 def last_position_ranks(model: SASRec, batch: SeqBatch) -> torch.Tensor:
     """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed)."""
-    flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, model.item_table())
+    out = model(batch, last_only=True)
+    flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, out.hidden)
     try:
-        scores = last_position_scores(model, batch, out=buffer)
+        scores = masked_scores(out.hidden, output_table(model, out), batch, out=buffer)
         return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
     finally:
         WORKSPACE.give(flat)

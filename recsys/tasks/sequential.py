@@ -1,12 +1,13 @@
 """LightningModule for next-item prediction (SASRec, MQSA-TED): losses, manual optimisation, full ranking.
 
-Same pattern as :class:`~recsys.tasks.ranking.RankingTask`: manual optimisation with a sparse optimiser
-(the TorchRec item table) and a dense one (everything else), so DistributedModelParallel can later swap
-in its fused optimiser. Losses and scores come from ``recsys/tasks/seq_losses.py`` (shared with the
-GPU benchmark's plain loop).
+Same base as :class:`~recsys.tasks.ranking.RankingTask` (:class:`~recsys.tasks.base.SparseDenseTask`):
+manual optimisation with a sparse optimiser (the TorchRec item table) and a dense one (everything else);
+under ``trainer=dmp`` DistributedModelParallel shards the item table and swaps in its fused optimiser
+(the tied output layer then reads the table through the sharded lookup: ``SASRec.embed``). Losses and
+scores come from ``recsys/tasks/seq_losses.py`` (shared with the GPU benchmark's plain loop).
 
 Evaluation ranks every item at each user's newest position (history items removed), batched:
-``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``; these are the names Lightning sees
+``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names Lightning sees
 (``checkpoint.monitor``, early stopping, ``trainer.test`` results, e.g. ``val/ndcg@20``). MLflow forbids
 ``@`` in metric names; Lightning's MLflow logger drops it, so the run stores ``val/ndcg20``, ``test/hr10``, ...
 (its warning about the rewrite is silenced here). With MoH attention the mean share of
@@ -21,16 +22,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import pytorch_lightning as pl
+import numpy as np
 import torch
 from pytorch_lightning.loggers import MLFlowLogger
 
 from recsys.data.seq_batch import SeqBatch
 from recsys.data.transitions import TransitionGraph
+from recsys.distributed.collectives import gather_batches
 from recsys.metrics.topk import DEFAULT_KS, rank_metrics
-from recsys.models.sasrec import SASRec
+from recsys.models.sasrec import SASRec, SeqOutput
 from recsys.models.sequential import build_sequential_model
-from recsys.tasks.ranking import OptimizerFactory, split_sparse_dense
+from recsys.tasks.base import OptimizerFactory, SparseDenseTask
 from recsys.tasks.seq_losses import last_position_ranks, last_position_scores, sequential_losses
 from recsys.tracking.head_plots import plot_head_utilisation
 
@@ -39,7 +41,7 @@ MODEL_BUILDER = "recsys.models.sequential.build_sequential_model"
 warnings.filterwarnings("ignore", message="MLFlow only allows", category=RuntimeWarning)
 
 
-class SequentialTask(pl.LightningModule):
+class SequentialTask(SparseDenseTask):
     """Trains a sequential model (``SASRec`` or a subclass) on :class:`SeqBatch` es.
 
     Args:
@@ -53,17 +55,14 @@ class SequentialTask(pl.LightningModule):
 
     def __init__(self, model: SASRec, graph: Optional[TransitionGraph], sparse_optimizer: OptimizerFactory,
                  dense_optimizer: OptimizerFactory, ks: Sequence[int] = DEFAULT_KS, pad_class: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
+        super().__init__(model, sparse_optimizer, dense_optimizer)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
-        self.automatic_optimization = False
         self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
         self.num_items = model.num_items
         self.has_graph = graph is not None
         for part in _GRAPH_PARTS:
             self.register_buffer(f"graph_{part}", getattr(graph, part) if graph is not None else None, persistent=False)
-        self._ranks: List[torch.Tensor] = []
+        self._eval: Dict[str, List[np.ndarray]] = defaultdict(list)
         self._util: Dict[str, List[torch.Tensor]] = defaultdict(list)
         self.util_history: List[Dict[str, List[float]]] = []
 
@@ -77,34 +76,15 @@ class SequentialTask(pl.LightningModule):
         """``[B, I]`` scores at the newest position (history items at ``-inf``)."""
         return last_position_scores(self.model, batch)
 
-    # ---- training -----------------------------------------------------------------------------
-    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
-        sparse, dense = split_sparse_dense(self.model)
-        return [factory(params) for factory, params in ((self.sparse_optimizer, sparse), (self.dense_optimizer, dense))
-                if params]
+    # ---- training (the step itself: SparseDenseTask.training_step) --------------------------------
+    def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> Dict[str, torch.Tensor]:
+        """``rec`` (+ ``kd``) (+ MoH balance) and their ``total`` (:func:`sequential_losses`)."""
+        return sequential_losses(self.model, batch, self.graph, self.pad_class, out=out)
 
-    def _optimizers(self) -> List[Any]:
-        opts = self.optimizers()
-        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
-
-    def training_step(self, batch: SeqBatch, batch_idx: int) -> torch.Tensor:
-        out = self.model(batch)
-        losses = sequential_losses(self.model, batch, self.graph, self.pad_class, out=out)
-        opts = self._optimizers()
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        self.manual_backward(losses["total"])
-        for opt in opts:
-            opt.step()
-        bs = batch.batch_size
-        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        for name, value in losses.items():
-            if name != "total":
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs)
+    def on_train_output(self, out: SeqOutput) -> None:
         for key, value in out.extras.items():
             if key.startswith("moh_util/"):
                 self._util[key[len("moh_util/"):]].append(value)
-        return losses["total"]
 
     def on_train_epoch_end(self) -> None:
         if not self._util:
@@ -114,7 +94,7 @@ class SequentialTask(pl.LightningModule):
         self.util_history.append(usage)
         for layer, heads in usage.items():
             for j, value in enumerate(heads):
-                self.log(f"moh/{layer}/head{j}", value)
+                self.log(f"moh/{layer}/head{j}", value, sync_dist=True)
         if self.trainer.is_global_zero:
             path = Path(self.trainer.default_root_dir) / "plots" / "head_utilisation.png"
             plot = plot_head_utilisation(self.util_history, path, "MoH: mean head utilisation per layer (training)")
@@ -124,7 +104,9 @@ class SequentialTask(pl.LightningModule):
 
     # ---- evaluation ---------------------------------------------------------------------------
     def _rank(self, batch: SeqBatch) -> None:
-        self._ranks.append(last_position_ranks(self.model, batch))
+        self._eval["rank"].append(last_position_ranks(self.model, batch).cpu().numpy())
+        if batch.user is not None:  # identifies a batch the distributed sampler repeated
+            self._eval["user"].append(batch.user.cpu().numpy())
 
     def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._rank(batch)
@@ -133,12 +115,14 @@ class SequentialTask(pl.LightningModule):
         self._rank(batch)
 
     def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
-        """HR/NDCG over everything ranked since the last call (then cleared)."""
-        if not self._ranks:
+        """HR/NDCG over everything ranked since the last call (then cleared); with several ranks, over all
+        ranks' rows (batches the sampler repeated are dropped), so every rank computes the same values."""
+        identity = ["user"] if "user" in self._eval else ["rank"]
+        cols = gather_batches(dict(self._eval), identity)
+        self._eval.clear()
+        if not cols.get("rank"):
             return {}
-        ranks = torch.cat(self._ranks).cpu()
-        self._ranks.clear()
-        return rank_metrics(ranks, self.ks, prefix=f"{prefix}/")
+        return rank_metrics(torch.from_numpy(np.concatenate(cols["rank"])), self.ks, prefix=f"{prefix}/")
 
     def _publish(self, prefix: str) -> None:
         metrics = self.evaluation_metrics(prefix)
@@ -146,7 +130,7 @@ class SequentialTask(pl.LightningModule):
             return
         headline = f"{prefix}/ndcg@{max(self.ks)}"
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name == headline)
+            self.log(name, value, prog_bar=name == headline, sync_dist=True)  # equal on all ranks
 
     def on_validation_epoch_end(self) -> None:
         self._publish("val")

@@ -1,0 +1,104 @@
+"""What every training task shares: a *sparse* optimiser (TorchRec embedding tables) and a *dense* one
+(everything else) under manual optimisation, so TorchRec's DistributedModelParallel can replace the sparse
+one with its fused optimiser (../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
+
+:class:`SparseDenseTask` owns ``configure_optimizers`` (plain or through
+:meth:`~recsys.distributed.strategy.TorchRecStrategy.sharded_optimizers` under ``trainer=dmp``) and the
+training step; a task supplies :meth:`SparseDenseTask.compute_losses`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.types import ShardedModule
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Parameters of TorchRec embedding collections, sharded or not (sparse), and all others (dense),
+    each in ``module.parameters()`` order."""
+    sparse: list[nn.Parameter] = []
+    dense: list[nn.Parameter] = []
+    seen: set[int] = set()
+
+    def visit(sub: nn.Module, in_table: bool) -> None:
+        in_table = in_table or isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection, ShardedModule))
+        for p in sub.parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (sparse if in_table else dense).append(p)
+        for child in sub.children():
+            visit(child, in_table)
+
+    visit(module, False)
+    return sparse, dense
+
+
+class SparseDenseTask(pl.LightningModule):
+    """Base of the training tasks: ``self.model``, two optimisers, one manual training step.
+
+    Args:
+        model: the trained network; its TorchRec tables are the sparse parameters.
+        sparse_optimizer / dense_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``). Under
+            ``TorchRecStrategy`` (``trainer=dmp``) the sparse one is replaced by DMP's fused table optimiser.
+
+    Subclasses implement :meth:`compute_losses` and may override :meth:`on_train_output`.
+    """
+
+    def __init__(self, model: nn.Module, sparse_optimizer: OptimizerFactory, dense_optimizer: OptimizerFactory) -> None:
+        super().__init__()
+        self.model = model
+        self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
+        self.automatic_optimization = False
+
+    def compute_losses(self, batch: Any, out: Any) -> Dict[str, torch.Tensor]:
+        """Named scalar losses of ``out = self.model(batch)``; ``total`` is the one optimised."""
+        raise NotImplementedError
+
+    def on_train_output(self, out: Any) -> None:
+        """Hook: read diagnostics from the model output of a training step (default: nothing)."""
+
+    # ---- optimisers ---------------------------------------------------------------------------
+    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "shards_tables", False):
+            # TorchRecStrategy: [DMP's fused table optimiser (updates during backward; its step() only
+            # refreshes the lr), KeyedOptimizerWrapper(dense_optimizer) over the unsharded parameters]
+            return strategy.sharded_optimizers(self.dense_optimizer)
+        sparse, dense = split_sparse_dense(self.model)
+        return [factory(params) for factory, params in ((self.sparse_optimizer, sparse), (self.dense_optimizer, dense))
+                if params]
+
+    def _optimizers(self) -> List[Any]:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    def optimisation_step(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, backpropagate ``loss`` (fused table updates happen here), step all optimisers."""
+        opts = self._optimizers()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        for opt in opts:
+            opt.step()
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        losses = self.compute_losses(batch, out)
+        self.optimisation_step(losses["total"])
+        bs = batch.batch_size
+        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
+        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=True)
+        for name, value in losses.items():
+            if name != "total":
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.on_train_output(out)
+        return losses["total"]
