@@ -4,15 +4,21 @@
         --rows 1000000 10000000 --threads 2
 
 For each model bundle and size: generate Taobao-schema logs (history length 200, ids drawn from the
-bundle's id maps, 10 files, row groups of 50k) under logs/benchmarks/scoring/, then measure in one run
+bundle's id maps, 10 files, row groups of 50k, streamed one row group at a time) under
+logs/benchmarks/scoring/ (shared by bundles of the same dataset), then measure in one run
   * the scoring job end to end (`python -m pipelines.score`, a subprocess: rows/s and peak RSS),
   * read-only: the job's reader over the same files and columns (rows/s),
   * forward-only: the model's forward on in-memory tensors of the same batch size (rows/s).
 JSON lines go to benchmarks/results/scoring.jsonl (model, rows, rows_per_s, peak_rss_mb,
-read_only_rows_per_s, forward_only_rows_per_s, threads) and a table to benchmarks/results/scoring.md.
+read_only_rows_per_s, forward_only_rows_per_s, threads) and a table to benchmarks/results/scoring.md;
+the 1-minute load average around each run is printed (the table's notes are written by hand).
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipelines.score, before torch loads OpenMP
 
 import argparse
 import json
@@ -20,13 +26,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.bundle import load_bundle, resolve_bundle
+from recsys.bundle import IdMapper, load_bundle, resolve_bundle
 from recsys.data.batch import CTRBatch, make_ctr_kjt
 from recsys.scoring.reader import SCORING_COLUMNS, iter_batches
 
@@ -34,38 +41,53 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def generate_logs(bundle_dir: Path, folder: Path, rows: int, seq: int = 200, files: int = 10, seed: int = 0) -> None:
-    """Taobao-schema logs (raw ids of the bundle's vocabulary); skipped when already complete."""
+def raw_ids(mapper: IdMapper, limit: int) -> np.ndarray:
+    """``[limit + 1]``: table row -> the raw id the logs carry (identity without an id map)."""
+    if mapper.raw is None:
+        return np.arange(limit + 1, dtype=np.int64)
+    lookup = np.zeros(limit + 1, dtype=np.int64)
+    lookup[mapper.rows] = mapper.raw
+    return lookup
+
+
+def log_group(rng: np.random.Generator, raw: Dict[str, np.ndarray], rows: int, seq: int) -> pa.Table:
+    """One row group of ``rows`` logs with ``seq`` behaviours each (ids uniform over the table rows)."""
+    def ids(column: str, size: int) -> np.ndarray:
+        return raw[column][rng.integers(1, len(raw[column]), size)]
+
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int64) * seq)
+    return pa.table({
+        "user": rng.integers(1, 1_000_000, rows),
+        "item": ids("item", rows),
+        "category": ids("category", rows),
+        "timestamp": np.full(rows, 1_512_000_000, dtype=np.int64),
+        "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(ids("item", rows * seq))),
+        "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(ids("category", rows * seq))),
+    })
+
+
+def generate_logs(bundle_dir: Path, folder: Path, rows: int, seq: int = 200, files: int = 10,
+                  group: int = 50_000, seed: int = 0) -> None:
+    """Taobao-schema logs (raw ids of the bundle's vocabulary), written a row group at a time, so memory is
+    ``group x seq`` ids whatever ``rows``; skipped when already complete."""
     done = folder / "_COMPLETE"
     if done.exists():
         return
     bundle = load_bundle(bundle_dir)
     vocab = bundle.meta.vocab()
+    raw = {"item": raw_ids(bundle.mappers["item"], vocab.num_items),
+           "category": raw_ids(bundle.mappers["category"], vocab.num_categories)}
     rng = np.random.default_rng(seed)
-
-    def raw(column: str, size: int, limit: int) -> np.ndarray:
-        rows_ = rng.integers(1, limit + 1, size)
-        mapper = bundle.mappers[column]
-        if mapper.raw is None:
-            return rows_
-        lookup = np.empty(limit + 1, dtype=np.int64)
-        lookup[mapper.rows] = mapper.raw
-        return lookup[rows_]
-
     folder.mkdir(parents=True, exist_ok=True)
     per_file = rows // files
     for i in range(files):
         n = per_file if i < files - 1 else rows - per_file * (files - 1)
-        offsets = pa.array(np.arange(n + 1, dtype=np.int64) * seq)
-        table = pa.table({
-            "user": rng.integers(1, 1_000_000, n),
-            "item": raw("item", n, vocab.num_items),
-            "category": raw("category", n, vocab.num_categories),
-            "timestamp": np.full(n, 1_512_000_000, dtype=np.int64),
-            "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(raw("item", n * seq, vocab.num_items))),
-            "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(raw("category", n * seq, vocab.num_categories))),
-        })
-        pq.write_table(table, folder / f"part-{i:04d}.parquet", row_group_size=50_000)
+        writer = None
+        for start in range(0, n, group):
+            table = log_group(rng, raw, min(group, n - start), seq)
+            writer = writer or pq.ParquetWriter(folder / f"part-{i:04d}.parquet", table.schema)
+            writer.write_table(table, row_group_size=group)
+        writer.close()
     done.touch()
 
 
@@ -77,9 +99,9 @@ def read_only(folder: Path, batch_size: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
-@torch.inference_mode()
 def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20) -> float:
-    bundle = load_bundle(bundle_dir)
+    """The model's rows/s on one in-memory batch of full histories, under inference mode as the scorer."""
+    bundle = load_bundle(bundle_dir)  # outside inference mode, as the scorer (weights keep version counters)
     vocab = bundle.meta.vocab()
     g = torch.Generator().manual_seed(0)
     lengths = torch.full((batch_size,), seq, dtype=torch.int64)
@@ -91,10 +113,11 @@ def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int
         torch.randint(1, vocab.num_categories + 1, (batch_size,), generator=g),
     )
     batch = CTRBatch(sparse=sparse)
-    bundle.model(batch)  # warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        bundle.model(batch)
+    with torch.inference_mode():
+        bundle.model(batch)  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            bundle.model(batch)
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -105,42 +128,54 @@ def score(bundle_dir: Path, folder: Path, out: Path, batch_size: int, threads: i
     return json.loads((out / "_summary.json").read_text())
 
 
+def load() -> float:
+    """The 1-minute load average (another job may share the cores)."""
+    return round(os.getloadavg()[0], 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", required=True, help="training run folders or bundle folders")
+    parser.add_argument("--model", nargs="+", action="extend", required=True, help="training run folders or bundle folders")
     parser.add_argument("--rows", nargs="+", type=int, default=[1_000_000, 10_000_000])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=[2], help="torch threads; one run per value")
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = REPO / "logs" / "benchmarks" / "scoring"
-    rows_out = []
-    for model in args.model:
-        bundle_dir = resolve_bundle(model, work / "_download")
-        name = json.loads((bundle_dir / "bundle.json").read_text())["run_name"]
-        for rows in args.rows:
-            folder = work / f"{bundle_dir.parent.name}-{rows}"
+    for rows in args.rows:
+        for model in args.model:
+            bundle_dir = resolve_bundle(model, work / "_download")
+            identity = json.loads((bundle_dir / "bundle.json").read_text())
+            folder = work / f"logs-{identity['data_fingerprint']}-{rows}"
             generate_logs(bundle_dir, folder, rows)
-            out = work / f"scores-{bundle_dir.parent.name}-{rows}-{int(time.time())}"
-            summary = score(bundle_dir, folder, out, args.batch_size, args.threads)
-            row = {
-                "model": name, "rows": rows, "rows_per_s": summary["rows_per_s"],
-                "peak_rss_mb": summary["peak_rss_mb"],
-                "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
-                "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size), 1),
-                "threads": args.threads,
-            }
-            rows_out.append(row)
-            with (RESULTS / "scoring.jsonl").open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-    lines = ["| model | rows | rows/s | read-only rows/s | forward-only rows/s | bound ratio | peak RSS (MB) | threads |",
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                out = work / f"scores-{bundle_dir.parent.name}-{rows}-{threads}-{int(time.time())}"
+                load_before = load()
+                summary = score(bundle_dir, folder, out, args.batch_size, threads)
+                row = {
+                    "model": identity["run_name"], "rows": rows, "rows_per_s": summary["rows_per_s"],
+                    "peak_rss_mb": summary["peak_rss_mb"],
+                    "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
+                    "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size), 1),
+                    "threads": threads,
+                }
+                with (RESULTS / "scoring.jsonl").open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(json.dumps(row), f"load average {load_before} -> {load()}, scoring {summary['seconds']} s",
+                      flush=True)
+    write_table()
+
+
+def write_table() -> None:
+    """benchmarks/results/scoring.md from every line of scoring.jsonl."""
+    lines = ["| model | rows | threads | rows/s | read-only rows/s | forward-only rows/s | bound / rows/s | peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in [json.loads(l) for l in (RESULTS / "scoring.jsonl").read_text().splitlines()]:
+    for r in [json.loads(line) for line in (RESULTS / "scoring.jsonl").read_text().splitlines()]:
         bound = min(r["read_only_rows_per_s"], r["forward_only_rows_per_s"])
-        lines.append(f"| {r['model']} | {r['rows']:,} | {r['rows_per_s']:,.0f} | {r['read_only_rows_per_s']:,.0f} | "
-                     f"{r['forward_only_rows_per_s']:,.0f} | {bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} | {r['threads']} |")
+        lines.append(f"| {r['model']} | {r['rows']:,} | {r['threads']} | {r['rows_per_s']:,.0f} | "
+                     f"{r['read_only_rows_per_s']:,.0f} | {r['forward_only_rows_per_s']:,.0f} | "
+                     f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
     (RESULTS / "scoring.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -62,21 +62,42 @@ def export_bundle(target: Path, config: Mapping[str, Any], dataset_dir: Path, mo
 
 
 class IdMapper:
-    """Raw ids -> table rows with ``np.searchsorted`` over the stored map; unseen ids -> -1."""
+    """Raw ids -> table rows; unseen ids -> -1.
+
+    A direct-address table over the raw id range when that range is at most ``DENSE_SPAN`` ids (one gather
+    per id), else ``np.searchsorted`` over the sorted map.
+    """
+
+    DENSE_SPAN = 1 << 23  # 64 MiB of int64 rows at most
 
     def __init__(self, raw: Optional[np.ndarray], rows: Optional[np.ndarray], limit: int) -> None:
         self.limit = limit
+        self._dense: Optional[np.ndarray] = None
         if raw is None:
             self.raw = self.rows = None
-        else:
-            order = np.argsort(raw, kind="stable")
-            self.raw, self.rows = raw[order], rows[order]
+            return
+        order = np.argsort(raw, kind="stable")
+        self.raw, self.rows = raw[order], rows[order]
+        if len(raw) and int(self.raw[-1]) - int(self.raw[0]) < self.DENSE_SPAN:
+            # slots 0 and -1 catch ids below / above the range: raw id r sits at slot r - raw[0] + 1
+            self._dense = np.full(int(self.raw[-1]) - int(self.raw[0]) + 3, -1, dtype=np.int64)
+            self._dense[self.raw - self.raw[0] + 1] = self.rows
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows of ``ids`` (int64, same shape), written into ``out`` when given."""
+        if self._dense is not None:
+            slots = np.clip(ids, self.raw[0] - 1, self.raw[-1] + 1)
+            slots -= self.raw[0] - 1
+            return self._dense.take(slots, out=out, mode="clip")  # slots are in range: clip skips buffering
         if self.raw is None:  # identity map: ids are table rows already
-            return np.where((ids >= 1) & (ids <= self.limit), ids, -1)
-        pos = np.searchsorted(self.raw, ids).clip(0, len(self.raw) - 1)
-        return np.where(self.raw[pos] == ids, self.rows[pos], -1)
+            rows = np.where((ids >= 1) & (ids <= self.limit), ids, -1)
+        else:
+            pos = np.searchsorted(self.raw, ids).clip(0, len(self.raw) - 1)
+            rows = np.where(self.raw[pos] == ids, self.rows[pos], -1)
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
 
 
 @dataclass

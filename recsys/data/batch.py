@@ -66,9 +66,13 @@ def make_ctr_kjt(
     target_cat: torch.Tensor,
 ) -> KeyedJaggedTensor:
     """Pack flat history values (``[sum(L)]``) and ``[B]`` targets into the CTR KJT layout."""
-    ones = torch.ones_like(target_item, dtype=hist_lengths.dtype)
+    return ctr_kjt_from_values(torch.cat([hist_item, hist_cat, target_item, target_cat]), hist_lengths)
+
+
+def ctr_kjt_from_values(values: torch.Tensor, hist_lengths: torch.Tensor) -> KeyedJaggedTensor:
+    """The CTR KJT over ``values [2 sum(L) + 2B]`` already laid out as ``hist_item, hist_cat, target_item,
+    target_cat`` (no copy), with history ``hist_lengths [B]``."""
+    ones = torch.ones_like(hist_lengths)
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(CTR_KEYS),
-        values=torch.cat([hist_item, hist_cat, target_item, target_cat]),
-        lengths=torch.cat([hist_lengths, hist_lengths, ones, ones]),
+        keys=list(CTR_KEYS), values=values, lengths=torch.cat([hist_lengths, hist_lengths, ones, ones])
     )

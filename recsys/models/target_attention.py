@@ -26,7 +26,7 @@ from torch import nn
 from recsys.data.batch import CTRBatch
 from recsys.data.vocab import Vocab
 from recsys.modules.mlp import MLP
-from recsys.modules.tokens import PartProjection, TokenEmbedding, Tokens
+from recsys.modules.tokens import HistoryIds, PartProjection, TokenEmbedding, Tokens
 
 PAD_SCORE = -(2.0**32 - 1)
 
@@ -146,6 +146,7 @@ class TargetAttentionBackbone(nn.Module):
         self.aux_head = MLP(self.output_dim, aux_hidden, out_dim=1) if aux_head else None
         # analysis switch: cut the score path so gradients flow through the pooled path only
         self.detach_scores = False
+        self.eval_chunk = 512  # rows per slice of the eval path (keeps [rows, L, D] gathers in cache)
 
     def _roles(self, batch: CTRBatch) -> tuple[Tokens, Tokens, Tokens, Tokens]:
         """-> (query, keys, values, target) tokens; query/keys feed the scores, values/target the pooling."""
@@ -174,22 +175,54 @@ class TargetAttentionBackbone(nn.Module):
             return torch.cat([target, pooled, target * pooled], dim=-1)
         return torch.cat([target, pooled], dim=-1)
 
+    def _top_k(self, scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard, non-differentiable search -> (slots ``[B, K]``, re-softmaxed weights ``[B, K]``)."""
+        with torch.no_grad():
+            top_index = scores.masked_fill(~mask, PAD_SCORE).topk(min(self.top_k, scores.shape[1]), dim=1).indices
+        return top_index, masked_softmax(scores.gather(1, top_index), mask.gather(1, top_index))
+
+    def _output(self, target: torch.Tensor, top_values: torch.Tensor, top_index: torch.Tensor,
+                weights: torch.Tensor) -> BackboneOutput:
+        """Pool the top-K values ``[B, K, D]`` with ``weights [B, K]`` into features for target ``[B, D]``."""
+        pooled = torch.einsum("bk,bkd->bd", weights, top_values)
+        return BackboneOutput(features=self._features(target, pooled),
+                              extras={"attention": weights, "topk_index": top_index})
+
+    def _direct_eval(self) -> bool:
+        """Whether the eval path (:meth:`_search_then_lookup`) computes this configuration's forward."""
+        tokens = [t for t in (self.repr_tokens, self.att_tokens) if t is not None]
+        return (not self.training and isinstance(self.scorer, DotScorer) and not self.projections
+                and all(t.direct_lookup for t in tokens))
+
+    def _search_then_lookup(self, batch: CTRBatch) -> BackboneOutput:
+        """Eval forward (same function as the training forward up to float rounding), ``eval_chunk`` rows at a
+        time so every intermediate stays in cache: scores straight from the attention tables, then
+        representation lookups only for the ``[B, K]`` retrieved slots, never padding or concatenating
+        ``[B, L, D]`` token tensors."""
+        outs = [self._search_then_lookup_rows(ids) for ids in HistoryIds.from_kjt(batch.sparse).split(self.eval_chunk)]
+        cat = lambda get: torch.cat([get(o) for o in outs])  # noqa: E731
+        return BackboneOutput(features=cat(lambda o: o.features),
+                              extras={k: cat(lambda o: o.extras[k]) for k in outs[0].extras})
+
+    def _search_then_lookup_rows(self, ids: HistoryIds) -> BackboneOutput:
+        """:meth:`_search_then_lookup` on one slice of rows."""
+        att = self.att_tokens if self.att_tokens is not None else self.repr_tokens
+        scores = att.dot_scores(ids)  # [b, L]
+        top_index, weights = self._top_k(scores, ids.mask)
+        top_values = self.repr_tokens.history_tokens(ids.select(top_index))  # [b, K, D]
+        return self._output(self.repr_tokens.target_tokens(ids), top_values, top_index, weights)
+
     def forward(self, batch: CTRBatch) -> BackboneOutput:
+        if self._direct_eval():
+            return self._search_then_lookup(batch)
         query, keys, values, target = self._roles(batch)
         scores, mask = self.scorer(query, keys), keys.mask
         if self.detach_scores:
             scores = scores.detach()
         history = values.history  # [B, L, D]
-        k = min(self.top_k, scores.shape[1])
-        with torch.no_grad():  # hard, non-differentiable search
-            top_index = scores.masked_fill(~mask, PAD_SCORE).topk(k, dim=1).indices  # [B, K]
-        top_scores = scores.gather(1, top_index)
-        top_mask = mask.gather(1, top_index)
-        weights = masked_softmax(top_scores, top_mask)  # [B, K]
+        top_index, weights = self._top_k(scores, mask)
         top_values = history.gather(1, top_index.unsqueeze(-1).expand(-1, -1, history.shape[-1]))
-        pooled = torch.einsum("bk,bkd->bd", weights, top_values)
-        features = self._features(target.target, pooled)
-        out = BackboneOutput(features=features, extras={"attention": weights, "topk_index": top_index})
+        out = self._output(target.target, top_values, top_index, weights)
         if self.aux_head is not None and self.training:  # the aux head only shapes training
             full = torch.einsum("bl,bld->bd", masked_softmax(scores, mask), history)
             out.aux_logits["full_sequence"] = self.aux_head(self._features(target.target, full)).squeeze(-1)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -51,6 +53,66 @@ def history_positions(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return (lengths.unsqueeze(1) - slots).clamp(min=0)
 
 
+def pad_ids(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Jagged ids ``[sum(L)]`` with ``offsets [B + 1]`` -> ``[B, max_len]`` right-padded with 0 (a view when
+    every row is full)."""
+    batch = offsets.numel() - 1
+    if values.numel() == batch * max_len:  # every row has max_len ids
+        return values.view(batch, max_len)
+    if values.numel() == 0:
+        return values.new_zeros(batch, max_len)
+    lengths = offsets[1:] - offsets[:-1]
+    slots = offsets[:-1].unsqueeze(1) + torch.arange(max_len, device=values.device).unsqueeze(0)
+    return values[slots.clamp(max=values.numel() - 1)].masked_fill(~padding_mask(lengths, max_len), 0)
+
+
+@dataclass
+class HistoryIds:
+    """The CTR KJT's ids laid out for direct table lookups (the eval path's input).
+
+    Shapes: ``hist_item, hist_cat, positions, mask [B, L]`` (padding slots: id 0, position 0, mask False),
+    ``target_item, target_cat [B]``.
+    """
+
+    hist_item: torch.Tensor
+    hist_cat: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    target_item: torch.Tensor
+    target_cat: torch.Tensor
+
+    @classmethod
+    def from_kjt(cls, sparse: KeyedJaggedTensor) -> "HistoryIds":
+        hist = sparse[HIST_ITEM]
+        lengths = hist.lengths()
+        max_len = max(int(lengths.max()), 1) if lengths.numel() else 1
+        offsets = lengths_to_offsets(lengths)
+        return cls(pad_ids(hist.values(), offsets, max_len), pad_ids(sparse[HIST_CAT].values(), offsets, max_len),
+                   history_positions(lengths, max_len), padding_mask(lengths, max_len),
+                   sparse[TARGET_ITEM].values(), sparse[TARGET_CAT].values())
+
+    def split(self, rows: int) -> List["HistoryIds"]:
+        """Consecutive batch slices of at most ``rows`` rows (views)."""
+        return [HistoryIds(*parts) for parts in zip(*(t.split(rows) for t in vars(self).values()))]
+
+    def select(self, index: torch.Tensor) -> "HistoryIds":
+        """The history slots ``index [B, K]`` of each row (targets unchanged)."""
+        hist = [t.gather(1, index) for t in (self.hist_item, self.hist_cat, self.positions, self.mask)]
+        return HistoryIds(*hist, self.target_item, self.target_cat)
+
+
+def gathered_dot(weight: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` dot products ``<weight[ids[b, l]], query[b]>`` for ``weight [rows, D]``, ``ids [B, L]``,
+    ``query [B, D]``.
+
+    Small tables (``rows <= 8 L``): a ``[B, rows]`` matmul of all dots, then a gather; larger tables:
+    gathered rows ``[B, L, D]`` times the query, summed (measured faster than a batched matmul).
+    """
+    if weight.shape[0] <= 8 * ids.shape[1]:
+        return (query @ weight.T).gather(1, ids)
+    return (F.embedding(ids, weight) * query.unsqueeze(1)).sum(-1)
+
+
 class TokenEmbedding(nn.Module):
     """Embeds the CTR KJT into :class:`Tokens` for one role ("att" or "repr").
 
@@ -92,6 +154,9 @@ class TokenEmbedding(nn.Module):
                                     feature_names=features, init_fn=init)
                 )
         self.tables = EmbeddingCollection(tables=configs, device=device)
+        self._table_of = {feature: c.name for c in configs for feature in c.feature_names}
+        self._item_gram: Optional[torch.Tensor] = None  # eval cache, see _item_dots
+        self._item_gram_key: tuple = ()
         self.sem_dim, self.pos_dim = 2 * dim, pos_dim
         self.positions = nn.ModuleList()
         # Position tables are tiny dense weights (trained data-parallel, never sharded): under a sharded
@@ -107,6 +172,64 @@ class TokenEmbedding(nn.Module):
     @property
     def token_dim(self) -> int:
         return self.sem_dim + self.pos_dim
+
+    @property
+    def direct_lookup(self) -> bool:
+        """True when the tables are plain local weights (not sharded), so the eval path can index them."""
+        return type(self.tables) is EmbeddingCollection
+
+    def _weight(self, feature: str) -> torch.Tensor:
+        """``[rows, dim]``: the weight of the table that embeds ``feature``."""
+        return self.tables.embeddings[self._table_of[feature]].weight
+
+    def target_tokens(self, ids: HistoryIds) -> torch.Tensor:
+        """``[B, token_dim]``: the same target tokens as :meth:`forward`'s ``Tokens.target``."""
+        parts = [F.embedding(ids.target_item, self._weight(TARGET_ITEM)),
+                 F.embedding(ids.target_cat, self._weight(TARGET_CAT))]
+        if self.pos_dim > 0:
+            parts.append(self.positions[-1].weight[0].expand(ids.target_item.shape[0], -1))
+        return torch.cat(parts, dim=-1)
+
+    def history_tokens(self, ids: HistoryIds) -> torch.Tensor:
+        """``[B, K, token_dim]``: the history tokens of the slots in ``ids`` (padding: zero semantic part and
+        position 0, as :meth:`forward`'s ``Tokens.history``)."""
+        sem = torch.cat([F.embedding(ids.hist_item, self._weight(HIST_ITEM)),
+                         F.embedding(ids.hist_cat, self._weight(HIST_CAT))], dim=-1) * ids.mask.unsqueeze(-1)
+        if self.pos_dim == 0:
+            return sem
+        return torch.cat([sem, F.embedding(ids.positions, self.positions[0].weight)], dim=-1)
+
+    GRAM_LIMIT = 1 << 25  # entries of the cached target x history item dot table (128 MiB of float32)
+
+    def _item_dots(self, ids: HistoryIds, query: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` item parts ``<q_item, k_item>`` of the scores (``query [B, dim]`` = the target items' rows).
+
+        Without autograd and for item tables of at most ``GRAM_LIMIT`` target x history rows, they are read
+        from the table of all target-history dots ``G = W_target W_hist^T``, computed once per weight version
+        (a gather per slot instead of a ``dim``-wide row gather and product). Weights created under
+        ``torch.inference_mode`` have no version counter, so they take the gathered-rows path.
+        """
+        hist_w, target_w = self._weight(HIST_ITEM), self._weight(TARGET_ITEM)
+        if (torch.is_grad_enabled() or hist_w.is_inference() or target_w.is_inference()
+                or hist_w.shape[0] * target_w.shape[0] > self.GRAM_LIMIT):
+            return gathered_dot(hist_w, ids.hist_item, query)
+        key = tuple((w.data_ptr(), w._version) for w in (target_w, hist_w))
+        if key != self._item_gram_key:
+            self._item_gram, self._item_gram_key = target_w @ hist_w.T, key
+        return self._item_gram.index_select(0, ids.target_item).gather(1, ids.hist_item)
+
+    def dot_scores(self, ids: HistoryIds) -> torch.Tensor:
+        """``[B, L]`` target-to-history scores ``<q_sem, k_sem>/sqrt(D_sem) + <q_pos, k_pos>/sqrt(D_pos)``
+        (:class:`DotScorer` on this role's tokens) without building the ``[B, L, token_dim]`` history."""
+        query = self.target_tokens(ids)
+        dim = self.sem_dim // 2
+        sem = (self._item_dots(ids, query[:, :dim])
+               + gathered_dot(self._weight(HIST_CAT), ids.hist_cat, query[:, dim:self.sem_dim]))
+        scores = sem / math.sqrt(self.sem_dim)
+        if self.pos_dim > 0:
+            pos = gathered_dot(self.positions[0].weight, ids.positions, query[:, self.sem_dim:])
+            scores = scores + pos / math.sqrt(self.pos_dim)
+        return scores
 
     def forward(self, sparse: KeyedJaggedTensor) -> Tokens:
         out = self.tables(sparse)

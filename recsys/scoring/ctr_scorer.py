@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import polars as pl
 import torch
 
 from recsys.bundle import LoadedBundle
-from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.batch import CTRBatch, ctr_kjt_from_values
 from recsys.data.ctr_table import list_column_arrays
 
 POLICIES = ("map", "reject")
@@ -31,6 +31,28 @@ class ScoreStats:
         self.rows_scored += other.rows_scored
         self.rows_rejected.update(other.rows_rejected)
         self.unseen_ids_mapped += other.unseen_ids_mapped
+
+
+@dataclass
+class PreparedBatch:
+    """One input batch validated and mapped, ready for the model (the CPU work before the forward).
+
+    Attributes:
+        kept: the scored rows' pass-through columns (``n`` rows).
+        batch: the model input for those rows (``None`` when ``n == 0``).
+        rejected: rejected rows with a ``reason`` column.
+        stats: the batch's counts (``rows_scored`` is set by :meth:`CTRScorer.finish`).
+    """
+
+    kept: pl.DataFrame
+    batch: Optional[CTRBatch]
+    rejected: pl.DataFrame
+    stats: ScoreStats
+
+
+def ctr_batch(values: np.ndarray, lengths: np.ndarray) -> CTRBatch:
+    """Model input over ``values`` in the CTR KJT's value order (no copy) with history ``lengths [n]``."""
+    return CTRBatch(sparse=ctr_kjt_from_values(torch.from_numpy(values), torch.from_numpy(lengths.astype(np.int64))))
 
 
 class CTRScorer:
@@ -68,61 +90,97 @@ class CTRScorer:
         reasons[null.to_series().to_numpy()] = "null"
         return reasons
 
+    def _recent(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """The most recent ``max_len`` behaviours of each history, as in training (no copy when none is longer)."""
+        if frame.height == 0 or frame["hist_item"].list.len().max() <= self.max_len:
+            return frame
+        return frame.with_columns(pl.col("hist_item").list.tail(self.max_len), pl.col("hist_cat").list.tail(self.max_len))
+
     def score(self, frame: pl.DataFrame) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
         """-> (scores for kept rows, rejected rows with a ``reason`` column, counts)."""
+        return self.finish(self.prepare(frame))
+
+    def prepare(self, frame: pl.DataFrame) -> PreparedBatch:
+        """Reject bad rows, map ids, build the model input (no model call: safe to run ahead in a thread)."""
         stats = ScoreStats(rows_in=frame.height)
         reasons = self._reasons(frame)
-        valid = frame.filter(pl.Series(reasons == ""))
-        # the model sees the most recent max_len behaviours, as in training
-        kept = valid.with_columns(pl.col("hist_item").list.tail(self.max_len), pl.col("hist_cat").list.tail(self.max_len))
-        m = self.bundle.mappers
-        hist_item, offsets = list_column_arrays(kept, "hist_item")
-        hist_cat, _ = list_column_arrays(kept, "hist_cat")
-        ids = {
-            "item": m["item"](kept["item"].cast(pl.Int64).to_numpy()),
-            "category": m["category"](kept["category"].cast(pl.Int64).to_numpy()),
-            "hist_item": m["item"](hist_item),
-            "hist_cat": m["category"](hist_cat),
-        }
-        row_of_value = np.repeat(np.arange(kept.height), np.diff(offsets))
-        unseen_rows = (ids["item"] < 0) | (ids["category"] < 0)
-        for col in ("hist_item", "hist_cat"):
-            unseen_rows |= np.bincount(row_of_value[ids[col] < 0], minlength=kept.height) > 0
+        valid = frame.filter(pl.Series(reasons == "")) if (reasons != "").any() else frame
+        kept = self._recent(valid)
+        values, ids, lengths = self._mapped_ids(kept)
+        unseen = {k: v < 0 for k, v in ids.items()}
+        unseen_rows = self._unseen_rows(unseen, lengths)
         if self.unseen == "reject" and unseen_rows.any():
-            keep_idx = np.flatnonzero(~unseen_rows)
+            keep, value_keep = ~unseen_rows, np.repeat(~unseen_rows, lengths)
             rejected_unseen = valid.filter(pl.Series(unseen_rows))
-            kept = kept.filter(pl.Series(~unseen_rows))
-            value_keep = ~unseen_rows[row_of_value]
-            ids = {"item": ids["item"][keep_idx], "category": ids["category"][keep_idx],
-                   "hist_item": ids["hist_item"][value_keep], "hist_cat": ids["hist_cat"][value_keep]}
-            lengths = np.diff(offsets)[keep_idx]
+            kept = kept.filter(pl.Series(keep))
+            ids = {k: v[value_keep if k.startswith("hist_") else keep] for k, v in ids.items()}
+            batch = self._model_input(ids, lengths[keep]) if kept.height else None
         else:
             rejected_unseen = valid.clear()
-            stats.unseen_ids_mapped = int(sum((v < 0).sum() for v in ids.values()))
-            ids = {k: np.where(v < 0, 0, v) for k, v in ids.items()}
-            lengths = np.diff(offsets)
+            stats.unseen_ids_mapped = int(sum(u.sum() for u in unseen.values()))
+            for column, mask in unseen.items():  # ids are views of ``values``: fixed in place
+                if mask.any():
+                    ids[column][mask] = 0
+            batch = ctr_batch(values, lengths) if kept.height else None
         bad = reasons != ""
         pieces = [frame.filter(pl.Series(bad)).with_columns(pl.Series("reason", reasons[bad], dtype=pl.String)),
                   rejected_unseen.with_columns(pl.lit("unseen_id", dtype=pl.String).alias("reason"))]
         rejected = pl.concat(pieces, how="vertical_relaxed")
         for reason, n in Counter(rejected["reason"].to_list()).items():
             stats.rows_rejected[reason] += n
-        scores = self._forward(ids, lengths) if kept.height else {t.name: np.zeros(0, np.float32) for t in self.tasks}
-        out = kept.select([c for c in self.keep_columns if c in kept.columns]).with_columns(
+        return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
+
+    def _mapped_ids(self, kept: pl.DataFrame) -> Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray]:
+        """Map raw ids to table rows (-1 = unseen) straight into one buffer in the CTR KJT's value order.
+
+        Returns ``values [2 N + 2 n]`` (``N`` history ids, ``n`` rows), its views by column (``hist_item,
+        hist_cat [N]``, ``item, category [n]``) and the history ``lengths [n]``.
+        """
+        m = self.bundle.mappers
+        hist_item, offsets = list_column_arrays(kept, "hist_item")
+        hist_cat, _ = list_column_arrays(kept, "hist_cat")
+        total, n = len(hist_item), kept.height
+        values = np.empty(2 * total + 2 * n, dtype=np.int64)
+        ids = dict(zip(("hist_item", "hist_cat", "item", "category"),
+                       np.split(values, [total, 2 * total, 2 * total + n])))
+        m["item"](hist_item, out=ids["hist_item"])
+        m["category"](hist_cat, out=ids["hist_cat"])
+        m["item"](kept["item"].cast(pl.Int64).to_numpy(), out=ids["item"])
+        m["category"](kept["category"].cast(pl.Int64).to_numpy(), out=ids["category"])
+        return values, ids, np.diff(offsets)
+
+    @staticmethod
+    def _unseen_rows(unseen: Dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        """``[n]`` rows with any unseen id, from per-column unseen masks (histories flat, ``lengths [n]``)."""
+        rows = unseen["item"] | unseen["category"]
+        if unseen["hist_item"].any() or unseen["hist_cat"].any():
+            row_of_value = np.repeat(np.arange(len(lengths)), lengths)
+            for column in ("hist_item", "hist_cat"):
+                rows |= np.bincount(row_of_value[unseen[column]], minlength=len(lengths)) > 0
+        return rows
+
+    def finish(self, prepared: PreparedBatch) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
+        """Run the model on a prepared batch -> (scores for kept rows, rejected rows, counts)."""
+        if prepared.batch is None:
+            scores = {t.name: np.zeros(0, np.float32) for t in self.tasks}
+        else:
+            scores = self._forward(prepared.batch)
+        out = prepared.kept.with_columns(
             [pl.Series(f"score_{name}", values, dtype=pl.Float32) for name, values in scores.items()]
         )
-        stats.rows_scored = out.height
-        return out, rejected, stats
+        prepared.stats.rows_scored = out.height
+        return out, prepared.rejected, prepared.stats
+
+    @staticmethod
+    def _model_input(ids: Dict[str, np.ndarray], lengths: np.ndarray) -> CTRBatch:
+        """Mapped ids (flat histories ``[sum(L)]``, targets ``[n]``) and ``lengths [n]`` -> the CTR batch."""
+        values = np.concatenate([ids["hist_item"], ids["hist_cat"], ids["item"], ids["category"]])
+        return ctr_batch(values, lengths)
 
     @torch.inference_mode()
-    def _forward(self, ids: Dict[str, np.ndarray], lengths: np.ndarray) -> Dict[str, np.ndarray]:
-        """Model forward on mapped ids -> probability (binary) or value (regression) per task."""
-        sparse = make_ctr_kjt(
-            torch.from_numpy(ids["hist_item"]), torch.from_numpy(ids["hist_cat"]),
-            torch.from_numpy(lengths.astype(np.int64)),
-            torch.from_numpy(ids["item"]), torch.from_numpy(ids["category"]),
-        )
-        out = self.bundle.model(CTRBatch(sparse=sparse))
+    def _forward(self, batch: CTRBatch) -> Dict[str, np.ndarray]:
+        """Model forward -> probability (binary) or value (regression) per task, ``[n]`` each."""
+        out = self.bundle.model(batch)
         result = {}
         for task in self.tasks:
             logit = out.logits[task.name].float()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -12,6 +14,9 @@ import pyarrow.parquet as pq
 from recsys.data.schema import DataValidationError, check_columns
 
 SCORING_COLUMNS = ("user", "item", "category", "hist_item", "hist_cat")
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 def log_schema(path: Path, required: Sequence[str] = SCORING_COLUMNS) -> pl.Schema:
@@ -52,3 +57,47 @@ def count_rows(path: Path) -> int:
         return int(pl.scan_parquet(path).select(pl.len()).collect().item())
     except pl.exceptions.PolarsError as err:
         raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
+
+
+def run_ahead(items: Iterable[T], fn: Callable[[T], U], depth: int = 1) -> Iterator[U]:
+    """``fn(item)`` for each item, in order, computed by a background thread up to ``depth`` results ahead.
+
+    Lets the reading and id mapping of the next batch (pyarrow, polars and numpy release the GIL) overlap the
+    model forward of the current one. Exceptions are re-raised in the consumer; a consumer that stops early
+    stops the thread.
+    """
+    results: "queue.Queue" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((fn(item), None)):
+                    return
+            put((done, None))
+        except BaseException as err:  # handed to the consumer
+            put((None, err))
+
+    thread = threading.Thread(target=work, name="run_ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value, err = results.get()
+            if err is not None:
+                raise err
+            if value is done:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
