@@ -48,3 +48,16 @@ def test_dense_to_jagged_round_trip():
     assert torch.equal(jagged.dense_to_jagged(dense, offsets), values)
     assert torch.equal(jagged.dense_to_jagged_torch(dense, offsets), values)
     assert dense[1].abs().sum() == 0
+
+
+def test_workspace_pool_keeps_at_most_its_limit_and_drops_the_smallest():
+    from recsys.ops.workspace import _MAX_FREE, Workspace
+
+    pool, like = Workspace(), torch.zeros(1)
+    taken = [pool.take(rows, 10, like)[0] for rows in range(1, _MAX_FREE + 3)]  # buffers of different sizes
+    for flat in taken:
+        pool.give(flat)  # used to raise: list.remove compared tensors of different sizes element-wise
+    assert len(pool.free) == _MAX_FREE
+    assert min(f.numel() for f in pool.free) > min(f.numel() for f in taken)
+    flat, view = pool.take(3, 10, like)
+    assert view.shape == (3, 10) and flat.numel() >= 30

@@ -36,8 +36,8 @@ class Workspace:
     def give(self, flat: torch.Tensor) -> None:
         if flat.device.type == "cpu":
             self.free.append(flat)
-            if len(self.free) > _MAX_FREE:
-                self.free.remove(min(self.free, key=torch.Tensor.numel))
+            if len(self.free) > _MAX_FREE:  # drop the smallest (by index: list.remove would compare tensors)
+                del self.free[min(range(len(self.free)), key=lambda i: self.free[i].numel())]
 
 
 WORKSPACE = Workspace()
