@@ -33,7 +33,8 @@ from recsys.data.schema import DataValidationError
 from recsys.io import write_json_atomic
 from recsys.system import peak_rss_mb
 from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
-from recsys.scoring.reader import SCORING_COLUMNS, count_rows, iter_batches, log_schema, run_ahead
+from recsys.scoring.reader import count_rows, iter_batches, log_schema, run_ahead
+from recsys.scoring.seq_scorer import SeqScorer
 from recsys.scoring.writer import AtomicParquetWriter
 
 log = logging.getLogger("pipelines.score")
@@ -68,8 +69,8 @@ def score_file(scorer: CTRScorer, file: Path, target: Path, rejects: Path, batch
                identity: dict, bar: tqdm, read_ahead: bool = True) -> ScoreStats:
     """Score one file into ``target`` (and its rejects) atomically; with ``read_ahead`` the next batch is read
     and mapped in a background thread while the model scores the current one."""
-    schema = log_schema(file)
-    columns = list(dict.fromkeys([*SCORING_COLUMNS, *[c for c in scorer.keep_columns if c in schema]]))
+    schema = log_schema(file, scorer.required_columns)
+    columns = list(dict.fromkeys([*scorer.required_columns, *[c for c in scorer.keep_columns if c in schema]]))
     stats = ScoreStats()
     meta = {"recsys.model": identity.get("run_name", ""), "recsys.run_id": str(identity.get("run_id", "")),
             "recsys.weights_sha256": identity.get("weights_sha256", ""), "recsys.input": file.name}
@@ -89,13 +90,20 @@ def score_file(scorer: CTRScorer, file: Path, target: Path, rejects: Path, batch
     return stats
 
 
+def make_scorer(bundle, cfg: DictConfig):
+    """:class:`CTRScorer` for CTR / multi-task bundles, :class:`SeqScorer` (top-N items) for sequential ones."""
+    if bundle.tasks:
+        return CTRScorer(bundle, unseen=cfg.unseen, keep_columns=list(cfg.keep_columns))
+    return SeqScorer(bundle, top_n=int(cfg.top_n), unseen=cfg.unseen, keep_columns=list(cfg.keep_columns))
+
+
 def run(cfg: DictConfig) -> ScoreStats:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     output = Path(cfg.output)
     files = input_files(str(cfg.input))
     bundle = load_bundle(resolve_bundle(str(cfg.model), output / "_model"))
-    scorer = CTRScorer(bundle, unseen=cfg.unseen, keep_columns=list(cfg.keep_columns))
+    scorer = make_scorer(bundle, cfg)
     root = input_root(str(cfg.input)).resolve()
     targets = [output / f.resolve().relative_to(root) for f in files]
     for stale in output.rglob(".*.tmp") if output.exists() else []:  # left by a killed run
@@ -104,7 +112,7 @@ def run(cfg: DictConfig) -> ScoreStats:
     log.info("%d input files, %d already scored, model %s", len(files), len(files) - len(todo),
              bundle.identity.get("run_name"))
     for file, _ in todo:  # fail fast, before any output, on unreadable files or missing columns
-        log_schema(file)
+        log_schema(file, scorer.required_columns)
     total = sum(count_rows(f) for f, _ in todo)
     stats, start = ScoreStats(), time.perf_counter()
     with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:

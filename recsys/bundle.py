@@ -140,7 +140,7 @@ def load_bundle(path: Path) -> LoadedBundle:
     path = Path(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     meta = load_meta(path / "dataset")
-    tasks = parse_tasks(config["data"]["tasks"])
+    tasks = parse_tasks(config["data"]["tasks"]) if config["data"].get("tasks") else []  # [] = sequential
     cfg = OmegaConf.create(config)
 
     class _Inputs:  # what the task builder asks of a datamodule

@@ -53,6 +53,38 @@ def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     assert metrics["test/hr20"] > 0.3, metrics  # a stride pattern is learnable even in 2 tiny epochs
     assert "'test/ndcg@10'" in proc.stdout + proc.stderr  # Lightning-side names keep the '@'
     assert "checkpoints/best.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    check_top_n_scoring(tmp_path, next(tmp_path.rglob("bundle.json")).parent)
+
+
+def check_top_n_scoring(tmp_path, bundle_dir):
+    """The run's bundle through pipelines.score: top-N items per user = the model's own ranking, history
+    excluded; empty or all-unseen histories rejected, unseen ids counted."""
+    import polars as pl
+    from omegaconf import OmegaConf
+
+    from pipelines.score import run as score
+    from recsys.bundle import load_bundle
+    from recsys.scoring.seq_scorer import SeqScorer
+    from recsys.tasks.seq_losses import last_position_scores
+
+    logs = tmp_path / "seq_logs"
+    logs.mkdir()
+    histories = [[1, 4, 7], [10, 99999, 13], [], [99999]]
+    pl.DataFrame({"user": [1, 2, 3, 4], "history": histories},
+                 schema={"user": pl.Int64, "history": pl.List(pl.Int64)}).write_parquet(logs / "part-0.parquet")
+    cfg = OmegaConf.create({"input": str(logs), "model": str(bundle_dir), "output": str(tmp_path / "seq_scores"),
+                            "batch_size": 3, "unseen": "map", "keep_columns": ["user"], "top_n": 5, "threads": 1,
+                            "read_ahead": True, "progress": False})
+    stats = score(cfg)
+    out = pl.read_parquet(tmp_path / "seq_scores" / "part-0.parquet")
+    assert out["user"].to_list() == [1, 2]
+    assert dict(stats.rows_rejected) == {"empty_history": 2} and stats.unseen_ids_mapped == 2
+    model = load_bundle(bundle_dir).model
+    for hist, items, scores in zip(([1, 4, 7], [10, 13]), out["top_items"].to_list(), out["top_scores"].to_list()):
+        assert len(items) == 5 and not set(items) & set(hist)
+        assert scores == sorted(scores, reverse=True)
+        batch = SeqScorer._batch(np.array(hist), np.array([len(hist)]))
+        assert items == (last_position_scores(model, batch).topk(5).indices[0] + 1).tolist()
 
 
 def test_builder_rejects_task_towers():

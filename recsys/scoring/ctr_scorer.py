@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import polars as pl
@@ -13,6 +13,7 @@ import torch
 from recsys.bundle import LoadedBundle
 from recsys.data.batch import CTRBatch, ctr_kjt_from_values
 from recsys.data.ctr_table import list_column_arrays
+from recsys.scoring.reader import SCORING_COLUMNS
 
 POLICIES = ("map", "reject")
 
@@ -74,6 +75,8 @@ class CTRScorer:
         self.bundle, self.unseen, self.keep_columns = bundle, unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
         self.tasks = bundle.tasks
+
+    required_columns = SCORING_COLUMNS
 
     def output_schema(self, input_schema: Dict[str, pl.DataType]) -> Dict[str, pl.DataType]:
         schema = {c: input_schema[c] for c in self.keep_columns if c in input_schema}

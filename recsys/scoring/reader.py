@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from recsys.data.schema import DataValidationError, check_columns
 
 SCORING_COLUMNS = ("user", "item", "category", "hist_item", "hist_cat")
+LIST_COLUMNS = ("hist_item", "hist_cat", "history")  # List(Int64) columns; the others are integer ids
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -26,13 +27,13 @@ def log_schema(path: Path, required: Sequence[str] = SCORING_COLUMNS) -> pl.Sche
     except Exception as err:  # corrupt, truncated or not parquet at all
         raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
     check_columns(schema, required, str(path))
-    for column in ("user", "item", "category"):
-        if not schema[column].is_integer():
-            raise DataValidationError(f"{path}: column '{column}' has dtype {schema[column]}, expected an integer type.")
-    for column in ("hist_item", "hist_cat"):
+    for column in required:
         dtype = schema[column]
-        if not (isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_integer()):
-            raise DataValidationError(f"{path}: column '{column}' has dtype {dtype}, expected List(Int64).")
+        if column in LIST_COLUMNS:
+            if not (isinstance(dtype, (pl.List, pl.Array)) and dtype.inner.is_integer()):
+                raise DataValidationError(f"{path}: column '{column}' has dtype {dtype}, expected List(Int64).")
+        elif not dtype.is_integer():
+            raise DataValidationError(f"{path}: column '{column}' has dtype {dtype}, expected an integer type.")
     return schema
 
 

@@ -1,0 +1,124 @@
+"""Top-N next items per user from a sequential bundle (SASRec / MQSA-TED), for ``pipelines.score``.
+
+Input rows: ``user`` and ``history`` (``List(Int64)`` of raw item ids, oldest first). Output rows: the kept
+columns, ``top_items`` (``List(Int64)``, the N best items not in the history, best first) and ``top_scores``
+(``List(Float32)``, their scores), ranked over the whole item table at the newest position as in evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+import polars as pl
+import torch
+
+from recsys.bundle import LoadedBundle
+from recsys.data.ctr_table import list_column_arrays
+from recsys.data.seq_batch import SeqBatch, make_seq_kjt
+from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
+from recsys.tasks.seq_losses import last_position_scores
+
+SEQ_SCORING_COLUMNS = ("user", "history")
+
+
+class SeqScorer:
+    """Same contract as :class:`~recsys.scoring.ctr_scorer.CTRScorer` (``prepare`` / ``finish`` /
+    ``output_schema``), for sequential bundles.
+
+    Args:
+        bundle: a loaded sequential bundle (``bundle.tasks`` empty).
+        top_n: items per user.
+        unseen: ``"map"`` drops history ids never seen in training (counted; a history left empty is
+            rejected as ``empty_history``); ``"reject"`` rejects rows holding any such id (``unseen_id``).
+        keep_columns: input columns copied beside the recommendations (when present).
+    """
+
+    required_columns = SEQ_SCORING_COLUMNS
+
+    def __init__(self, bundle: LoadedBundle, top_n: int = 10, unseen: str = "map",
+                 keep_columns: Sequence[str] = ("user",)) -> None:
+        if unseen not in POLICIES:
+            raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
+        self.num_items = int(bundle.model.num_items)
+        if not 1 <= top_n <= self.num_items:
+            raise ValueError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
+        self.bundle, self.top_n, self.unseen, self.keep_columns = bundle, int(top_n), unseen, list(keep_columns)
+        self.max_len = bundle.meta.max_len
+
+    def output_schema(self, input_schema: Dict[str, pl.DataType]) -> Dict[str, pl.DataType]:
+        schema = {c: input_schema[c] for c in self.keep_columns if c in input_schema}
+        schema.update({"top_items": pl.List(pl.Int64), "top_scores": pl.List(pl.Float32)})
+        return schema
+
+    def prepare(self, frame: pl.DataFrame) -> PreparedBatch:
+        """Reject bad rows, map ids, keep the newest ``max_len`` items, build the :class:`SeqBatch`."""
+        stats = ScoreStats(rows_in=frame.height)
+        reasons = np.where(frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy(),
+                           "null", "")
+        values, offsets = list_column_arrays(frame.with_columns(pl.col("history").fill_null([])), "history")
+        rows = self.bundle.mappers["item"](values)
+        lengths = np.diff(offsets)
+        row_of_value = np.repeat(np.arange(frame.height), lengths)
+        unseen = rows < 0
+        if self.unseen == "reject":
+            bad_rows = np.bincount(row_of_value[unseen], minlength=frame.height) > 0
+            reasons = np.where((reasons == "") & bad_rows, "unseen_id", reasons)
+        else:
+            stats.unseen_ids_mapped = int(unseen[reasons[row_of_value] == ""].sum())
+        keep_value = ~unseen & (reasons[row_of_value] == "")
+        lengths = np.bincount(row_of_value[keep_value], minlength=frame.height)
+        reasons = np.where((reasons == "") & (lengths == 0), "empty_history", reasons)
+        keep = reasons == ""
+        rows, lengths = rows[keep_value & keep[row_of_value]], lengths[keep]
+        rows, lengths = self._newest(rows, lengths)
+        rejected = frame.filter(pl.Series(~keep)).with_columns(pl.Series("reason", reasons[~keep], dtype=pl.String))
+        for reason, n in Counter(reasons[~keep].tolist()).items():
+            stats.rows_rejected[reason] += n
+        kept = frame.filter(pl.Series(keep))
+        batch = self._batch(rows, lengths) if kept.height else None
+        return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
+
+    def _newest(self, rows: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The newest ``max_len`` ids of each history (flat ``rows``, ``lengths [n]``), as in training."""
+        if not len(lengths) or lengths.max() <= self.max_len:
+            return rows, lengths
+        ends = np.cumsum(lengths)
+        kept = np.minimum(lengths, self.max_len)
+        starts = ends - kept
+        index = np.repeat(starts - np.concatenate(([0], np.cumsum(kept)[:-1])), kept) + np.arange(kept.sum())
+        return rows[index], kept
+
+    @staticmethod
+    def _batch(rows: np.ndarray, lengths: np.ndarray) -> SeqBatch:
+        """Input = the history, excluded from the ranking = the history, no targets."""
+        seq = (torch.from_numpy(rows), torch.from_numpy(lengths.astype(np.int64)))
+        none = (torch.zeros(0, dtype=torch.int64), torch.zeros(len(lengths), dtype=torch.int64))
+        return SeqBatch(sparse=make_seq_kjt(seq, none, seq))
+
+    @torch.inference_mode()
+    def finish(self, prepared: PreparedBatch) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
+        """Rank all items for each kept row -> (recommendations, rejected rows, counts)."""
+        n = prepared.kept.height
+        if prepared.batch is None:
+            items, scores = np.zeros((0, self.top_n), np.int64), np.zeros((0, self.top_n), np.float32)
+        else:
+            top = last_position_scores(self.bundle.model, prepared.batch).topk(self.top_n, dim=1)
+            items = self._raw_items(top.indices.numpy() + 1)  # column j scores item j + 1
+            scores = top.values.float().numpy()
+        out = prepared.kept.with_columns(
+            pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
+            pl.Series("top_scores", scores.tolist(), dtype=pl.List(pl.Float32)),
+        )
+        prepared.stats.rows_scored = n
+        return out, prepared.rejected, prepared.stats
+
+    def _raw_items(self, rows: np.ndarray) -> np.ndarray:
+        """Table rows ``[n, N]`` -> raw item ids (identity when the dataset kept its ids)."""
+        mapper = self.bundle.mappers["item"]
+        if mapper.raw is None:
+            return rows
+        raw_of_row = np.zeros(self.num_items + 1, dtype=np.int64)
+        raw_of_row[mapper.rows] = mapper.raw
+        return raw_of_row[rows]
