@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.seqrec_format import take_segments
 from recsys.data.tasks import TaskSpec
 from recsys.data.vocab import Vocab
 from recsys.metrics.ranking import auc, gauc, logloss
@@ -85,10 +86,10 @@ class Split:
 
     def batch(self, rows: np.ndarray, device: torch.device) -> CTRBatch:
         starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
-        flat = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths) + np.arange(lengths.sum())
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-        sparse = make_ctr_kjt(t(self.hist_item[flat]), t(self.hist_cat[flat]), t(lengths), t(self.item[rows]),
-                              t(self.category[rows]))
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
+        sparse = make_ctr_kjt(t(take_segments(self.hist_item, starts, lengths).values),
+                              t(take_segments(self.hist_cat, starts, lengths).values), t(lengths),
+                              t(self.item[rows]), t(self.category[rows]))
         labels = {name: t(values[rows]) for name, values in self.labels.items()}
         return CTRBatch(sparse=sparse, labels=labels, user=t(self.user[rows]))
 

@@ -69,21 +69,23 @@ def check_top_n_scoring(tmp_path, bundle_dir):
 
     logs = tmp_path / "seq_logs"
     logs.mkdir()
-    histories = [[1, 4, 7], [10, 99999, 13], [], [99999]]
-    pl.DataFrame({"user": [1, 2, 3, 4], "history": histories},
+    long = [1 + k % 10 for k in range(60)]  # longer than max_len (50): the newest 50 are the input
+    histories = [[1, 4, 7], [10, 99999, 13], [], [99999], long]
+    pl.DataFrame({"user": [1, 2, 3, 4, 5], "history": histories},
                  schema={"user": pl.Int64, "history": pl.List(pl.Int64)}).write_parquet(logs / "part-0.parquet")
     cfg = OmegaConf.create({"input": str(logs), "model": str(bundle_dir), "output": str(tmp_path / "seq_scores"),
                             "batch_size": 3, "unseen": "map", "keep_columns": ["user"], "top_n": 5, "threads": 1,
                             "read_ahead": True, "progress": False})
     stats = score(cfg)
     out = pl.read_parquet(tmp_path / "seq_scores" / "part-0.parquet")
-    assert out["user"].to_list() == [1, 2]
+    assert out["user"].to_list() == [1, 2, 5]
     assert dict(stats.rows_rejected) == {"empty_history": 2} and stats.unseen_ids_mapped == 2
     model = load_bundle(bundle_dir).model
-    for hist, items, scores in zip(([1, 4, 7], [10, 13]), out["top_items"].to_list(), out["top_scores"].to_list()):
+    for hist, items, scores in zip(([1, 4, 7], [10, 13], long), out["top_items"].to_list(), out["top_scores"].to_list()):
         assert len(items) == 5 and not set(items) & set(hist)
         assert scores == sorted(scores, reverse=True)
-        batch = SeqScorer._batch(np.array(hist), np.array([len(hist)]))
+        batch = SeqScorer._batch(np.array(hist[-50:]), np.array([len(hist[-50:])]),
+                                 exclude=(np.array(hist), np.array([len(hist)])))
         assert items == (last_position_scores(model, batch).topk(5).indices[0] + 1).tolist()
 
 

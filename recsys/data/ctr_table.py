@@ -13,6 +13,7 @@ import torch
 
 from recsys.data.batch import CTRBatch, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
+from recsys.data.seqrec_format import take_segments
 
 
 def list_column_arrays(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -30,9 +31,7 @@ def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> 
     """Select ``rows`` of a jagged array: returns (flat values, lengths ``[len(rows)]``)."""
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
-    total = int(lengths.sum())
-    row_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    return values[row_starts + np.arange(total)], lengths
+    return take_segments(values, starts, lengths).values, lengths
 
 
 @dataclass

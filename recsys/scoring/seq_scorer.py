@@ -8,7 +8,7 @@ columns, ``top_items`` (``List(Int64)``, the N best items not in the history, be
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import polars as pl
@@ -17,6 +17,7 @@ import torch
 from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
+from recsys.data.seqrec_format import take_segments
 from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
 from recsys.tasks.seq_losses import last_position_scores
 
@@ -46,6 +47,11 @@ class SeqScorer:
             raise ValueError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
         self.bundle, self.top_n, self.unseen, self.keep_columns = bundle, int(top_n), unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
+        mapper = bundle.mappers["item"]
+        self.raw_of_row = None  # table row -> raw item id; None: the dataset kept its ids
+        if mapper.raw is not None:
+            self.raw_of_row = np.zeros(self.num_items + 1, dtype=np.int64)
+            self.raw_of_row[mapper.rows] = mapper.raw
 
     def output_schema(self, input_schema: Dict[str, pl.DataType]) -> Dict[str, pl.DataType]:
         schema = {c: input_schema[c] for c in self.keep_columns if c in input_schema}
@@ -72,30 +78,30 @@ class SeqScorer:
         reasons = np.where((reasons == "") & (lengths == 0), "empty_history", reasons)
         keep = reasons == ""
         rows, lengths = rows[keep_value & keep[row_of_value]], lengths[keep]
-        rows, lengths = self._newest(rows, lengths)
         rejected = frame.filter(pl.Series(~keep)).with_columns(pl.Series("reason", reasons[~keep], dtype=pl.String))
         for reason, n in Counter(reasons[~keep].tolist()).items():
             stats.rows_rejected[reason] += n
         kept = frame.filter(pl.Series(keep))
-        batch = self._batch(rows, lengths) if kept.height else None
+        batch = self._batch(*self._newest(rows, lengths), exclude=(rows, lengths)) if kept.height else None
         return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
 
     def _newest(self, rows: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """The newest ``max_len`` ids of each history (flat ``rows``, ``lengths [n]``), as in training."""
         if not len(lengths) or lengths.max() <= self.max_len:
             return rows, lengths
-        ends = np.cumsum(lengths)
         kept = np.minimum(lengths, self.max_len)
-        starts = ends - kept
-        index = np.repeat(starts - np.concatenate(([0], np.cumsum(kept)[:-1])), kept) + np.arange(kept.sum())
-        return rows[index], kept
+        newest = take_segments(rows, np.cumsum(lengths) - kept, kept)
+        return newest.values, kept
 
     @staticmethod
-    def _batch(rows: np.ndarray, lengths: np.ndarray) -> SeqBatch:
-        """Input = the history, excluded from the ranking = the history, no targets."""
-        seq = (torch.from_numpy(rows), torch.from_numpy(lengths.astype(np.int64)))
+    def _batch(rows: np.ndarray, lengths: np.ndarray,
+               exclude: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> SeqBatch:
+        """Input = the (newest) history ``rows`` with ``lengths [n]``; removed from the ranking = ``exclude``
+        (the whole known history; default the input); no targets."""
+        as_torch = lambda v, n: (torch.from_numpy(v), torch.from_numpy(n.astype(np.int64)))  # noqa: E731
+        seq = as_torch(rows, lengths)
         none = (torch.zeros(0, dtype=torch.int64), torch.zeros(len(lengths), dtype=torch.int64))
-        return SeqBatch(sparse=make_seq_kjt(seq, none, seq))
+        return SeqBatch(sparse=make_seq_kjt(seq, none, as_torch(*exclude) if exclude is not None else seq))
 
     @torch.inference_mode()
     def finish(self, prepared: PreparedBatch) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
@@ -105,7 +111,9 @@ class SeqScorer:
             items, scores = np.zeros((0, self.top_n), np.int64), np.zeros((0, self.top_n), np.float32)
         else:
             top = last_position_scores(self.bundle.model, prepared.batch).topk(self.top_n, dim=1)
-            items = self._raw_items(top.indices.numpy() + 1)  # column j scores item j + 1
+            items = top.indices.numpy() + 1  # column j scores item j + 1
+            if self.raw_of_row is not None:
+                items = self.raw_of_row[items]
             scores = top.values.float().numpy()
         out = prepared.kept.with_columns(
             pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
@@ -113,12 +121,3 @@ class SeqScorer:
         )
         prepared.stats.rows_scored = n
         return out, prepared.rejected, prepared.stats
-
-    def _raw_items(self, rows: np.ndarray) -> np.ndarray:
-        """Table rows ``[n, N]`` -> raw item ids (identity when the dataset kept its ids)."""
-        mapper = self.bundle.mappers["item"]
-        if mapper.raw is None:
-            return rows
-        raw_of_row = np.zeros(self.num_items + 1, dtype=np.int64)
-        raw_of_row[mapper.rows] = mapper.raw
-        return raw_of_row[rows]
