@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 FBGEMM ?= fbgemm-gpu-cpu==1.8.0
 ARGS   ?=
 
-.PHONY: venv train test bench-dare clean-venv
+.PHONY: venv train test lint bench-dare clean-venv
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ train: venv
 
 test: venv
 	$(PY) -m pytest tests -q $(ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench-dare: venv
 	$(PY) -m benchmarks.dare_ml100k $(ARGS)

@@ -12,7 +12,8 @@ Multi-task (``data=ml100k_mtl``'s click and like, a dataset folder with a ``like
         --tasks click:label like:like --out /tmp/mtl_runs.jsonl
 
 It runs exactly what ``pipelines.train`` trains: the backbone built from ``configs/recsys/<model>.yaml``
-(+ its ``twin`` base), the tower of ``configs/mtl/<tower>.yaml`` (default ``single``), ``RankingTask.compute_losses`` (BCE + auxiliary head +
+(+ its ``twin`` base), the tower of ``configs/mtl/<tower>.yaml`` (default ``single``),
+``RankingTask.compute_losses`` (BCE + auxiliary head +
 1e-6 L2 + the tower's auxiliary losses), Adam lr 0.01 on tables and dense weights, N(0, 0.01) init, the same
 batch order (seeded by seed and epoch), model selection by the mean validation AUC over tasks, test metrics of
 the best epoch (per task under ``tasks`` when there are several).
@@ -25,8 +26,8 @@ import importlib
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -45,7 +46,7 @@ from recsys.system import peak_rss_mb
 REPO = Path(__file__).resolve().parents[1]
 
 
-def backbone_kwargs(model: str) -> Dict:
+def backbone_kwargs(model: str) -> dict:
     """configs/recsys/<model>.yaml merged over its ``twin`` base, without Hydra keys."""
     folder = REPO / "configs" / "recsys"
     base = yaml.safe_load((folder / "twin.yaml").read_text())
@@ -54,7 +55,7 @@ def backbone_kwargs(model: str) -> Dict:
     return {k: v for k, v in merged.items() if not k.startswith("_")}
 
 
-def build_tower(name: str, in_dim: int, tasks: List[TaskSpec]) -> torch.nn.Module:
+def build_tower(name: str, in_dim: int, tasks: list[TaskSpec]) -> torch.nn.Module:
     """The tower of ``configs/mtl/<name>.yaml`` (its ``_target_`` class with the file's arguments)."""
     cfg = yaml.safe_load((REPO / "configs" / "mtl" / f"{name}.yaml").read_text())
     module, _, cls = cfg.pop("_target_").rpartition(".")
@@ -87,18 +88,24 @@ class Split:
     def batch(self, rows: np.ndarray, device: torch.device) -> CTRBatch:
         starts, lengths = self.offsets[rows], self.offsets[rows + 1] - self.offsets[rows]
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)  # noqa: E731
-        sparse = make_ctr_kjt(t(take_segments(self.hist_item, starts, lengths).values),
-                              t(take_segments(self.hist_cat, starts, lengths).values), t(lengths),
-                              t(self.item[rows]), t(self.category[rows]))
+        sparse = make_ctr_kjt(
+            t(take_segments(self.hist_item, starts, lengths).values),
+            t(take_segments(self.hist_cat, starts, lengths).values),
+            t(lengths),
+            t(self.item[rows]),
+            t(self.category[rows]),
+        )
         labels = {name: t(values[rows]) for name, values in self.labels.items()}
         return CTRBatch(sparse=sparse, labels=labels, user=t(self.user[rows]))
 
 
 @torch.no_grad()
-def evaluate(model: RankingModel, split: Split, device: torch.device, batch_size: int = 8192) -> Dict[str, Dict[str, float]]:
+def evaluate(
+    model: RankingModel, split: Split, device: torch.device, batch_size: int = 8192
+) -> dict[str, dict[str, float]]:
     """``{task: {auc, logloss, gauc_user, gauc_category}}`` over the whole split."""
     model.eval()
-    preds: Dict[str, List[np.ndarray]] = {name: [] for name in split.labels}
+    preds: dict[str, list[np.ndarray]] = {name: [] for name in split.labels}
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
         logits = model(split.batch(rows, device)).logits
@@ -108,17 +115,30 @@ def evaluate(model: RankingModel, split: Split, device: torch.device, batch_size
     out = {}
     for name, parts in preds.items():
         p, y = np.concatenate(parts), split.labels[name]
-        out[name] = {"auc": auc(p, y), "logloss": logloss(p, y), "gauc_user": gauc(p, y, split.user),
-                     "gauc_category": gauc(p, y, split.category)}
+        out[name] = {
+            "auc": auc(p, y),
+            "logloss": logloss(p, y),
+            "gauc_user": gauc(p, y, split.user),
+            "gauc_category": gauc(p, y, split.category),
+        }
     return out
 
 
-def mean_auc(metrics: Dict[str, Dict[str, float]]) -> float:
+def mean_auc(metrics: dict[str, dict[str, float]]) -> float:
     return float(np.mean([m["auc"] for m in metrics.values()]))
 
 
-def run(model_name: str, dataset: Path, seed: int, epochs: int, batch_size: int, device: torch.device,
-        max_batches: int = 0, tower: str = "single", tasks: Sequence[TaskSpec] = (TaskSpec("click"),)) -> Dict:
+def run(
+    model_name: str,
+    dataset: Path,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    max_batches: int = 0,
+    tower: str = "single",
+    tasks: Sequence[TaskSpec] = (TaskSpec("click"),),
+) -> dict:
     from recsys.tasks.ranking import RankingTask  # compute_losses: the training objective of pipelines.train
 
     meta = json.loads((dataset / "meta.json").read_text())
@@ -128,7 +148,10 @@ def run(model_name: str, dataset: Path, seed: int, epochs: int, batch_size: int,
     torch.manual_seed(seed)
     backbone = TargetAttentionBackbone(vocab, meta["max_len"], **backbone_kwargs(model_name))
     model = RankingModel(backbone, build_tower(tower, backbone.output_dim, tasks), init_std=0.01).to(device)
-    adam = lambda p: torch.optim.Adam(p, lr=0.01)
+
+    def adam(p):
+        return torch.optim.Adam(p, lr=0.01)
+
     task = RankingTask(model, tasks, adam, adam).to(device)
     optimizers = task.configure_optimizers()
     best, epoch_seconds = None, []
@@ -152,12 +175,25 @@ def run(model_name: str, dataset: Path, seed: int, epochs: int, batch_size: int,
             best = (val, evaluate(model, splits["test"], device), epoch)
     val, test, best_epoch = best
     first = test[tasks[0].name]
-    return {"model": model_name, "tower": tower, "dataset": meta["name"], "seed": seed, "epochs": epochs,
-            "batch_size": batch_size, "auc": first["auc"], "logloss": first["logloss"], "gauc_user": first["gauc_user"],
-            "gauc_category": first["gauc_category"], "val_auc": mean_auc(val), "best_epoch": best_epoch,
-            "tasks": test if len(tasks) > 1 else None,
-            "sec_per_epoch": float(np.mean(epoch_seconds)), "peak_rss_mb": peak_rss_mb(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "run_id": "plain-loop"}
+    return {
+        "model": model_name,
+        "tower": tower,
+        "dataset": meta["name"],
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "auc": first["auc"],
+        "logloss": first["logloss"],
+        "gauc_user": first["gauc_user"],
+        "gauc_category": first["gauc_category"],
+        "val_auc": mean_auc(val),
+        "best_epoch": best_epoch,
+        "tasks": test if len(tasks) > 1 else None,
+        "sec_per_epoch": float(np.mean(epoch_seconds)),
+        "peak_rss_mb": peak_rss_mb(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "run_id": "plain-loop",
+    }
 
 
 def main() -> None:
@@ -171,14 +207,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-batches", type=int, default=0, help="smoke tests: train batches per epoch (0 = all)")
     parser.add_argument("--towers", nargs="+", default=["single"], help="configs/mtl/<name>.yaml")
-    parser.add_argument("--tasks", nargs="+", type=parse_task, default=[TaskSpec("click")],
-                        help="name:label_column per task (default: click:label)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        type=parse_task,
+        default=[TaskSpec("click")],
+        help="name:label_column per task (default: click:label)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     for seed in args.seeds:
         for model, tower in itertools.product(args.models, args.towers):
-            row = run(model, args.dataset, seed, args.epochs, args.batch_size, device, args.max_batches, tower,
-                      args.tasks)
+            row = run(
+                model, args.dataset, seed, args.epochs, args.batch_size, device, args.max_batches, tower, args.tasks
+            )
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -27,20 +27,36 @@ RESULTS = REPO / "benchmarks" / "results"
 def run_one(model: str, seed: int, epochs: int, batch_size: int, extra: list[str]) -> dict:
     out_dir = REPO / "logs" / "benchmarks" / "dare_ml100k" / f"{model}-seed{seed}-{int(time.time())}"
     cmd = [
-        sys.executable, "-m", "pipelines.train", f"recsys={model}", "data=ml100k", f"seed={seed}",
-        f"trainer.max_epochs={epochs}", f"data.batch_size={batch_size}", "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={out_dir}", *extra,
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        f"recsys={model}",
+        "data=ml100k",
+        f"seed={seed}",
+        f"trainer.max_epochs={epochs}",
+        f"data.batch_size={batch_size}",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={out_dir}",
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{model} seed {seed} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     return {
-        "model": model, "dataset": "ml100k", "seed": seed, "epochs": epochs, "batch_size": batch_size,
-        "auc": metrics["test/auc"], "logloss": metrics["test/logloss"],
-        "gauc_user": metrics["test/gauc_user"], "gauc_category": metrics["test/gauc_category"],
-        "val_auc": metrics["val/auc"], "sec_per_epoch": metrics["time/sec_per_epoch"],
-        "peak_rss_mb": metrics["system/peak_rss_mb"], "run_id": metrics["run_id"],
+        "model": model,
+        "dataset": "ml100k",
+        "seed": seed,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "auc": metrics["test/auc"],
+        "logloss": metrics["test/logloss"],
+        "gauc_user": metrics["test/gauc_user"],
+        "gauc_category": metrics["test/gauc_category"],
+        "val_auc": metrics["val/auc"],
+        "sec_per_epoch": metrics["time/sec_per_epoch"],
+        "peak_rss_mb": metrics["system/peak_rss_mb"],
+        "run_id": metrics["run_id"],
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
     }
 
@@ -52,23 +68,32 @@ def summarise(rows: list[dict], models: list[str]) -> list[dict]:
         if not mine:
             continue
         aucs = [r["auc"] for r in mine]
-        out.append({
-            "model": model, "dataset": "ml100k", "seeds": sorted(r["seed"] for r in mine),
-            "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-            "logloss_mean": statistics.mean(r["logloss"] for r in mine),
-            "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in mine),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
-        })
+        out.append(
+            {
+                "model": model,
+                "dataset": "ml100k",
+                "seeds": sorted(r["seed"] for r in mine),
+                "auc_mean": statistics.mean(aucs),
+                "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                "logloss_mean": statistics.mean(r["logloss"] for r in mine),
+                "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in mine),
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+            }
+        )
     return out
 
 
 def markdown(summary: list[dict], rows: list[dict]) -> str:
-    lines = ["| model | seeds | test AUC (mean ± std) | logloss | GAUC user | s/epoch | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seeds | test AUC (mean ± std) | logloss | GAUC user | s/epoch | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         gauc = statistics.mean(r["gauc_user"] for r in rows if r["model"] == s["model"])
-        lines.append(f"| {s['model']} | {len(s['seeds'])} | {s['auc_mean']:.4f} ± {s['auc_std']:.4f} | "
-                     f"{s['logloss_mean']:.4f} | {gauc:.4f} | {s['sec_per_epoch']:.1f} | {s['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {s['model']} | {len(s['seeds'])} | {s['auc_mean']:.4f} ± {s['auc_std']:.4f} | "
+            f"{s['logloss_mean']:.4f} | {gauc:.4f} | {s['sec_per_epoch']:.1f} | {s['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -84,7 +109,7 @@ def main() -> None:
 
     raw_path = RESULTS / f"{args.tag}_runs.jsonl"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(l) for l in raw_path.read_text().splitlines()] if raw_path.exists() else []
+    rows = [json.loads(line) for line in raw_path.read_text().splitlines()] if raw_path.exists() else []
     done = {(r["model"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for model in args.models:

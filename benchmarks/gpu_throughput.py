@@ -28,14 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.taobao_scale import (
-    TAOBAO_CATEGORIES, TAOBAO_ITEMS, TAOBAO_USERS, append_result, build_dare, result_line,
+    TAOBAO_CATEGORIES,
+    TAOBAO_ITEMS,
+    TAOBAO_USERS,
+    append_result,
+    build_dare,
+    result_line,
 )
 from recsys.data.batch import CTRBatch, make_ctr_kjt
 
@@ -54,13 +58,13 @@ def synthetic_batch(batch: int, seq_len: int, min_len: int, items: int, device: 
     return CTRBatch(sparse=sparse, labels=labels, user=torch.randint(1, TAOBAO_USERS + 1, (batch,), device=device))
 
 
-def table_params(model: nn.Module) -> List[nn.Parameter]:
+def table_params(model: nn.Module) -> list[nn.Parameter]:
     from torchrec import EmbeddingCollection
 
     return [p for m in model.modules() if isinstance(m, EmbeddingCollection) for p in m.parameters()]
 
 
-def loss_fn(model: nn.Module, batch: CTRBatch, dense: List[nn.Parameter], l2_names: set) -> torch.Tensor:
+def loss_fn(model: nn.Module, batch: CTRBatch, dense: list[nn.Parameter], l2_names: set) -> torch.Tensor:
     """RankingTask.compute_losses for one binary task: BCE + aux BCE (weight 1) + 1e-6 * L2(dense weights)."""
     out = model(batch)
     label = batch.labels["click"]
@@ -71,7 +75,7 @@ def loss_fn(model: nn.Module, batch: CTRBatch, dense: List[nn.Parameter], l2_nam
     return loss + 1e-6 * l2
 
 
-def floor_bytes_per_sample(dim: int, seq_len: int, batch: int, table_optim: str, items: int) -> Dict[str, float]:
+def floor_bytes_per_sample(dim: int, seq_len: int, batch: int, table_optim: str, items: int) -> dict[str, float]:
     """Bytes a step must move per sample, fp32, assuming perfect kernels (see scale.md).
 
     * lookups: 4 tables x (seq_len + 1) rows x dim, read once (forward) and their gradient written once;
@@ -91,8 +95,13 @@ def floor_bytes_per_sample(dim: int, seq_len: int, batch: int, table_optim: str,
         update = 2 * (items + 1 + TAOBAO_CATEGORIES + 1) * 8 * dim * word / batch
     activations = 2 * 2 * seq_len * 3 * dim * word
     total = lookups + update + activations
-    return {"lookups": lookups, "table_update": update, "activations": activations, "total": total,
-            "floor_samples_per_s": HBM_BYTES_PER_S / total}
+    return {
+        "lookups": lookups,
+        "table_update": update,
+        "activations": activations,
+        "total": total,
+        "floor_samples_per_s": HBM_BYTES_PER_S / total,
+    }
 
 
 def run(dim: int, table_optim: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -104,7 +113,7 @@ def run(dim: int, table_optim: str, args: argparse.Namespace, device: torch.devi
     names = {id(p): n for n, p in model.named_parameters()}
     l2_names = {id(p) for p in dense if p.dim() > 1 and not names[id(p)].endswith("bias")}
     fused = device.type == "cuda"
-    optims: List[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=0.01, fused=fused)]
+    optims: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=0.01, fused=fused)]
     if table_optim == "sparse_adam":
         for m in model.modules():
             if isinstance(m, nn.Embedding) and m.weight.shape[0] > args.seq_len + 1:  # not the position tables
@@ -145,13 +154,24 @@ def run(dim: int, table_optim: str, args: argparse.Namespace, device: torch.devi
     line = result_line(setting, 1, name, samples_per_s, dim, peak_gpu_mb=peak, items=args.items)
     print(json.dumps(line), flush=True)
     floor = floor_bytes_per_sample(dim, args.seq_len, args.batch_size, table_optim, args.items)
-    print(json.dumps({"detail": setting, "dim": dim, "ms_per_step": round(1e3 * seconds / args.steps, 3),
-                      "floor_bytes_per_sample": round(floor["total"]), "floor_breakdown": {k: round(v) for k, v in floor.items()},
-                      "fraction_of_floor": round(samples_per_s / floor["floor_samples_per_s"], 4),
-                      "compile": args.compile, "tf32": args.tf32}), flush=True)
+    print(
+        json.dumps(
+            {
+                "detail": setting,
+                "dim": dim,
+                "ms_per_step": round(1e3 * seconds / args.steps, 3),
+                "floor_bytes_per_sample": round(floor["total"]),
+                "floor_breakdown": {k: round(v) for k, v in floor.items()},
+                "fraction_of_floor": round(samples_per_s / floor["floor_samples_per_s"], 4),
+                "compile": args.compile,
+                "tf32": args.tf32,
+            }
+        ),
+        flush=True,
+    )
     if args.record:
         append_result(line)
-    del model, optims, pool
+    model = optims = pool = None  # free GPU memory before the next setting
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

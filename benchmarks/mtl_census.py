@@ -21,8 +21,13 @@ from benchmarks.mtl_common import RESULTS, append_rows, markdown_table, read_row
 
 TASKS = ("income", "marital")
 #: Tuned settings per tower (on the validation AUC of seed 1; see docs/mtl.md).
-COMMON = ["recsys=fields", "data=census", "task.dense_optimizer.lr=0.001",
-          "task.sparse_optimizer.lr=0.001", "data.batch_size=256"]
+COMMON = [
+    "recsys=fields",
+    "data=census",
+    "task.dense_optimizer.lr=0.001",
+    "task.sparse_optimizer.lr=0.001",
+    "data.batch_size=256",
+]
 MODELS = {
     "shared_bottom": ["mtl=shared_bottom"],
     "mmoe": ["mtl=mmoe"],
@@ -38,9 +43,19 @@ def import_rechub(path: Path, out: Path) -> None:
     rows = []
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        rows.append({"model": RECHUB_NAMES[r["model"]], "backbone": "rechub-emb4", "dataset": "census",
-                     "seed": r["seed"], "task": r["task"], "auc": r["auc"], "logloss": r["logloss"],
-                     "sec_per_epoch": r["sec_per_epoch"], "implementation": "torch-rechub"})
+        rows.append(
+            {
+                "model": RECHUB_NAMES[r["model"]],
+                "backbone": "rechub-emb4",
+                "dataset": "census",
+                "seed": r["seed"],
+                "task": r["task"],
+                "auc": r["auc"],
+                "logloss": r["logloss"],
+                "sec_per_epoch": r["sec_per_epoch"],
+                "implementation": "torch-rechub",
+            }
+        )
     append_rows(out, rows)
 
 
@@ -61,8 +76,19 @@ def main(argv=None) -> None:
         import_rechub(args.import_rechub, args.out)
         return
     if not args.table:
-        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, args.backbone_name, "census",
-                 args.out, args.threads, args.max_epochs, args.patience)
+        run_grid(
+            {m: MODELS[m] for m in args.models},
+            COMMON,
+            args.set,
+            args.seeds,
+            TASKS,
+            args.backbone_name,
+            "census",
+            args.out,
+            args.threads,
+            args.max_epochs,
+            args.patience,
+        )
     table = markdown_table(read_rows(args.out), "census")
     print(table)
 

@@ -31,8 +31,10 @@ def import_plain(path: Path, out: Path) -> None:
     rows = []
     for line in Path(path).read_text().splitlines():
         r = json.loads(line)
-        run = {"test": {f"test/{t}/{m}": r["tasks"][t][m] for t in TASKS for m in ("auc", "logloss")},
-               "sec_per_epoch": r["sec_per_epoch"]}
+        run = {
+            "test": {f"test/{t}/{m}": r["tasks"][t][m] for t in TASKS for m in ("auc", "logloss")},
+            "sec_per_epoch": r["sec_per_epoch"],
+        }
         rows += result_rows(r["tower"], r["model"], "ml100k_mtl", r["seed"], TASKS, run)
     append_rows(out, rows)
 
@@ -52,8 +54,19 @@ def main(argv=None) -> None:
     if args.import_plain is not None:
         import_plain(args.import_plain, args.out)
     elif not args.table:
-        run_grid({m: MODELS[m] for m in args.models}, COMMON, args.set, args.seeds, TASKS, "dare", "ml100k_mtl",
-                 args.out, args.threads, args.max_epochs, args.patience)
+        run_grid(
+            {m: MODELS[m] for m in args.models},
+            COMMON,
+            args.set,
+            args.seeds,
+            TASKS,
+            "dare",
+            "ml100k_mtl",
+            args.out,
+            args.threads,
+            args.max_epochs,
+            args.patience,
+        )
     print(markdown_table(read_rows(args.out), "ml100k_mtl"))
 
 

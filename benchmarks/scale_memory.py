@@ -28,7 +28,6 @@ import json
 import os
 import resource
 import time
-from typing import List
 
 import numpy as np
 import polars as pl
@@ -38,7 +37,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from benchmarks.taobao_scale import TAOBAO_CATEGORIES, TAOBAO_ITEMS, TAOBAO_USERS, append_result, build_dare, result_line
+from benchmarks.taobao_scale import (
+    TAOBAO_CATEGORIES,
+    TAOBAO_ITEMS,
+    TAOBAO_USERS,
+    append_result,
+    build_dare,
+    result_line,
+)
 from recsys.data.ctr_table import CTRTable, identity_collate
 from recsys.data.schema import SAMPLE_SCHEMA
 from recsys.data.tasks import TaskSpec
@@ -66,22 +72,24 @@ def taobao_batches(steps: int, batch_size: int, seq_len: int, seed: int) -> list
 
     hist = rng.integers(1, TAOBAO_ITEMS + 1, size=(rows, seq_len))
     item = rng.integers(1, TAOBAO_ITEMS + 1, size=rows)
-    frame = pl.DataFrame({
-        "user": rng.integers(1, TAOBAO_USERS + 1, size=rows),
-        "item": item,
-        "category": category(item),
-        "label": rng.integers(0, 2, size=rows).astype(np.int8),
-        "timestamp": np.arange(rows, dtype=np.int64),
-        "hist_item": jagged(hist),
-        "hist_cat": jagged(category(hist)),
-    }).cast(dict(SAMPLE_SCHEMA))
+    frame = pl.DataFrame(
+        {
+            "user": rng.integers(1, TAOBAO_USERS + 1, size=rows),
+            "item": item,
+            "category": category(item),
+            "label": rng.integers(0, 2, size=rows).astype(np.int8),
+            "timestamp": np.arange(rows, dtype=np.int64),
+            "hist_item": jagged(hist),
+            "hist_cat": jagged(category(hist)),
+        }
+    ).cast(dict(SAMPLE_SCHEMA))
     table = CTRTable.from_frame(frame, "synthetic-taobao", {"click": "label"})
     return [table.batch(np.arange(i, i + batch_size)) for i in range(0, rows, batch_size)]
 
 
 class StepTimer(pl_.Callback):
     def __init__(self) -> None:
-        self.times: List[float] = []
+        self.times: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()
@@ -116,24 +124,38 @@ def main() -> None:
     load = os.getloadavg()
     batches = taobao_batches(args.steps, args.batch_size, args.seq_len, seed=info.rank)
     model = build_dare(args.dim, args.seq_len, table_device=torch.device("meta") if sharded else None)
-    task = RankingTask(model, [TaskSpec("click")],
-                       sparse_optimizer=functools.partial(torch.optim.SGD, lr=LR_TABLES),
-                       dense_optimizer=functools.partial(torch.optim.Adam, lr=LR_DENSE))
+    task = RankingTask(
+        model,
+        [TaskSpec("click")],
+        sparse_optimizer=functools.partial(torch.optim.SGD, lr=LR_TABLES),
+        dense_optimizer=functools.partial(torch.optim.Adam, lr=LR_DENSE),
+    )
     timer = StepTimer()
-    common = dict(max_steps=args.steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                  callbacks=[timer], accelerator="cpu")
+    common = dict(
+        max_steps=args.steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[timer],
+        accelerator="cpu",
+    )
     if sharded:
         from recsys.distributed.strategy import TorchRecStrategy
 
-        strategy = TorchRecStrategy(sharding={"item": "row_wise", "category": "table_wise"},
-                                    fused_optimizer={"name": "sgd", "lr": LR_TABLES}, process_group_backend="gloo")
+        strategy = TorchRecStrategy(
+            sharding={"item": "row_wise", "category": "table_wise"},
+            fused_optimizer={"name": "sgd", "lr": LR_TABLES},
+            process_group_backend="gloo",
+        )
         trainer = pl_.Trainer(strategy=strategy, devices=info.world_size, use_distributed_sampler=False, **common)
     else:
         trainer = pl_.Trainer(devices=1, **common)
     trainer.fit(task, datamodule=Batches(batches))
 
-    step_s = float(np.mean(timer.times[args.warmup:]))
+    step_s = float(np.mean(timer.times[args.warmup :]))
     per_rank, step_per_rank = [peak_rss_mb()], [step_s]
     if dist.is_initialized() and dist.get_world_size() > 1:
         per_rank, step_per_rank = [None] * info.world_size, [None] * info.world_size
@@ -147,10 +169,20 @@ def main() -> None:
     samples_per_s = info.world_size * args.batch_size / step_s
     line = result_line(setting, info.world_size, "cpu", samples_per_s, args.dim, peak_rss_mb=max(per_rank))
     if info.is_zero:
-        print(json.dumps({**line, "per_rank_peak_rss_mb": [round(r, 1) for r in per_rank],
-                          "step_s": round(step_s, 3), "threads": torch.get_num_threads(),
-                          "loadavg_at_start": [round(x, 2) for x in load], "batch_per_rank": args.batch_size,
-                          "seq_len": args.seq_len, "steps": args.steps}))
+        print(
+            json.dumps(
+                {
+                    **line,
+                    "per_rank_peak_rss_mb": [round(r, 1) for r in per_rank],
+                    "step_s": round(step_s, 3),
+                    "threads": torch.get_num_threads(),
+                    "loadavg_at_start": [round(x, 2) for x in load],
+                    "batch_per_rank": args.batch_size,
+                    "seq_len": args.seq_len,
+                    "steps": args.steps,
+                }
+            )
+        )
         if not args.no_record:
             append_result(line)
 

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 import pyarrow as pa
@@ -50,24 +49,28 @@ def raw_ids(mapper: IdMapper, limit: int) -> np.ndarray:
     return lookup
 
 
-def log_group(rng: np.random.Generator, raw: Dict[str, np.ndarray], rows: int, seq: int) -> pa.Table:
+def log_group(rng: np.random.Generator, raw: dict[str, np.ndarray], rows: int, seq: int) -> pa.Table:
     """One row group of ``rows`` logs with ``seq`` behaviours each (ids uniform over the table rows)."""
+
     def ids(column: str, size: int) -> np.ndarray:
         return raw[column][rng.integers(1, len(raw[column]), size)]
 
     offsets = pa.array(np.arange(rows + 1, dtype=np.int64) * seq)
-    return pa.table({
-        "user": rng.integers(1, 1_000_000, rows),
-        "item": ids("item", rows),
-        "category": ids("category", rows),
-        "timestamp": np.full(rows, 1_512_000_000, dtype=np.int64),
-        "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(ids("item", rows * seq))),
-        "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(ids("category", rows * seq))),
-    })
+    return pa.table(
+        {
+            "user": rng.integers(1, 1_000_000, rows),
+            "item": ids("item", rows),
+            "category": ids("category", rows),
+            "timestamp": np.full(rows, 1_512_000_000, dtype=np.int64),
+            "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(ids("item", rows * seq))),
+            "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(ids("category", rows * seq))),
+        }
+    )
 
 
-def generate_logs(bundle_dir: Path, folder: Path, rows: int, seq: int = 200, files: int = 10,
-                  group: int = 50_000, seed: int = 0) -> None:
+def generate_logs(
+    bundle_dir: Path, folder: Path, rows: int, seq: int = 200, files: int = 10, group: int = 50_000, seed: int = 0
+) -> None:
     """Taobao-schema logs (raw ids of the bundle's vocabulary), written a row group at a time, so memory is
     ``group x seq`` ids whatever ``rows``; skipped when already complete."""
     done = folder / "_COMPLETE"
@@ -75,8 +78,10 @@ def generate_logs(bundle_dir: Path, folder: Path, rows: int, seq: int = 200, fil
         return
     bundle = load_bundle(bundle_dir)
     vocab = bundle.meta.vocab()
-    raw = {"item": raw_ids(bundle.mappers["item"], vocab.num_items),
-           "category": raw_ids(bundle.mappers["category"], vocab.num_categories)}
+    raw = {
+        "item": raw_ids(bundle.mappers["item"], vocab.num_items),
+        "category": raw_ids(bundle.mappers["category"], vocab.num_categories),
+    }
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     per_file = rows // files
@@ -122,8 +127,18 @@ def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int
 
 
 def score(bundle_dir: Path, folder: Path, out: Path, batch_size: int, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "pipelines.score", f"input={folder}", f"model={bundle_dir}", f"output={out}",
-           f"batch_size={batch_size}", f"threads={threads}", "progress=false", f"hydra.run.dir={out}_hydra"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.score",
+        f"input={folder}",
+        f"model={bundle_dir}",
+        f"output={out}",
+        f"batch_size={batch_size}",
+        f"threads={threads}",
+        "progress=false",
+        f"hydra.run.dir={out}_hydra",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     return json.loads((out / "_summary.json").read_text())
 
@@ -135,7 +150,9 @@ def load() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", nargs="+", action="extend", required=True, help="training run folders or bundle folders")
+    parser.add_argument(
+        "--model", nargs="+", action="extend", required=True, help="training run folders or bundle folders"
+    )
     parser.add_argument("--rows", nargs="+", type=int, default=[1_000_000, 10_000_000])
     parser.add_argument("--threads", nargs="+", type=int, default=[2], help="torch threads; one run per value")
     parser.add_argument("--batch-size", type=int, default=8192)
@@ -154,7 +171,9 @@ def main() -> None:
                 load_before = load()
                 summary = score(bundle_dir, folder, out, args.batch_size, threads)
                 row = {
-                    "model": identity["run_name"], "rows": rows, "rows_per_s": summary["rows_per_s"],
+                    "model": identity["run_name"],
+                    "rows": rows,
+                    "rows_per_s": summary["rows_per_s"],
                     "peak_rss_mb": summary["peak_rss_mb"],
                     "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
                     "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size), 1),
@@ -162,20 +181,27 @@ def main() -> None:
                 }
                 with (RESULTS / "scoring.jsonl").open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
-                print(json.dumps(row), f"load average {load_before} -> {load()}, scoring {summary['seconds']} s",
-                      flush=True)
+                print(
+                    json.dumps(row),
+                    f"load average {load_before} -> {load()}, scoring {summary['seconds']} s",
+                    flush=True,
+                )
     write_table()
 
 
 def write_table() -> None:
     """benchmarks/results/scoring.md from every line of scoring.jsonl."""
-    lines = ["| model | rows | threads | rows/s | read-only rows/s | forward-only rows/s | bound / rows/s | peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | rows | threads | rows/s | read-only rows/s | forward-only rows/s | bound / rows/s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in [json.loads(line) for line in (RESULTS / "scoring.jsonl").read_text().splitlines()]:
         bound = min(r["read_only_rows_per_s"], r["forward_only_rows_per_s"])
-        lines.append(f"| {r['model']} | {r['rows']:,} | {r['threads']} | {r['rows_per_s']:,.0f} | "
-                     f"{r['read_only_rows_per_s']:,.0f} | {r['forward_only_rows_per_s']:,.0f} | "
-                     f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['rows']:,} | {r['threads']} | {r['rows_per_s']:,.0f} | "
+            f"{r['read_only_rows_per_s']:,.0f} | {r['forward_only_rows_per_s']:,.0f} | "
+            f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
     (RESULTS / "scoring.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

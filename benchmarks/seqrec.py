@@ -28,9 +28,10 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +45,23 @@ from recsys.tasks.seq_losses import last_position_ranks, sequential_losses
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FIELDS = ("model", "dataset", "seed", "hr5", "hr10", "hr20", "ndcg5", "ndcg10", "ndcg20", "best_epoch",
-          "sec_per_epoch", "device")
+FIELDS = (
+    "model",
+    "dataset",
+    "seed",
+    "hr5",
+    "hr10",
+    "hr20",
+    "ndcg5",
+    "ndcg10",
+    "ndcg20",
+    "best_epoch",
+    "sec_per_epoch",
+    "device",
+)
 DATASETS = {"beauty": "Beauty.txt", "sports": "Sports_and_Outdoors.txt", "yelp": "Yelp.txt"}
 MOH_75 = {"num_heads": 4, "shared_heads": 2, "routed_topk": 1, "router": "learned", "balance_weight": 0.01}
-MODELS: Dict[str, tuple] = {  # the recsys configs' defaults (configs/recsys/{sasrec,mqsa_ted}.yaml)
+MODELS: dict[str, tuple] = {  # the recsys configs' defaults (configs/recsys/{sasrec,mqsa_ted}.yaml)
     "sasrec": (SASRec, {}),
     "mqsa": (MQSATED, {"lambda_kd": 0.0}),
     "mqsa_ted": (MQSATED, {}),
@@ -63,8 +76,12 @@ def log(message: str) -> None:
 
 def training_graph(train: SeqTable, num_items: int, span: int) -> TransitionGraph:
     """TED's graph from the training split only."""
-    src, dst = transition_pairs(torch.tensor(train.history.values), torch.tensor(train.targets.values),
-                                torch.tensor(train.history.lengths), span)
+    src, dst = transition_pairs(
+        torch.tensor(train.history.values),
+        torch.tensor(train.targets.values),
+        torch.tensor(train.history.lengths),
+        span,
+    )
     return build_transition_graph(src, dst, num_items)
 
 
@@ -73,14 +90,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_epoch(model: SASRec, table: SeqTable, graph: Optional[TransitionGraph], opt: torch.optim.Optimizer,
-                rng: np.random.Generator, batch_size: int, device: torch.device) -> float:
+def train_epoch(
+    model: SASRec,
+    table: SeqTable,
+    graph: TransitionGraph | None,
+    opt: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    batch_size: int,
+    device: torch.device,
+) -> float:
     """One pass over the training users in a random order; returns the mean total loss."""
     model.train()
     order = rng.permutation(len(table))
     total, steps = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = table.batch(order[start:start + batch_size]).to(device, non_blocking=True)
+        batch = table.batch(order[start : start + batch_size]).to(device, non_blocking=True)
         losses = sequential_losses(model, batch, graph)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -89,15 +113,17 @@ def train_epoch(model: SASRec, table: SeqTable, graph: Optional[TransitionGraph]
     return float(total) / max(steps, 1)
 
 
-def evaluate(model: SASRec, table: SeqTable, batch_size: int, device: torch.device) -> Dict[str, float]:
+def evaluate(model: SASRec, table: SeqTable, batch_size: int, device: torch.device) -> dict[str, float]:
     """HR/NDCG@5/10/20 over all users (full ranking, history removed, newest position only)."""
     model.eval()
-    ranks = [last_position_ranks(model, table.batch(np.arange(s, min(s + batch_size, len(table)))).to(device))
-             for s in range(0, len(table), batch_size)]
+    ranks = [
+        last_position_ranks(model, table.batch(np.arange(s, min(s + batch_size, len(table)))).to(device))
+        for s in range(0, len(table), batch_size)
+    ]
     return rank_metrics(torch.cat(ranks).cpu())
 
 
-def run_one(model_name: str, dataset: str, path: Path, seed: int, args: argparse.Namespace) -> Dict[str, Any]:
+def run_one(model_name: str, dataset: str, path: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train one model with early stopping; returns the JSON row (best-validation epoch's test metrics)."""
     device = torch.device(args.device)
     torch.manual_seed(seed)
@@ -109,8 +135,8 @@ def run_one(model_name: str, dataset: str, path: Path, seed: int, args: argparse
     model = cls(vocab, MAX_LEN, device=device, **kwargs).to(device)
     graph = training_graph(splits["train"], seqs.num_items, model.kd_span).to(device) if model.lambda_kd > 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    best: Dict[str, Any] = {"val": -math.inf, "epoch": 0, "test": {}}
-    seconds: List[float] = []
+    best: dict[str, Any] = {"val": -math.inf, "epoch": 0, "test": {}}
+    seconds: list[float] = []
     started = time.perf_counter()
     for epoch in range(1, args.max_epochs + 1):
         sync(device)
@@ -125,44 +151,62 @@ def run_one(model_name: str, dataset: str, path: Path, seed: int, args: argparse
         seconds.append(t2 - t0)
         if val["ndcg@20"] > best["val"]:
             best = {"val": val["ndcg@20"], "epoch": epoch, "test": test}
-        log(f"{model_name} {dataset} seed {seed} epoch {epoch}: loss {loss:.4f} train {t1 - t0:.1f}s eval {t2 - t1:.1f}s "
-            f"val ndcg@20 {val['ndcg@20']:.4f} test ndcg@10 {test['ndcg@10']:.4f} hr@10 {test['hr@10']:.4f}")
+        log(
+            f"{model_name} {dataset} seed {seed} epoch {epoch}: loss {loss:.4f} "
+            f"train {t1 - t0:.1f}s eval {t2 - t1:.1f}s "
+            f"val ndcg@20 {val['ndcg@20']:.4f} test ndcg@10 {test['ndcg@10']:.4f} hr@10 {test['hr@10']:.4f}"
+        )
         if epoch - best["epoch"] >= args.patience:
             log(f"early stop: no validation gain for {args.patience} epochs")
             break
         if args.time_budget_s and time.perf_counter() - started > args.time_budget_s:
             log(f"time budget of {args.time_budget_s}s used up after epoch {epoch}")
             break
-    row = {"model": model_name, "dataset": dataset, "seed": seed,
-           **{k.replace("@", ""): round(v, 6) for k, v in best["test"].items()},
-           "best_epoch": best["epoch"], "sec_per_epoch": round(float(np.mean(seconds)), 3), "device": device.type}
+    row = {
+        "model": model_name,
+        "dataset": dataset,
+        "seed": seed,
+        **{k.replace("@", ""): round(v, 6) for k, v in best["test"].items()},
+        "best_epoch": best["epoch"],
+        "sec_per_epoch": round(float(np.mean(seconds)), 3),
+        "device": device.type,
+    }
     log(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return {k: row[k] for k in FIELDS}
 
 
-def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Mean ± std over seeds per (dataset, model, device)."""
-    groups: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["dataset"], row["model"], row["device"])].append(row)
     metrics = ("hr5", "hr10", "hr20", "ndcg5", "ndcg10", "ndcg20")
-    lines = ["# Sequential recommendation benchmark (`python -m benchmarks.seqrec`)", "",
-             "Test metrics at the epoch of best validation NDCG@20 (full ranking, history removed), mean ± std over "
-             "seeds; `sec/epoch` = training + validation + test evaluation, the fastest seed's (several runs may "
-             "have shared the machine; see the notes below the table). Budgets and settings of each run: "
-             "docs/seqrec.md.", "",
-             "| dataset | model | device | seeds | " + " | ".join(metrics) + " | best epoch | sec/epoch |",
-             "|---|---|---|---|" + "---|" * len(metrics) + "---|---|"]
+    lines = [
+        "# Sequential recommendation benchmark (`python -m benchmarks.seqrec`)",
+        "",
+        "Test metrics at the epoch of best validation NDCG@20 (full ranking, history removed), mean ± std over "
+        "seeds; `sec/epoch` = training + validation + test evaluation, the fastest seed's (several runs may "
+        "have shared the machine; see the notes below the table). Budgets and settings of each run: "
+        "docs/seqrec.md.",
+        "",
+        "| dataset | model | device | seeds | " + " | ".join(metrics) + " | best epoch | sec/epoch |",
+        "|---|---|---|---|" + "---|" * len(metrics) + "---|---|",
+    ]
     for (dataset, model, device), group in sorted(groups.items()):
-        def cell(key: str, digits: int = 4) -> str:
+
+        def cell(key: str, digits: int = 4, group: list = group) -> str:
             values = np.array([r[key] for r in group], dtype=float)
             return f"{values.mean():.{digits}f}" + (f" ± {values.std():.{digits}f}" if len(values) > 1 else "")
-        lines.append(f"| {dataset} | {model} | {device} | {len(group)} | " + " | ".join(cell(m) for m in metrics)
-                     + f" | {cell('best_epoch', 1)} | {min(r['sec_per_epoch'] for r in group):.1f} |")
+
+        lines.append(
+            f"| {dataset} | {model} | {device} | {len(group)} | "
+            + " | ".join(cell(m) for m in metrics)
+            + f" | {cell('best_epoch', 1)} | {min(r['sec_per_epoch'] for r in group):.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def write_results(row: Dict[str, Any], out: Path, table: Path) -> None:
+def write_results(row: dict[str, Any], out: Path, table: Path) -> None:
     """Append one JSON line, then rebuild the markdown table from every line of ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as handle:
@@ -173,11 +217,15 @@ def write_results(row: Dict[str, Any], out: Path, table: Path) -> None:
     tmp.replace(table)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS),
-                        help=f"names in {list(DATASETS)} (files under --data-dir) or paths to S3-Rec style files")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(DATASETS),
+        help=f"names in {list(DATASETS)} (files under --data-dir) or paths to S3-Rec style files",
+    )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data" / "seqrec")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-epochs", type=int, default=200)
@@ -194,7 +242,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

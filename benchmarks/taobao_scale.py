@@ -9,49 +9,78 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
 from mtl.single import SingleTower
-from recsys.data.vocab import Vocab
 from recsys.data.tasks import TaskSpec
+from recsys.data.vocab import Vocab
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
 
 TAOBAO_ITEMS, TAOBAO_CATEGORIES, TAOBAO_USERS = 4_068_791, 9_408, 987_994
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALE_JSONL = RESULTS / "scale.jsonl"
-FIELDS = ("model", "setting", "world_size", "device", "samples_per_s", "peak_rss_mb", "peak_gpu_mb",
-          "table_rows", "dims")
+FIELDS = (
+    "model",
+    "setting",
+    "world_size",
+    "device",
+    "samples_per_s",
+    "peak_rss_mb",
+    "peak_gpu_mb",
+    "table_rows",
+    "dims",
+)
 
 
 def taobao_vocab(items: int = TAOBAO_ITEMS) -> Vocab:
     return Vocab(TAOBAO_USERS, items, TAOBAO_CATEGORIES)
 
 
-def table_rows(items: int = TAOBAO_ITEMS) -> Dict[str, int]:
+def table_rows(items: int = TAOBAO_ITEMS) -> dict[str, int]:
     """Rows of each item / category table (ids + the padding row 0)."""
     return {"item": items + 1, "category": TAOBAO_CATEGORIES + 1}
 
 
-def build_dare(dim: int, seq_len: int = 200, top_k: int = 20, table_device: Optional[torch.device] = None,
-               items: int = TAOBAO_ITEMS) -> RankingModel:
+def build_dare(
+    dim: int, seq_len: int = 200, top_k: int = 20, table_device: torch.device | None = None, items: int = TAOBAO_ITEMS
+) -> RankingModel:
     """DARE (``configs/recsys/dare.yaml``) at Taobao size: embedding and attention widths both ``dim``,
     BN-MLP 200-80 head; tables on ``table_device`` (``meta`` for DMP). ``items`` shrinks the item
     vocabulary for smoke tests only."""
-    backbone = TargetAttentionBackbone(taobao_vocab(items), seq_len, embedding_dim=dim, attention_dim=dim,
-                                       decoupled=True, top_k=top_k, device=table_device)
+    backbone = TargetAttentionBackbone(
+        taobao_vocab(items),
+        seq_len,
+        embedding_dim=dim,
+        attention_dim=dim,
+        decoupled=True,
+        top_k=top_k,
+        device=table_device,
+    )
     tower = SingleTower(backbone.output_dim, [TaskSpec("click")], hidden=(200, 80))
     return RankingModel(backbone, tower, init_std=0.01)
 
 
-def result_line(setting: str, world_size: int, device: str, samples_per_s: float, dim: int,
-                peak_rss_mb: Optional[float] = None, peak_gpu_mb: Optional[float] = None,
-                items: int = TAOBAO_ITEMS) -> Dict[str, Any]:
+def result_line(
+    setting: str,
+    world_size: int,
+    device: str,
+    samples_per_s: float,
+    dim: int,
+    peak_rss_mb: float | None = None,
+    peak_gpu_mb: float | None = None,
+    items: int = TAOBAO_ITEMS,
+) -> dict[str, Any]:
     """One ``scale.jsonl`` record (exactly the documented fields; one of the two peaks is set)."""
-    line: Dict[str, Any] = {"model": "dare", "setting": setting, "world_size": world_size, "device": device,
-                            "samples_per_s": round(samples_per_s, 1)}
+    line: dict[str, Any] = {
+        "model": "dare",
+        "setting": setting,
+        "world_size": world_size,
+        "device": device,
+        "samples_per_s": round(samples_per_s, 1),
+    }
     if peak_rss_mb is not None:
         line["peak_rss_mb"] = round(peak_rss_mb, 1)
     if peak_gpu_mb is not None:
@@ -61,7 +90,7 @@ def result_line(setting: str, world_size: int, device: str, samples_per_s: float
     return line
 
 
-def append_result(line: Dict[str, Any], path: Path = SCALE_JSONL) -> None:
+def append_result(line: dict[str, Any], path: Path = SCALE_JSONL) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(json.dumps(line) + "\n")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Sequence
 
 import torch
 from torch import nn
@@ -19,9 +19,9 @@ class TowerOutput:
     extras: diagnostics such as gate probabilities ``[B, n_experts]`` per task.
     """
 
-    logits: Dict[str, torch.Tensor]
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: dict[str, torch.Tensor]
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Tower(nn.Module):

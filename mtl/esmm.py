@@ -9,7 +9,7 @@ pCTR·pCVR for the second, so the ranking task's ordinary per-task BCE gives exa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,15 @@ class ESMMTower(Tower):
     Extras: ``esmm/cvr [B]`` (pCVR, the conversion rate given a click).
     """
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], tower_hidden: Sequence[int] = (64, 32),
-                 norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        tower_hidden: Sequence[int] = (64, 32),
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         if len(tasks) != 2 or any(t.loss != "binary" for t in tasks):
             got = [(t.name, t.label, t.loss) for t in tasks]
@@ -42,8 +49,7 @@ class ESMMTower(Tower):
                 f"got (name, label, loss) = {got}"
             )
         self.ctr_task, self.ctcvr_task = self.task_names
-        self.heads = TaskHeads(["ctr", "cvr"], in_dim, tower_hidden, norm=norm, activation=activation,
-                               dropout=dropout)
+        self.heads = TaskHeads(["ctr", "cvr"], in_dim, tower_hidden, norm=norm, activation=activation, dropout=dropout)
 
     def forward(self, features: torch.Tensor) -> TowerOutput:
         out = self.heads(features)

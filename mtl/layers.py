@@ -8,7 +8,7 @@ groups run in one batched matmul: inputs are ``[G, B, in]`` (one input per group
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,16 @@ class GroupedMLP(nn.Module):
     ``out_dim`` it is a grouped linear map.
     """
 
-    def __init__(self, groups: int, in_dim: int, hidden: Sequence[int], out_dim: Optional[int] = None,
-                 norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        groups: int,
+        in_dim: int,
+        hidden: Sequence[int],
+        out_dim: int | None = None,
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{activation}'; choose one of {sorted(ACTIVATIONS)}")
@@ -130,19 +138,27 @@ def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 class TaskHeads(nn.Module):
     """One MLP head per task, batched: ``[T, B, in]`` (or ``[B, in]`` shared) -> ``{task: [B]}``."""
 
-    def __init__(self, task_names: Sequence[str], in_dim: int, hidden: Sequence[int] = (64,),
-                 norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        task_names: Sequence[str],
+        in_dim: int,
+        hidden: Sequence[int] = (64,),
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.task_names = list(task_names)
-        self.mlp = GroupedMLP(len(self.task_names), in_dim, hidden, out_dim=1, norm=norm,
-                              activation=activation, dropout=dropout)
+        self.mlp = GroupedMLP(
+            len(self.task_names), in_dim, hidden, out_dim=1, norm=norm, activation=activation, dropout=dropout
+        )
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.mlp(x).squeeze(-1)  # [T, B]
         return {name: out[i] for i, name in enumerate(self.task_names)}
 
 
-def gate_extras(task_names: Sequence[str], weights: torch.Tensor, group: str = "") -> Dict[str, torch.Tensor]:
+def gate_extras(task_names: Sequence[str], weights: torch.Tensor, group: str = "") -> dict[str, torch.Tensor]:
     """``weights [T, B, E]`` -> ``{"gate/<task>[/<group>]": [B, E]}`` (what the gate-usage plot reads)."""
     suffix = f"/{group}" if group else ""
     return {f"gate/{name}{suffix}": weights[i].detach() for i, name in enumerate(task_names)}

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -26,19 +26,26 @@ class MixtureOfExperts(nn.Module):
             (TaskExpert's memory); 0 = plain MMoE.
     """
 
-    def __init__(self, in_dim: int, num_experts: int, num_gates: int, expert_hidden: Sequence[int],
-                 extra_slots: int = 0, norm: Optional[str] = None, activation: str = "relu",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_experts: int,
+        num_gates: int,
+        expert_hidden: Sequence[int],
+        extra_slots: int = 0,
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        self.experts = GroupedMLP(num_experts, in_dim, expert_hidden, norm=norm, activation=activation,
-                                  dropout=dropout)
+        self.experts = GroupedMLP(num_experts, in_dim, expert_hidden, norm=norm, activation=activation, dropout=dropout)
         self.gates = Gates(num_gates, in_dim, num_experts + extra_slots)
         self.num_experts, self.extra_slots = num_experts, extra_slots
         self.out_dim = self.experts.out_dim
 
-    def forward(self, x: torch.Tensor, extra: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, in]``; ``extra [G, B, d]`` or ``[G, extra_slots, B, d]`` (values of the extra slots per gate).
 
         Returns (mixture ``[G, B, d]``, gate weights ``[G, B, n + extra_slots]``).
@@ -50,7 +57,7 @@ class MixtureOfExperts(nn.Module):
             if extra is None:
                 raise ValueError("this MixtureOfExperts has extra gate slots: pass their values as `extra`")
             extra = extra.unsqueeze(1) if extra.dim() == 3 else extra  # [G, slots, B, d]
-            out = out + mix(weights[..., self.num_experts:], extra)
+            out = out + mix(weights[..., self.num_experts :], extra)
         return out, weights
 
 
@@ -60,14 +67,22 @@ class MMoETower(Tower):
     Extras: ``gate/<task> [B, n]`` gate weights.
     """
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], num_experts: int = 8,
-                 expert_hidden: Sequence[int] = (64,), tower_hidden: Sequence[int] = (32,),
-                 norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        num_experts: int = 8,
+        expert_hidden: Sequence[int] = (64,),
+        tower_hidden: Sequence[int] = (32,),
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
-        self.moe = MixtureOfExperts(in_dim, num_experts, len(self.task_names), expert_hidden, norm=norm,
-                                    activation=activation, dropout=dropout)
-        self.heads = TaskHeads(self.task_names, self.moe.out_dim, tower_hidden, activation=activation,
-                               dropout=dropout)
+        self.moe = MixtureOfExperts(
+            in_dim, num_experts, len(self.task_names), expert_hidden, norm=norm, activation=activation, dropout=dropout
+        )
+        self.heads = TaskHeads(self.task_names, self.moe.out_dim, tower_hidden, activation=activation, dropout=dropout)
 
     def forward(self, features: torch.Tensor) -> TowerOutput:
         mixed, weights = self.moe(features)

@@ -7,7 +7,7 @@ that gives the next shared input. Heads sit on the last level's task outputs. ``
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,8 +25,18 @@ class CGCLevel(nn.Module):
     shared gate ``[B, T*S + H]`` or ``None``).
     """
 
-    def __init__(self, in_dim: int, num_tasks: int, specific: int, shared: int, expert_hidden: Sequence[int],
-                 last: bool, norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        num_tasks: int,
+        specific: int,
+        shared: int,
+        expert_hidden: Sequence[int],
+        last: bool,
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if specific < 1 or shared < 1:
             raise ValueError(f"PLE needs >= 1 task-specific and >= 1 shared expert, got {specific} and {shared}")
@@ -38,8 +48,9 @@ class CGCLevel(nn.Module):
         self.num_tasks, self.num_specific, self.num_shared = num_tasks, specific, shared
         self.out_dim = self.shared.out_dim
 
-    def forward(self, task_in: torch.Tensor, shared_in: torch.Tensor) -> Tuple[
-            torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, task_in: torch.Tensor, shared_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         t, s, h = self.num_tasks, self.num_specific, self.num_shared
         spec_in = task_in if task_in.dim() == 2 else task_in.repeat_interleave(s, dim=0)
         spec = self.specific(spec_in)  # [T*S, B, d]; experts t*S .. t*S+S-1 belong to task t
@@ -61,16 +72,35 @@ class PLETower(Tower):
     Extras: ``gate/<task>/level<j> [B, S + H]`` (the task's own experts first, then the shared ones).
     """
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], num_levels: int = 1, specific_experts: int = 2,
-                 shared_experts: int = 2, expert_hidden: Sequence[int] = (64,), tower_hidden: Sequence[int] = (32,),
-                 norm: Optional[str] = None, activation: str = "relu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        num_levels: int = 1,
+        specific_experts: int = 2,
+        shared_experts: int = 2,
+        expert_hidden: Sequence[int] = (64,),
+        tower_hidden: Sequence[int] = (32,),
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         if num_levels < 1:
             raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         levels, width = [], in_dim
         for j in range(num_levels):
-            level = CGCLevel(width, len(self.task_names), specific_experts, shared_experts, expert_hidden,
-                             last=j == num_levels - 1, norm=norm, activation=activation, dropout=dropout)
+            level = CGCLevel(
+                width,
+                len(self.task_names),
+                specific_experts,
+                shared_experts,
+                expert_hidden,
+                last=j == num_levels - 1,
+                norm=norm,
+                activation=activation,
+                dropout=dropout,
+            )
             levels.append(level)
             width = level.out_dim
         self.levels = nn.ModuleList(levels)

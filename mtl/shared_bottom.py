@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -14,13 +14,21 @@ from recsys.data.tasks import TaskSpec
 class SharedBottomTower(Tower):
     """``[B, in_dim]`` -> bottom ``[B, bottom_hidden[-1]]`` -> heads ``{task: [B]}``."""
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], bottom_hidden: Sequence[int] = (128,),
-                 tower_hidden: Sequence[int] = (32,), norm: Optional[str] = None, activation: str = "relu",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        bottom_hidden: Sequence[int] = (128,),
+        tower_hidden: Sequence[int] = (32,),
+        norm: str | None = None,
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         self.bottom = GroupedMLP(1, in_dim, bottom_hidden, norm=norm, activation=activation, dropout=dropout)
-        self.heads = TaskHeads(self.task_names, self.bottom.out_dim, tower_hidden, activation=activation,
-                               dropout=dropout)
+        self.heads = TaskHeads(
+            self.task_names, self.bottom.out_dim, tower_hidden, activation=activation, dropout=dropout
+        )
 
     def forward(self, features: torch.Tensor) -> TowerOutput:
         shared = self.bottom(features)[0]  # [B, d]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,8 +15,14 @@ from recsys.modules.mlp import MLP
 class SingleTower(Tower):
     """``[B, in_dim]`` -> per task ``BN -> Linear(200) -> PReLU -> Linear(80) -> PReLU -> Linear(1)``."""
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], hidden: Sequence[int] = (200, 80),
-                 batch_norm: bool = True, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        hidden: Sequence[int] = (200, 80),
+        batch_norm: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         self.heads = nn.ModuleDict(
             {name: MLP(in_dim, hidden, out_dim=1, batch_norm=batch_norm, dropout=dropout) for name in self.task_names}

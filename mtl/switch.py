@@ -15,7 +15,7 @@ randomly permuted first to break ties), and the loss is ``λ_dp · mean_t JS(p_t
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -39,7 +39,7 @@ def window_prior(num_tasks: int, num_blocks: int, num_experts: int, top_k: int, 
 
 
 @torch.no_grad()
-def match_prior(indicator: torch.Tensor, prior: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def match_prior(indicator: torch.Tensor, prior: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Hungarian assignment of gate units to prior units.
 
     ``indicator [T, U]`` (top-k 0/1 of every gate), ``prior [T, U]`` -> ``π [U]``: the prior column matched
@@ -64,8 +64,14 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.
     return 0.5 * (p * (torch.log(p + eps) - log_m)).sum(-1) + 0.5 * (q * (torch.log(q + eps) - log_m)).sum(-1)
 
 
-def prior_loss(probs: torch.Tensor, indicator: torch.Tensor, prior: torch.Tensor, num_blocks: int, top_k: int,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def prior_loss(
+    probs: torch.Tensor,
+    indicator: torch.Tensor,
+    prior: torch.Tensor,
+    num_blocks: int,
+    top_k: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """``mean_t JS(probs[t]/N, prior[t, π]/(kN))``; ``probs``/``indicator``/``prior`` are ``[T, N·M]``."""
     matched = match_prior(indicator, prior, generator)
     return js_divergence(probs / num_blocks, prior[:, matched] / (top_k * num_blocks)).mean()
@@ -78,18 +84,31 @@ class SwitchBlock(nn.Module):
     ``forward(z [T, B, d], gates [T, M])`` -> ``[T, B, d]`` = ``z + Δ(z ⊙ (1 + m(z)))``.
     """
 
-    def __init__(self, dim: int, task_dim: int, num_experts: int, top_k: int, hidden: int,
-                 activation: str = "gelu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        task_dim: int,
+        num_experts: int,
+        top_k: int,
+        hidden: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.gate = nn.Sequential(nn.SiLU(), nn.Linear(task_dim, num_experts))
         self.expert_weight = nn.Parameter(torch.zeros(num_experts, dim, dim))
         self.expert_bias = nn.Parameter(torch.zeros(num_experts, dim))
         keep_init(self.expert_weight)
-        self.delta = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), ACTIVATIONS[activation](),
-                                   nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.delta = nn.Sequential(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, hidden),
+            ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+        )
         self.top_k = top_k
 
-    def gating(self, task_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def gating(self, task_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probs = torch.softmax(self.gate(task_embedding), dim=-1)
         index = probs.topk(self.top_k, dim=-1).indices
         indicator = torch.zeros_like(probs).scatter(-1, index, 1.0)
@@ -119,10 +138,22 @@ class SwitchTower(Tower):
     Extras: ``gate/<task>/block<i> [B, M]`` gate probabilities (the same for every row of a task).
     """
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], dim: int = 64, num_blocks: int = 3,
-                 num_experts: int = 3, top_k: int = 2, block_hidden: int = 128, task_dim: int = 16,
-                 prior_weight: float = 1.0, prior_alpha: float = 4.0, tower_hidden: Sequence[int] = (32,),
-                 activation: str = "gelu", dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        dim: int = 64,
+        num_blocks: int = 3,
+        num_experts: int = 3,
+        top_k: int = 2,
+        block_hidden: int = 128,
+        task_dim: int = 16,
+        prior_weight: float = 1.0,
+        prior_alpha: float = 4.0,
+        tower_hidden: Sequence[int] = (32,),
+        activation: str = "gelu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"mtl=switch: top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -136,8 +167,9 @@ class SwitchTower(Tower):
             SwitchBlock(dim, task_dim, num_experts, top_k, block_hidden, activation, dropout) for _ in range(num_blocks)
         )
         self.heads = TaskHeads(self.task_names, dim, tower_hidden, activation="relu", dropout=dropout)
-        self.register_buffer("prior", window_prior(num_tasks, num_blocks, num_experts, top_k, prior_alpha),
-                             persistent=False)
+        self.register_buffer(
+            "prior", window_prior(num_tasks, num_blocks, num_experts, top_k, prior_alpha), persistent=False
+        )
         self.num_blocks, self.top_k, self.prior_weight = num_blocks, top_k, prior_weight
 
     def forward(self, features: torch.Tensor) -> TowerOutput:
@@ -150,7 +182,7 @@ class SwitchTower(Tower):
             probs.append(p)
             indicators.append(indicator)
             extras.update(gate_extras(self.task_names, p.unsqueeze(1).expand(-1, z.shape[1], -1), f"block{i + 1}"))
-        aux: Dict[str, torch.Tensor] = {}
+        aux: dict[str, torch.Tensor] = {}
         if self.prior_weight > 0:
             loss = prior_loss(torch.cat(probs, -1), torch.cat(indicators, -1), self.prior, self.num_blocks, self.top_k)
             aux["switch_prior"] = self.prior_weight * loss

@@ -11,7 +11,7 @@ forced to zero a layer is exactly an MMoE layer (:class:`mtl.mmoe.MixtureOfExper
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,13 +31,25 @@ class TaskExpertTower(Tower):
     Extras: ``gate/<task>/layer<ℓ> [B, n + 1]`` (last column = the memory slot).
     """
 
-    def __init__(self, in_dim: int, tasks: Sequence[TaskSpec], num_layers: int = 2, num_experts: int = 4,
-                 expert_dim: int = 64, trunk_dim: int = 64, memory_update: str = "residual",
-                 memory_init: str = "zero", tower_hidden: Sequence[int] = (32,), activation: str = "relu",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        tasks: Sequence[TaskSpec],
+        num_layers: int = 2,
+        num_experts: int = 4,
+        expert_dim: int = 64,
+        trunk_dim: int = 64,
+        memory_update: str = "residual",
+        memory_init: str = "zero",
+        tower_hidden: Sequence[int] = (32,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__(in_dim, tasks)
         if memory_update not in MEMORY_UPDATES:
-            raise ValueError(f"mtl=taskexpert: memory_update must be one of {list(MEMORY_UPDATES)}, got '{memory_update}'")
+            raise ValueError(
+                f"mtl=taskexpert: memory_update must be one of {list(MEMORY_UPDATES)}, got '{memory_update}'"
+            )
         if memory_init not in MEMORY_INITS:
             raise ValueError(f"mtl=taskexpert: memory_init must be one of {list(MEMORY_INITS)}, got '{memory_init}'")
         if num_layers < 1:
@@ -51,8 +63,9 @@ class TaskExpertTower(Tower):
             if layer < num_layers - 1:
                 self.trunk.append(GroupedMLP(1, width, (trunk_dim,), **kw))
                 width = trunk_dim
-        self.memory_norms = nn.ModuleList(nn.LayerNorm(expert_dim) for _ in range(num_layers)) \
-            if memory_update == "residual" else None
+        self.memory_norms = (
+            nn.ModuleList(nn.LayerNorm(expert_dim) for _ in range(num_layers)) if memory_update == "residual" else None
+        )
         self.memory_proj = GroupedLinear(num_tasks, in_dim, expert_dim) if memory_init == "project" else None
         self.heads = TaskHeads(self.task_names, expert_dim, tower_hidden, activation=activation, dropout=dropout)
         self.expert_dim = expert_dim

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Dict
 
 import hydra
 import polars as pl
@@ -37,8 +36,15 @@ def load_runs(tracking_uri: str, experiment: str, metric: str) -> pl.DataFrame:
             continue
         tags = run.data.tags
         model = tags.get("recsys", "?") + (f"-{tags['mtl']}" if tags.get("mtl") not in (None, "", "single") else "")
-        rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name, "model": model,
-                     "seed": tags.get("seed", ""), metric: run.data.metrics[metric]})
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "model": model,
+                "seed": tags.get("seed", ""),
+                metric: run.data.metrics[metric],
+            }
+        )
     if not rows:
         raise ValueError(f"no run in experiment {experiment!r} has the metric {metric!r}")
     return pl.DataFrame(rows).sort(["model", "seed", "run_name"])
@@ -48,8 +54,12 @@ def summary_table(runs: pl.DataFrame, metric: str) -> pl.DataFrame:
     """Per model: runs, mean, std (0 for one run), best."""
     return (
         runs.group_by("model", maintain_order=True)
-        .agg(pl.len().alias("runs"), pl.col(metric).mean().alias("mean"),
-             pl.col(metric).std().fill_null(0.0).alias("std"), pl.col(metric).max().alias("best"))
+        .agg(
+            pl.len().alias("runs"),
+            pl.col(metric).mean().alias("mean"),
+            pl.col(metric).std().fill_null(0.0).alias("std"),
+            pl.col(metric).max().alias("best"),
+        )
         .sort("mean", descending=True)
     )
 
@@ -85,8 +95,13 @@ def plot_curves(tracking_uri: str, runs: pl.DataFrame, metric: str, path: Path) 
     for r in runs.iter_rows(named=True):
         history = client.get_metric_history(r["run_id"], metric)
         if history:
-            ax.plot(range(1, len(history) + 1), [h.value for h in history], marker="o", ms=3,
-                    label=f"{r['model']} s{r['seed']}")
+            ax.plot(
+                range(1, len(history) + 1),
+                [h.value for h in history],
+                marker="o",
+                ms=3,
+                label=f"{r['model']} s{r['seed']}",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per epoch")
@@ -95,13 +110,17 @@ def plot_curves(tracking_uri: str, runs: pl.DataFrame, metric: str, path: Path) 
     save_figure(fig, path)
 
 
-def compare(tracking_uri: str, experiment: str, metric: str, curve_metric: str, out: Path) -> Dict[str, Path]:
+def compare(tracking_uri: str, experiment: str, metric: str, curve_metric: str, out: Path) -> dict[str, Path]:
     runs = load_runs(tracking_uri, experiment, metric)
     table = summary_table(runs, metric)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{experiment}_{metric.replace('/', '_').replace('@', '')}"
-    files = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "final": out / f"{stem}_final.png",
-             "curves": out / f"{stem}_curves.png"}
+    files = {
+        "md": out / f"{stem}.md",
+        "csv": out / f"{stem}.csv",
+        "final": out / f"{stem}_final.png",
+        "curves": out / f"{stem}_curves.png",
+    }
     atomic_write_bytes(files["md"], to_markdown(table, metric).encode())
     atomic_write_bytes(files["csv"], runs.write_csv().encode())
     plot_final(table, metric, files["final"])

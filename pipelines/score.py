@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import hydra
 import torch
@@ -31,16 +30,16 @@ from tqdm import tqdm
 from recsys.bundle import load_bundle, resolve_bundle
 from recsys.data.schema import DataValidationError
 from recsys.io import write_json_atomic
-from recsys.system import peak_rss_mb
 from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
 from recsys.scoring.reader import count_rows, iter_batches, log_schema, run_ahead
 from recsys.scoring.seq_scorer import SeqScorer
 from recsys.scoring.writer import AtomicParquetWriter
+from recsys.system import peak_rss_mb
 
 log = logging.getLogger("pipelines.score")
 
 
-def input_files(spec: str) -> List[Path]:
+def input_files(spec: str) -> list[Path]:
     """A file, a folder (all ``*.parquet`` below it) or a glob; sorted; at least one file."""
     path = Path(spec)
     if path.is_dir():
@@ -65,15 +64,27 @@ def input_root(spec: str) -> Path:
     return Path(prefix) if prefix.endswith("/") else Path(prefix).parent
 
 
-def score_file(scorer: CTRScorer, file: Path, target: Path, rejects: Path, batch_size: int,
-               identity: dict, bar: tqdm, read_ahead: bool = True) -> ScoreStats:
+def score_file(
+    scorer: CTRScorer,
+    file: Path,
+    target: Path,
+    rejects: Path,
+    batch_size: int,
+    identity: dict,
+    bar: tqdm,
+    read_ahead: bool = True,
+) -> ScoreStats:
     """Score one file into ``target`` (and its rejects) atomically; with ``read_ahead`` the next batch is read
     and mapped in a background thread while the model scores the current one."""
     schema = log_schema(file, scorer.required_columns)
     columns = list(dict.fromkeys([*scorer.required_columns, *[c for c in scorer.keep_columns if c in schema]]))
     stats = ScoreStats()
-    meta = {"recsys.model": identity.get("run_name", ""), "recsys.run_id": str(identity.get("run_id", "")),
-            "recsys.weights_sha256": identity.get("weights_sha256", ""), "recsys.input": file.name}
+    meta = {
+        "recsys.model": identity.get("run_name", ""),
+        "recsys.run_id": str(identity.get("run_id", "")),
+        "recsys.weights_sha256": identity.get("weights_sha256", ""),
+        "recsys.input": file.name,
+    }
     with AtomicParquetWriter(target, meta) as out, AtomicParquetWriter(rejects, meta) as bad:
         frames = iter_batches(file, columns, batch_size)
         for prepared in run_ahead(frames, scorer.prepare) if read_ahead else map(scorer.prepare, frames):
@@ -109,8 +120,12 @@ def run(cfg: DictConfig) -> ScoreStats:
     for stale in output.rglob(".*.tmp") if output.exists() else []:  # left by a killed run
         stale.unlink()
     todo = [(f, t) for f, t in zip(files, targets) if not t.exists()]
-    log.info("%d input files, %d already scored, model %s", len(files), len(files) - len(todo),
-             bundle.identity.get("run_name"))
+    log.info(
+        "%d input files, %d already scored, model %s",
+        len(files),
+        len(files) - len(todo),
+        bundle.identity.get("run_name"),
+    )
     for file, _ in todo:  # fail fast, before any output, on unreadable files or missing columns
         log_schema(file, scorer.required_columns)
     total = sum(count_rows(f) for f, _ in todo)
@@ -118,15 +133,32 @@ def run(cfg: DictConfig) -> ScoreStats:
     with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
         for file, target in todo:
             rejects = output / "_rejected" / target.relative_to(output)
-            stats.add(score_file(scorer, file, target, rejects, int(cfg.batch_size), bundle.identity, bar,
-                                 bool(cfg.get("read_ahead", True))))
+            stats.add(
+                score_file(
+                    scorer,
+                    file,
+                    target,
+                    rejects,
+                    int(cfg.batch_size),
+                    bundle.identity,
+                    bar,
+                    bool(cfg.get("read_ahead", True)),
+                )
+            )
     seconds = time.perf_counter() - start
-    summary = {"files": len(files), "files_scored": len(todo), "rows_in": stats.rows_in,
-               "rows_scored": stats.rows_scored, "rows_rejected": dict(stats.rows_rejected),
-               "unseen_ids_mapped": stats.unseen_ids_mapped, "seconds": round(seconds, 3),
-               "rows_per_s": round(stats.rows_in / seconds, 1) if seconds > 0 else None,
-               "model": bundle.identity.get("run_name"), "peak_rss_mb": round(peak_rss_mb(), 1),
-               "threads": torch.get_num_threads()}
+    summary = {
+        "files": len(files),
+        "files_scored": len(todo),
+        "rows_in": stats.rows_in,
+        "rows_scored": stats.rows_scored,
+        "rows_rejected": dict(stats.rows_rejected),
+        "unseen_ids_mapped": stats.unseen_ids_mapped,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(stats.rows_in / seconds, 1) if seconds > 0 else None,
+        "model": bundle.identity.get("run_name"),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "threads": torch.get_num_threads(),
+    }
     write_json_atomic(output / "_summary.json", summary)
     print("scoring summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return stats

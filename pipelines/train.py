@@ -1,7 +1,7 @@
 """Train, validate and test a model; everything is tracked in MLflow.
 
-    python -m pipelines.train recsys=dare
-    python -m pipelines.train recsys=twin data=ml100k data.path=../shared/data/ml-100k trainer.max_epochs=3
+python -m pipelines.train recsys=dare
+python -m pipelines.train recsys=twin data=ml100k data.path=../shared/data/ml-100k trainer.max_epochs=3
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
@@ -23,17 +23,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from recsys.bundle import export_bundle
 from recsys.data.schema import DataValidationError
 from recsys.distributed.run import register_rank_resolver, run_context
-from recsys.bundle import export_bundle
 from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
-from recsys.tracking.sweep import PARENT_ENV
 from recsys.tracking.gates import GateUsage
 from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, run_name
 from recsys.tracking.resume import PeriodicCheckpoint, check_checkpoint, find_resume_point
+from recsys.tracking.sweep import PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
 register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
@@ -41,14 +41,16 @@ register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (
 USER_ERRORS = (DataValidationError, FileNotFoundError, PermissionError, ValueError)
 
 
-def choices(cfg: DictConfig) -> Dict[str, str]:
+def choices(cfg: DictConfig) -> dict[str, str]:
     """Group options picked for this run (``recsys``, ``mtl``, ``data``, ...), from Hydra when available."""
     if HydraConfig.initialized():
         return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
     return {"recsys": "custom", "mtl": "single", "data": str(cfg.data.name)}
 
 
-def build(cfg: DictConfig, table_device: torch.device | None = None) -> Tuple[pl.LightningDataModule, pl.LightningModule]:
+def build(
+    cfg: DictConfig, table_device: torch.device | None = None
+) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Data module (prepared, so its vocabulary is known), then the task builder assembles
     backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``task``).
 
@@ -68,12 +70,12 @@ def build(cfg: DictConfig, table_device: torch.device | None = None) -> Tuple[pl
     return datamodule, task
 
 
-def extra_callbacks(cfg: DictConfig) -> List[pl.Callback]:
+def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The ``callbacks`` config section: name -> Hydra config of a Lightning callback (null = off)."""
     return [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
 
 
-def train(cfg: DictConfig) -> Dict[str, float]:
+def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the final metrics."""
     pl.seed_everything(cfg.seed, workers=True)
     picked = choices(cfg)
@@ -81,8 +83,9 @@ def train(cfg: DictConfig) -> Dict[str, float]:
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    resume = find_resume_point(cfg.resume, logger_cfg["tracking_uri"], logger_cfg["experiment_name"],
-                               experiment_hash(resolved))
+    resume = find_resume_point(
+        cfg.resume, logger_cfg["tracking_uri"], logger_cfg["experiment_name"], experiment_hash(resolved)
+    )
     if resume.output_dir is not None:  # continue in the interrupted run's folder
         cfg.paths.output_dir = str(resume.output_dir)
     # torchrun: one process group, rank 0's output folder on every rank, tables on meta under DMP
@@ -144,16 +147,27 @@ def train(cfg: DictConfig) -> Dict[str, float]:
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
         task.load_state_dict(best["state_dict"])
     if run.is_zero:
-        bundle = export_bundle(output_dir / "model", resolved, datamodule.dataset_dir, weights,
-                               {"run_name": name, "run_id": logger.run_id, "data_fingerprint": meta.fingerprint,
-                                "model_builder": task.model_builder})
+        bundle = export_bundle(
+            output_dir / "model",
+            resolved,
+            datamodule.dataset_dir,
+            weights,
+            {
+                "run_name": name,
+                "run_id": logger.run_id,
+                "data_fingerprint": meta.fingerprint,
+                "model_builder": task.model_builder,
+            },
+        )
         logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")
     epochs = timer.epoch_seconds
     metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
     metrics["system/peak_rss_mb"] = peak_rss_mb()
     if run.is_zero:
-        write_json_atomic(output_dir / "metrics.json", {**metrics, "run_name": name, "run_id": logger.run_id,
-                                                         "best_model_path": checkpoint.best_model_path})
+        write_json_atomic(
+            output_dir / "metrics.json",
+            {**metrics, "run_name": name, "run_id": logger.run_id, "best_model_path": checkpoint.best_model_path},
+        )
     log.info("finished %s: %s", name, {k: v for k, v in metrics.items() if k.startswith("test/")})
     return metrics
 

@@ -16,9 +16,10 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -35,8 +36,9 @@ from recsys.io import atomic_write_bytes, write_json_atomic
 ID_COLUMNS = ("user", "item", "category")
 
 
-def export_bundle(target: Path, config: Mapping[str, Any], dataset_dir: Path, model: torch.nn.Module,
-                  identity: Mapping[str, Any]) -> Path:
+def export_bundle(
+    target: Path, config: Mapping[str, Any], dataset_dir: Path, model: torch.nn.Module, identity: Mapping[str, Any]
+) -> Path:
     """Write the bundle into a temp folder beside ``target`` and rename it into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,9 +72,9 @@ class IdMapper:
 
     DENSE_SPAN = 1 << 23  # 64 MiB of int64 rows at most
 
-    def __init__(self, raw: Optional[np.ndarray], rows: Optional[np.ndarray], limit: int) -> None:
+    def __init__(self, raw: np.ndarray | None, rows: np.ndarray | None, limit: int) -> None:
         self.limit = limit
-        self._dense: Optional[np.ndarray] = None
+        self._dense: np.ndarray | None = None
         if raw is None:
             self.raw = self.rows = None
             return
@@ -83,7 +85,7 @@ class IdMapper:
             self._dense = np.full(int(self.raw[-1]) - int(self.raw[0]) + 3, -1, dtype=np.int64)
             self._dense[self.raw - self.raw[0] + 1] = self.rows
 
-    def __call__(self, ids: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows of ``ids`` (int64, same shape), written into ``out`` when given."""
         if self._dense is not None:
             slots = np.clip(ids, self.raw[0] - 1, self.raw[-1] + 1)
@@ -105,13 +107,13 @@ class LoadedBundle:
     """A bundle read back: the model in eval mode plus what is needed to feed it."""
 
     model: torch.nn.Module
-    config: Dict[str, Any]
+    config: dict[str, Any]
     meta: DatasetMeta
-    tasks: List[TaskSpec]
-    mappers: Dict[str, IdMapper]
-    identity: Dict[str, Any]
+    tasks: list[TaskSpec]
+    mappers: dict[str, IdMapper]
+    identity: dict[str, Any]
 
-    def backbone_inputs(self) -> Dict[str, Any]:
+    def backbone_inputs(self) -> dict[str, Any]:
         return {"vocab": self.meta.vocab(), "max_len": self.meta.max_len}
 
 
@@ -120,15 +122,18 @@ def resolve_bundle(model: str, download_dir: Path) -> Path:
     if model.startswith("runs:/"):
         import mlflow
 
-        run_id = model[len("runs:/"):].strip("/").split("/")[0]
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model",
-                                                        dst_path=str(download_dir)))
+        run_id = model[len("runs:/") :].strip("/").split("/")[0]
+        return Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=str(download_dir))
+        )
     path = Path(model)
     if (path / "model" / "bundle.json").exists():
         path = path / "model"
     if not (path / "bundle.json").exists():
-        raise FileNotFoundError(f"{model}: not a model bundle (no bundle.json); pass a training run folder, "
-                                f"its model/ folder, or runs:/<mlflow run id>")
+        raise FileNotFoundError(
+            f"{model}: not a model bundle (no bundle.json); pass a training run folder, "
+            f"its model/ folder, or runs:/<mlflow run id>"
+        )
     return path
 
 
@@ -148,7 +153,7 @@ def load_bundle(path: Path) -> LoadedBundle:
             self.tasks = tasks
 
         @staticmethod
-        def backbone_inputs() -> Dict[str, Any]:
+        def backbone_inputs() -> dict[str, Any]:
             return {"vocab": meta.vocab(), "max_len": meta.max_len}
 
     identity = json.loads((path / "bundle.json").read_text())

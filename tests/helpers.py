@@ -8,10 +8,12 @@ import polars as pl
 from recsys.data.schema import SAMPLE_SCHEMA, Vocab
 
 
-def random_samples(rows: int = 64, vocab: Vocab = Vocab(20, 50, 6), max_len: int = 12, seed: int = 0,
-                   signal: bool = True) -> pl.DataFrame:
+def random_samples(
+    rows: int = 64, vocab: Vocab | None = None, max_len: int = 12, seed: int = 0, signal: bool = True
+) -> pl.DataFrame:
     """A CTR-sample frame in the documented schema; with ``signal`` the label is 1 iff the target's
     category appears in the history, so a model can learn it."""
+    vocab = vocab or Vocab(20, 50, 6)
     rng = np.random.default_rng(seed)
     item_cat = rng.integers(1, vocab.num_categories + 1, size=vocab.num_items + 1)
     lengths = rng.integers(1, max_len + 1, size=rows)

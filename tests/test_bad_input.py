@@ -37,22 +37,37 @@ def _first_row(column: str, value) -> pl.Expr:
 
 DATA_CASES = {
     "missing column": (lambda f: f.drop("hist_cat"), r"train\.parquet: missing column\(s\) \['hist_cat'\]"),
-    "wrong dtype": (lambda f: f.with_columns(pl.col("item").cast(pl.String)),
-                    r"column 'item' has dtype String, expected an integer type"),
-    "wrong history dtype": (lambda f: f.with_columns(pl.col("hist_item").cast(pl.List(pl.Float64))),
-                            r"column 'hist_item' has dtype List\(Float64\), expected List\(Int64\)"),
+    "wrong dtype": (
+        lambda f: f.with_columns(pl.col("item").cast(pl.String)),
+        r"column 'item' has dtype String, expected an integer type",
+    ),
+    "wrong history dtype": (
+        lambda f: f.with_columns(pl.col("hist_item").cast(pl.List(pl.Float64))),
+        r"column 'hist_item' has dtype List\(Float64\), expected List\(Int64\)",
+    ),
     "null id": (lambda f: f.with_columns(_first_row("item", None)), r"null values in column\(s\) \{'item': 1\}"),
-    "empty history": (lambda f: f.with_columns(_first_row("hist_item", pl.lit([], dtype=pl.List(pl.Int64)))),
-                      r"column 'hist_item' has 1 empty histories"),
+    "empty history": (
+        lambda f: f.with_columns(_first_row("hist_item", pl.lit([], dtype=pl.List(pl.Int64)))),
+        r"column 'hist_item' has 1 empty histories",
+    ),
     "history lengths differ (a negative length in offsets terms)": (
-        lambda f: f.with_columns(_first_row("hist_cat", pl.lit([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], dtype=pl.List(pl.Int64)))),
-        r"columns 'hist_item' and 'hist_cat' differ in length on 1 rows"),
-    "id out of range": (lambda f: f.with_columns(_first_row("item", 999)),
-                        r"column 'item' has ids in \[\d+, 999\], outside the valid range \[1, 50\]"),
-    "negative id in a history": (lambda f: f.with_columns(_first_row("hist_cat", pl.col("hist_cat").list.eval(pl.element() * -1))),
-                                 r"column 'hist_cat' has ids in \[-\d+, \d+\], outside the valid range \[0, 6\]"),
-    "label outside {0,1}": (lambda f: f.with_columns(_first_row("label", pl.lit(2, dtype=pl.Int8))),
-                            r"column 'label' must hold only 0 or 1; 1 rows do not"),
+        lambda f: f.with_columns(
+            _first_row("hist_cat", pl.lit([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], dtype=pl.List(pl.Int64)))
+        ),
+        r"columns 'hist_item' and 'hist_cat' differ in length on 1 rows",
+    ),
+    "id out of range": (
+        lambda f: f.with_columns(_first_row("item", 999)),
+        r"column 'item' has ids in \[\d+, 999\], outside the valid range \[1, 50\]",
+    ),
+    "negative id in a history": (
+        lambda f: f.with_columns(_first_row("hist_cat", pl.col("hist_cat").list.eval(pl.element() * -1))),
+        r"column 'hist_cat' has ids in \[-\d+, \d+\], outside the valid range \[0, 6\]",
+    ),
+    "label outside {0,1}": (
+        lambda f: f.with_columns(_first_row("label", pl.lit(2, dtype=pl.Int8))),
+        r"column 'label' must hold only 0 or 1; 1 rows do not",
+    ),
     "no rows": (lambda f: f.clear(), r"the table has no rows"),
 }
 
@@ -89,10 +104,16 @@ def test_corrupt_or_truncated_parquet(tmp_path):
         CTRTable.read_parquet(bad, LABELS, VOCAB)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "click", "loss": "hinge"}, r"task 'click': unknown loss 'hinge'; choose one of \['binary', 'regression'\]"),
-    ({"name": "click", "labl": "x"}, r"unknown key\(s\) \['labl'\]"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"name": "click", "loss": "hinge"},
+            r"task 'click': unknown loss 'hinge'; choose one of \['binary', 'regression'\]",
+        ),
+        ({"name": "click", "labl": "x"}, r"unknown key\(s\) \['labl'\]"),
+    ],
+)
 def test_bad_task_config(entry, message):
     with pytest.raises(ValueError, match=message):
         parse_tasks([entry])
@@ -134,13 +155,23 @@ def test_bundle_weights_of_another_model(tmp_path):
     source = tmp_path / "b"
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "meta.json").write_text('{"name": "x", "fingerprint": "f", "num_users": 20, "num_items": 50, '
-                                     '"num_categories": 6, "max_len": 12, "rows": {}, "params": {}, "extra_columns": []}')
+    (cache / "meta.json").write_text(
+        '{"name": "x", "fingerprint": "f", "num_users": 20, "num_items": 50, '
+        '"num_categories": 6, "max_len": 12, "rows": {}, "params": {}, "extra_columns": []}'
+    )
     config = yaml.safe_load((REPO / "configs" / "recsys" / "twin.yaml").read_text())
-    config = {"recsys": {**config, "embedding_dim": 16}, "mtl": {"_target_": "mtl.single.SingleTower", "_partial_": True},
-              "data": {"tasks": [{"name": "click", "label": "label"}]}}
-    export_bundle(source, config, cache, _tiny_model(8),
-                  {"run_name": "x", "model_builder": "recsys.models.ranking.build_ranking_model"})
+    config = {
+        "recsys": {**config, "embedding_dim": 16},
+        "mtl": {"_target_": "mtl.single.SingleTower", "_partial_": True},
+        "data": {"tasks": [{"name": "click", "label": "label"}]},
+    }
+    export_bundle(
+        source,
+        config,
+        cache,
+        _tiny_model(8),
+        {"run_name": "x", "model_builder": "recsys.models.ranking.build_ranking_model"},
+    )
     with pytest.raises(DataValidationError, match=r"weights\.pt does not match the model in its config\.yaml"):
         load_bundle(source)
 
@@ -152,17 +183,33 @@ def test_unwritable_tracking_store(tmp_path):
         build_logger(f"sqlite:///{blocker}/sub/mlflow.db", str(tmp_path / "art"), "x")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("recsys=nope", "Could not find 'recsys/nope'"),
-    ("recsys.nope=1", "Could not override 'recsys.nope'"),
-    ("mtl=mmoe data=beauty recsys=sasrec", "mtl=mmoe is not supported"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("recsys=nope", "Could not find 'recsys/nope'"),
+        ("recsys.nope=1", "Could not override 'recsys.nope'"),
+        ("mtl=mmoe data=beauty recsys=sasrec", "mtl=mmoe is not supported"),
+    ],
+)
 def test_bad_config_on_the_command_line(override, message, tmp_path):
     sequences = tmp_path / "tiny.txt"
-    sequences.write_text("".join(f"{u} " + " ".join(str(1 + (u + k) % 9) for k in range(6)) + "\n" for u in range(1, 30)))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.train", *override.split(), f"paths.root_dir={tmp_path}",
-                           f"data.path={sequences}" if "beauty" in override else "seed=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    sequences.write_text(
+        "".join(f"{u} " + " ".join(str(1 + (u + k) % 9) for k in range(6)) + "\n" for u in range(1, 30))
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.train",
+            *override.split(),
+            f"paths.root_dir={tmp_path}",
+            f"data.path={sequences}" if "beauty" in override else "seed=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

@@ -7,7 +7,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from recsys.data.schema import Vocab
 from recsys.models.target_attention import TargetAttentionBackbone
@@ -33,8 +32,9 @@ def test_each_recsys_option_builds_its_backbone(name):
 
 
 def test_one_override_each():
-    cfg = _compose(["recsys=dare", "recsys.attention_dim=8", "trainer.max_epochs=7", "data=ml100k",
-                    "data.path=/somewhere/ml-100k"])
+    cfg = _compose(
+        ["recsys=dare", "recsys.attention_dim=8", "trainer.max_epochs=7", "data=ml100k", "data.path=/somewhere/ml-100k"]
+    )
     assert cfg.recsys.attention_dim == 8 and cfg.trainer.max_epochs == 7
     assert cfg.data.source.path == "/somewhere/ml-100k"
     backbone = instantiate(cfg.recsys)(vocab=Vocab(5, 30, 4), max_len=10)
@@ -60,7 +60,10 @@ def test_unknown_group_option_is_rejected():
 def test_cli_unknown_recsys_name_gives_clear_message(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.train", "recsys=nope", f"paths.root_dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "Could not find 'recsys/nope'" in proc.stderr

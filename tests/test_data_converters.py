@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from recsys.data.synthetic import generate_log, prepare_synthetic
 from recsys.data.taobao import prepare_taobao, read_taobao_log
 from recsys.metrics.ranking import auc as binary_auc
 from tests.conftest import shared_data
-
 
 DATA = shared_data()
 TAOBAO_CSV = DATA / "taobao_userbehavior_head" / "UserBehavior.csv"
@@ -76,9 +74,12 @@ def test_taobao_matches_reference_protocol(taobao_dir, taobao_events):
             expected[split].append((user, seq[-back][0], seq[-back][1], [i for i, _ in hist], [c for _, c in hist]))
     splits = _read_splits(taobao_dir)
     for split in SPLITS:
-        got = splits[split].filter(pl.col("label") == 1).select(
-            "user", "item", "category", "hist_item", "hist_cat"
-        ).rows()
+        got = (
+            splits[split]
+            .filter(pl.col("label") == 1)
+            .select("user", "item", "category", "hist_item", "hist_cat")
+            .rows()
+        )
         assert sorted(got) == sorted(expected[split])
 
 
@@ -107,8 +108,9 @@ def test_taobao_uncapped_histories_grow(taobao_events):
     """With max_len above every T, val/test histories are strictly longer than every train history."""
     splits = build_ctr_samples(taobao_events, CTRProtocol(max_len=1000))
     lens = {
-        s: f.group_by("user").agg(pl.col("hist_item").list.len().min().alias("lo"),
-                                  pl.col("hist_item").list.len().max().alias("hi")).sort("user")
+        s: f.group_by("user")
+        .agg(pl.col("hist_item").list.len().min().alias("lo"), pl.col("hist_item").list.len().max().alias("hi"))
+        .sort("user")
         for s, f in splits.items()
     }
     assert (lens["val"]["lo"] > lens["train"]["hi"]).all()
@@ -131,9 +133,7 @@ def test_determinism_and_seed(taobao_events):
         assert a[split].equals(b[split])
         pos_a, pos_c = (f.filter(pl.col("label") == 1) for f in (a[split], c[split]))
         assert pos_a.equals(pos_c)
-    assert not a["train"].filter(pl.col("label") == 0)["item"].equals(
-        c["train"].filter(pl.col("label") == 0)["item"]
-    )
+    assert not a["train"].filter(pl.col("label") == 0)["item"].equals(c["train"].filter(pl.col("label") == 0)["item"])
 
 
 # ---------------------------------------------------------------------------------------------- protocol
@@ -143,12 +143,24 @@ def _tiny_log() -> pl.DataFrame:
     """User 1: 8 pv (given out of order, a tie at t=30) + 1 cart; user 2: 3 pv; user 3: 6 pv."""
     rows = [
         # user, item, category, behavior, timestamp
-        (1, 105, 5, "pv", 50), (1, 101, 1, "pv", 10), (1, 102, 2, "pv", 20), (1, 103, 3, "pv", 30),
-        (1, 104, 4, "pv", 30), (1, 999, 9, "cart", 35), (1, 106, 6, "pv", 60), (1, 107, 7, "pv", 70),
+        (1, 105, 5, "pv", 50),
+        (1, 101, 1, "pv", 10),
+        (1, 102, 2, "pv", 20),
+        (1, 103, 3, "pv", 30),
+        (1, 104, 4, "pv", 30),
+        (1, 999, 9, "cart", 35),
+        (1, 106, 6, "pv", 60),
+        (1, 107, 7, "pv", 70),
         (1, 108, 8, "pv", 80),
-        (2, 301, 30, "pv", 1), (2, 301, 31, "pv", 2), (2, 101, 1, "pv", 3),
-        (3, 201, 20, "pv", 1), (3, 202, 20, "pv", 2), (3, 203, 21, "pv", 3), (3, 204, 21, "pv", 4),
-        (3, 205, 22, "pv", 5), (3, 206, 22, "pv", 6),
+        (2, 301, 30, "pv", 1),
+        (2, 301, 31, "pv", 2),
+        (2, 101, 1, "pv", 3),
+        (3, 201, 20, "pv", 1),
+        (3, 202, 20, "pv", 2),
+        (3, 203, 21, "pv", 3),
+        (3, 204, 21, "pv", 4),
+        (3, 205, 22, "pv", 5),
+        (3, 206, 22, "pv", 6),
     ]
     return pl.DataFrame(rows, schema=dict(LOG_SCHEMA), orient="row")
 
@@ -194,8 +206,15 @@ def test_protocol_all_targets_on_tiny_log():
 
 def test_remap_ids_first_appearance():
     log = pl.DataFrame(
-        {"user": [7, 7, 3, 7], "item": [50, 40, 50, 60], "category": [9, 8, 9, 8],
-         "behavior": ["pv"] * 4, "timestamp": [1, 2, 3, 4]}, schema=dict(LOG_SCHEMA))
+        {
+            "user": [7, 7, 3, 7],
+            "item": [50, 40, 50, 60],
+            "category": [9, 8, 9, 8],
+            "behavior": ["pv"] * 4,
+            "timestamp": [1, 2, 3, 4],
+        },
+        schema=dict(LOG_SCHEMA),
+    )
     out, vocab, maps = remap_ids(log)
     assert maps["item"].rows() == [(50, 1), (40, 2), (60, 3)]
     assert maps["user"].rows() == [(7, 1), (3, 2)]
@@ -254,7 +273,9 @@ def test_fingerprint_inputs_and_params(tmp_path):
 
 
 def test_write_dataset_is_atomic(tmp_path, monkeypatch):
-    splits = build_ctr_samples(_tiny_log(), CTRProtocol(min_interactions=4, num_train_targets=2, train_stride=2, max_len=3))
+    splits = build_ctr_samples(
+        _tiny_log(), CTRProtocol(min_interactions=4, num_train_targets=2, train_stride=2, max_len=3)
+    )
     real_write = pl.DataFrame.write_parquet
     calls = []
 
@@ -412,7 +433,9 @@ def _zip_bytes(files: dict) -> bytes:
 def test_download_ml100k_checks_md5(tmp_path, monkeypatch):
     from recsys.data import movielens
 
-    fake = _zip_bytes({"u.data": b"1\t2\t3\t4\n", "u.item": b"2|x|||u|" + b"|".join([b"0"] * 19) + b"\n", "README": b"r"})
+    fake = _zip_bytes(
+        {"u.data": b"1\t2\t3\t4\n", "u.item": b"2|x|||u|" + b"|".join([b"0"] * 19) + b"\n", "README": b"r"}
+    )
     monkeypatch.setattr(movielens.urllib.request, "urlopen", lambda url, timeout: _FakeResponse(fake))
     with pytest.raises(DataValidationError, match=r"u\.data.*md5"):
         prepare_ml100k(tmp_path / "ml", tmp_path / "cache", download=True)

@@ -29,17 +29,17 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
 import torch
 
 from recsys.data.ctr_table import CTRTable, identity_collate
-from recsys.data.vocab import Vocab
 from recsys.data.tasks import TaskSpec
+from recsys.data.vocab import Vocab
 from recsys.distributed.collectives import merge_batches
 from tests.helpers import random_samples
 
@@ -47,7 +47,7 @@ WORLD = 2
 EPOCHS, STEPS_PER_EPOCH, BATCH = 2, 3, 32  # per rank: 3 steps of 32 rows per epoch
 FUSED = {"name": "row_wise_adagrad", "lr": 0.05, "eps": 1e-8}
 DENSE_LR = 0.01
-LOSS_ATOL = 1e-4    # per-step global loss, distributed vs single-process reference (losses ~1.4)
+LOSS_ATOL = 1e-4  # per-step global loss, distributed vs single-process reference (losses ~1.4)
 # final weights, distributed vs reference; after 6 steps weights have moved by ~5e-2, tables and most dense
 # weights agree to ~1e-6, the BatchNorm scales to ~1e-4 (their N(0, 0.01) init gives tiny gradients, and
 # Adam's normalised step amplifies float summation-order differences)
@@ -73,35 +73,46 @@ class Case:
             added to every key's score).
     """
 
-    task: Callable[[Optional[torch.device]], torch.nn.Module]
-    batches: Callable[[], Tuple[list, list]]
-    sharding: Dict[str, str]
-    expected: Dict[str, str]
+    task: Callable[[torch.device | None], torch.nn.Module]
+    batches: Callable[[], tuple[list, list]]
+    sharding: dict[str, str]
+    expected: dict[str, str]
     val_metric: str = "val/auc"
     dense_key: str = "tower"
-    not_compared: Tuple[str, ...] = ()
+    not_compared: tuple[str, ...] = ()
 
 
 # ---- DARE -----------------------------------------------------------------------------------------
 DARE_VOCAB, DARE_MAX_LEN = Vocab(40, 120, 10), 12
 
 
-def _dare_task(table_device: Optional[torch.device]):
+def _dare_task(table_device: torch.device | None):
     from mtl.single import SingleTower
     from recsys.models.ranking import RankingModel
     from recsys.models.target_attention import TargetAttentionBackbone
     from recsys.tasks.ranking import RankingTask
 
     tasks = [TaskSpec("click")]
-    backbone = TargetAttentionBackbone(DARE_VOCAB, DARE_MAX_LEN, embedding_dim=8, attention_dim=8, decoupled=True,
-                                       top_k=5, aux_hidden=(16,), device=table_device)
+    backbone = TargetAttentionBackbone(
+        DARE_VOCAB,
+        DARE_MAX_LEN,
+        embedding_dim=8,
+        attention_dim=8,
+        decoupled=True,
+        top_k=5,
+        aux_hidden=(16,),
+        device=table_device,
+    )
     tower = SingleTower(backbone.output_dim, tasks, hidden=(16, 8))
-    return RankingTask(RankingModel(backbone, tower, init_std=0.01), tasks,
-                       sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),  # unused under DMP
-                       dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR))
+    return RankingTask(
+        RankingModel(backbone, tower, init_std=0.01),
+        tasks,
+        sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),  # unused under DMP
+        dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR),
+    )
 
 
-def _dare_batches() -> Tuple[list, list]:
+def _dare_batches() -> tuple[list, list]:
     n_train, n_val = STEPS_PER_EPOCH * WORLD * BATCH, 3 * BATCH
     frame = random_samples(rows=n_train + n_val, vocab=DARE_VOCAB, max_len=DARE_MAX_LEN, seed=0)
     table = CTRTable.from_frame(frame, "test", {"click": "label"}, DARE_VOCAB, ["label"])
@@ -113,8 +124,12 @@ def _dare_batches() -> Tuple[list, list]:
 def dare_case() -> Case:
     """DARE: item tables row-wise, category tables table-wise (four tables: att/repr x item/category)."""
     rw, tw = "row_wise", "table_wise"
-    return Case(_dare_task, _dare_batches, {"item": rw, "category": tw},
-                {"att_item": rw, "repr_item": rw, "att_category": tw, "repr_category": tw})
+    return Case(
+        _dare_task,
+        _dare_batches,
+        {"item": rw, "category": tw},
+        {"att_item": rw, "repr_item": rw, "att_category": tw, "repr_category": tw},
+    )
 
 
 # ---- SASRec / MQSA-TED: one item table, tied to the full-softmax output layer ---------------------------
@@ -122,15 +137,17 @@ SEQ_VOCAB, SEQ_MAX_LEN = Vocab(100, 30, 0), 6
 SEQ_BATCH = 8  # users per batch
 
 
-def _seq_rows(users: range, seed: int) -> List[List[int]]:
+def _seq_rows(users: range, seed: int) -> list[list[int]]:
     """One learnable item sequence per user (a walk with stride 3 from a random start), 3..MAX_LEN+1 items."""
     rng = np.random.default_rng(seed)
     n_items = SEQ_VOCAB.num_items
-    return [[(int(rng.integers(n_items)) + 3 * k) % n_items + 1 for k in range(int(rng.integers(3, SEQ_MAX_LEN + 2)))]
-            for _ in users]
+    return [
+        [(int(rng.integers(n_items)) + 3 * k) % n_items + 1 for k in range(int(rng.integers(3, SEQ_MAX_LEN + 2)))]
+        for _ in users
+    ]
 
 
-def _seq_batch(seqs: List[List[int]], users: range, train: bool):
+def _seq_batch(seqs: list[list[int]], users: range, train: bool):
     """Training rows: inputs ``s[:-1]``, targets ``s[1:]``; evaluation rows: target ``s[-1]``, history excluded."""
     from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 
@@ -143,7 +160,7 @@ def _seq_batch(seqs: List[List[int]], users: range, train: bool):
     return SeqBatch(make_seq_kjt(pack(inputs), pack(targets), pack(exclude)), torch.tensor(list(users)))
 
 
-def _seq_batches() -> Tuple[list, list]:
+def _seq_batches() -> tuple[list, list]:
     n_train, n_val = STEPS_PER_EPOCH * WORLD, 3
     out = []
     for b in range(n_train + n_val):
@@ -152,10 +169,10 @@ def _seq_batches() -> Tuple[list, list]:
     return out[:n_train], out[n_train:]
 
 
-def _seq_task(model_cls: type, table_device: Optional[torch.device]):
+def _seq_task(model_cls: type, table_device: torch.device | None):
     """A tiny SASRec or MQSA-TED (TED on, graph from the training batches) without dropout (deterministic)."""
-    from recsys.data.seq_batch import SEQ_ITEM
     from recsys.data.batch import TARGET_ITEM
+    from recsys.data.seq_batch import SEQ_ITEM
     from recsys.data.transitions import build_transition_graph
     from recsys.tasks.sequential import SequentialTask
 
@@ -166,8 +183,13 @@ def _seq_task(model_cls: type, table_device: Optional[torch.device]):
         src = torch.cat([b.jagged(SEQ_ITEM)[0] for b in train])
         dst = torch.cat([b.jagged(TARGET_ITEM)[0] for b in train])
         graph = build_transition_graph(src, dst, SEQ_VOCAB.num_items)
-    return SequentialTask(model, graph, sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),
-                          dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR), ks=(5, 10))
+    return SequentialTask(
+        model,
+        graph,
+        sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),
+        dense_optimizer=functools.partial(torch.optim.Adam, lr=DENSE_LR),
+        ks=(5, 10),
+    )
 
 
 def seq_case(model: str, sharding: str) -> Case:
@@ -176,21 +198,34 @@ def seq_case(model: str, sharding: str) -> Case:
     from recsys.models.sasrec import SASRec
 
     model_cls = {"sasrec": SASRec, "mqsa_ted": MQSATED}[model]
-    return Case(functools.partial(_seq_task, model_cls), _seq_batches, {"item": sharding}, {"item": sharding},
-                val_metric="val/ndcg@10", dense_key="encoders", not_compared=(".k.bias",))
+    return Case(
+        functools.partial(_seq_task, model_cls),
+        _seq_batches,
+        {"item": sharding},
+        {"item": sharding},
+        val_metric="val/ndcg@10",
+        dense_key="encoders",
+        not_compared=(".k.bias",),
+    )
 
 
-CASES: Dict[str, Callable[[], Case]] = {
+CASES: dict[str, Callable[[], Case]] = {
     "dare": dare_case,
-    **{f"{m}_{short}": functools.partial(seq_case, m, kind) for m in ("sasrec", "mqsa_ted")
-       for short, kind in (("tw", "table_wise"), ("rw", "row_wise"))},
+    **{
+        f"{m}_{short}": functools.partial(seq_case, m, kind)
+        for m in ("sasrec", "mqsa_ted")
+        for short, kind in (("tw", "table_wise"), ("rw", "row_wise"))
+    },
 }
 # cases trained in one launch (one pair of processes)
-GROUPS: Dict[str, Tuple[str, ...]] = {"dare": ("dare",), "seqrec": ("sasrec_tw", "sasrec_rw", "mqsa_ted_tw", "mqsa_ted_rw")}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "dare": ("dare",),
+    "seqrec": ("sasrec_tw", "sasrec_rw", "mqsa_ted_tw", "mqsa_ted_rw"),
+}
 
 
 # ---- the distributed side (runs in each elastic_launch worker) --------------------------------------
-def _worker(case_names: Tuple[str, ...], workdir: str) -> Dict[str, dict]:
+def _worker(case_names: tuple[str, ...], workdir: str) -> dict[str, dict]:
     """One rank: every case of a group, each in its own folder ``workdir/<case>``."""
     return {name: _run_case(name, str(Path(workdir) / name)) for name in case_names}
 
@@ -229,7 +264,7 @@ def _run_case(case_name: str, workdir: str) -> dict:
         """Loads the shared initial weights into the shards (after DMP setup) and records step losses."""
 
         def __init__(self) -> None:
-            self.losses: List[float] = []
+            self.losses: list[float] = []
 
         def on_fit_start(self, trainer, pl_module) -> None:
             load_full_state_dict(pl_module, init)
@@ -240,23 +275,39 @@ def _run_case(case_name: str, workdir: str) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    def fit(ckpt_dir: str, resume: Optional[str] = None):
+    def fit(ckpt_dir: str, resume: str | None = None):
         task = case.task(torch.device("meta"))
         strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
         record = Record()
-        saver = ModelCheckpoint(dirpath=str(Path(workdir) / ckpt_dir), filename="epoch{epoch}", monitor=None,
-                                save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True,
-                                auto_insert_metric_name=False)
-        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=EPOCHS, logger=False,
-                             callbacks=[record, saver], use_distributed_sampler=False, num_sanity_val_steps=0,
-                             enable_progress_bar=False, enable_model_summary=False)
+        saver = ModelCheckpoint(
+            dirpath=str(Path(workdir) / ckpt_dir),
+            filename="epoch{epoch}",
+            monitor=None,
+            save_top_k=-1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            auto_insert_metric_name=False,
+        )
+        trainer = pl.Trainer(
+            strategy=strategy,
+            accelerator="cpu",
+            devices=WORLD,
+            max_epochs=EPOCHS,
+            logger=False,
+            callbacks=[record, saver],
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(task, datamodule=Data(), ckpt_path=resume)
         dense = {n: p.detach().clone() for n, p in in_backward_optimizer_filter(strategy.dmp.named_parameters())}
         return trainer, strategy, record.losses, dense, gather_full_state_dict(task)
 
     trainer, strategy, losses_a, dense_a, full_a = fit("a")
-    plan = {table: ps.sharding_type for module_plan in strategy.dmp.plan.plan.values()
-            for table, ps in module_plan.items()}
+    plan = {
+        table: ps.sharding_type for module_plan in strategy.dmp.plan.plan.values() for table, ps in module_plan.items()
+    }
     val_metric = float(trainer.callback_metrics[case.val_metric])
     _, _, losses_b, _, full_b = fit("b", resume=str(Path(workdir) / "a" / "epoch0.ckpt"))
 
@@ -270,30 +321,59 @@ def _run_case(case_name: str, workdir: str) -> dict:
         task = case.task(None)
         strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
         record = Record()
-        trainer = pl.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD, max_epochs=1, logger=False,
-                             callbacks=[record], use_distributed_sampler=False, num_sanity_val_steps=0,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = pl.Trainer(
+            strategy=strategy,
+            accelerator="cpu",
+            devices=WORLD,
+            max_epochs=1,
+            logger=False,
+            callbacks=[record],
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(task, datamodule=Data())
-        fallback = {"path": strategy.sharding_path, "wrapper": record.wrapper,
-                    "state": {k: v.detach().clone() for k, v in task.state_dict().items()}}
+        fallback = {
+            "path": strategy.sharding_path,
+            "wrapper": record.wrapper,
+            "state": {k: v.detach().clone() for k, v in task.state_dict().items()},
+        }
     finally:
         strategy_module.sharding_path = real_path  # the group's next case shards again
-    return {"losses_a": losses_a, "losses_b": losses_b, "dense": dense_a, "full_a": full_a, "full_b": full_b,
-            "plan": plan, "val_metric": val_metric, "fallback": fallback}
+    return {
+        "losses_a": losses_a,
+        "losses_b": losses_b,
+        "dense": dense_a,
+        "full_a": full_a,
+        "full_b": full_b,
+        "plan": plan,
+        "val_metric": val_metric,
+        "fallback": fallback,
+    }
 
 
-def launch(case_names: Tuple[str, ...], workdir: Path) -> Dict[int, Dict[str, dict]]:
+def launch(case_names: tuple[str, ...], workdir: Path) -> dict[int, dict[str, dict]]:
     """Rank -> case -> the worker's results (one pair of processes for all ``case_names``)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=WORLD, run_id=f"test-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=WORLD,
+        run_id=f"test-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
     return elastic_launch(config, entrypoint=_worker)(tuple(case_names), str(workdir))
 
 
 # ---- the single-process reference ------------------------------------------------------------------
-def reference(case: Case, init: Dict[str, torch.Tensor], train: list) -> Tuple[List[float], Dict[str, torch.Tensor]]:
+def reference(case: Case, init: dict[str, torch.Tensor], train: list) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Global loss per step and final state of the emulated 2-rank run (module docstring, point 3)."""
     from recsys.tasks.ranking import split_sparse_dense
 
@@ -324,7 +404,7 @@ def reference(case: Case, init: Dict[str, torch.Tensor], train: list) -> Tuple[L
 
 # ---- tests -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def launched() -> Dict[str, tuple]:
+def launched() -> dict[str, tuple]:
     """Group name -> (workdir, rank -> case -> results), filled on first use of each group."""
     return {}
 
@@ -334,8 +414,10 @@ def _launch_group(group: str, tmp_path_factory) -> tuple:
     for name in GROUPS[group]:
         torch.manual_seed(0)
         (workdir / name).mkdir()
-        torch.save({k: v.detach().clone() for k, v in CASES[name]().task(None).state_dict().items()},
-                   workdir / name / "init.pt")
+        torch.save(
+            {k: v.detach().clone() for k, v in CASES[name]().task(None).state_dict().items()},
+            workdir / name / "init.pt",
+        )
     return workdir, launch(GROUPS[group], workdir)
 
 
@@ -404,11 +486,11 @@ def test_fallback_without_fbgemm_is_plain_ddp(two_rank_run):
 
 
 def test_merge_batches_drops_sampler_repeats():
-    a = {"user": [np.array([1, 2]), np.array([3])], "pred/click": [np.array([.1, .2]), np.array([.3])]}
-    b = {"user": [np.array([4]), np.array([1, 2])], "pred/click": [np.array([.4]), np.array([.15, .25])]}
+    a = {"user": [np.array([1, 2]), np.array([3])], "pred/click": [np.array([0.1, 0.2]), np.array([0.3])]}
+    b = {"user": [np.array([4]), np.array([1, 2])], "pred/click": [np.array([0.4]), np.array([0.15, 0.25])]}
     merged = merge_batches([a, b], identity=["user"])
     assert [u.tolist() for u in merged["user"]] == [[1, 2], [3], [4]]
-    assert np.concatenate(merged["pred/click"]).tolist() == [.1, .2, .3, .4]
+    assert np.concatenate(merged["pred/click"]).tolist() == [0.1, 0.2, 0.3, 0.4]
 
 
 # ---- single-process unit tests: config, validation, checkpoint folders -----------------------------
@@ -451,21 +533,35 @@ def test_dmp_trainer_config_composes_and_builds():
 
     register_rank_resolver()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["recsys=dare", "trainer=dmp", "trainer.sharding.item=table_wise",
-                                                      "+trainer.sharding.att_item=column_wise", "trainer.max_epochs=3"])
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "recsys=dare",
+                "trainer=dmp",
+                "trainer.sharding.item=table_wise",
+                "+trainer.sharding.att_item=column_wise",
+                "trainer.max_epochs=3",
+            ],
+        )
     assert cfg.trainer.max_epochs == 3 and cfg.trainer.accelerator == "auto"
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     strategy = trainer.strategy
     assert isinstance(strategy, TorchRecStrategy)
-    assert strategy.sharding == {"item": "table_wise", "category": "table_wise", "default": "table_wise",
-                                 "att_item": "column_wise"}
+    assert strategy.sharding == {
+        "item": "table_wise",
+        "category": "table_wise",
+        "default": "table_wise",
+        "att_item": "column_wise",
+    }
     assert strategy.fused_optimizer_config["name"] == "row_wise_adagrad"
 
 
 def test_fused_adam_on_cpu_names_the_option_and_the_choices():
     from recsys.distributed.optim import parse_fused_optimizer
 
-    with pytest.raises(ValueError, match=r"trainer.fused_optimizer.name='adam'.*\['sgd', 'adagrad', 'row_wise_adagrad'\]"):
+    with pytest.raises(
+        ValueError, match=r"trainer.fused_optimizer.name='adam'.*\['sgd', 'adagrad', 'row_wise_adagrad'\]"
+    ):
         parse_fused_optimizer({"name": "adam", "lr": 0.01}, "cpu")
     with pytest.raises(ValueError, match="'momentum'.*not accepted by 'sgd'"):
         parse_fused_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9}, "cpu")
@@ -478,10 +574,18 @@ def test_sharding_keys_match_tables_and_fail_clearly(caplog):
     model = _dare_task(torch.device("meta"))
     got = build_constraints(model, {"item": "row_wise", "category": "table_wise"}, "cpu")
     assert {t: c.sharding_types for t, c in got.items()} == {
-        "repr_item": ["row_wise"], "repr_category": ["table_wise"], "att_item": ["row_wise"], "att_category": ["table_wise"]}
-    assert build_constraints(model, {"item": "row_wise", "att_item": "column_wise"}, "cpu")["att_item"].sharding_types == ["column_wise"]
+        "repr_item": ["row_wise"],
+        "repr_category": ["table_wise"],
+        "att_item": ["row_wise"],
+        "att_category": ["table_wise"],
+    }
+    assert build_constraints(model, {"item": "row_wise", "att_item": "column_wise"}, "cpu")[
+        "att_item"
+    ].sharding_types == ["column_wise"]
     with caplog.at_level(logging.WARNING, logger="recsys.distributed.planner"):
-        assert build_constraints(model, {"itm": "row_wise", "default": "row_wise"}, "cpu")["att_item"].sharding_types == ["row_wise"]
+        assert build_constraints(model, {"itm": "row_wise", "default": "row_wise"}, "cpu")[
+            "att_item"
+        ].sharding_types == ["row_wise"]
     assert "['itm'] match no table" in caplog.text
     with pytest.raises(ValueError, match="'item' and 'att' both match table 'att_item'|'att' and 'item' both match"):
         build_constraints(model, {"att": "table_wise", "item": "row_wise"}, "cpu")

@@ -21,7 +21,11 @@ from tests.helpers import random_samples
 # 500 items > 8 x max_len: without the item dot table, item scores take gathered_dot's row-gather branch,
 # categories its matmul branch
 VOCAB = Vocab(20, 500, 6)
-DIRECT = {"dare": dict(decoupled=True, attention_dim=4), "twin": dict(), "twin_4e": dict(decoupled=True, split_target=True)}
+DIRECT = {
+    "dare": dict(decoupled=True, attention_dim=4),
+    "twin": dict(),
+    "twin_4e": dict(decoupled=True, split_target=True),
+}
 
 
 def make_model(variant: str, **kwargs) -> RankingModel:

@@ -18,9 +18,14 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO
 from tests.test_train_e2e import TINY
 
-SMALL = ["data.source.generator.num_users=120", "data.source.generator.num_items=300",
-         "data.source.generator.num_categories=12", "recsys=twin", "checkpoint.every_n_steps=2",
-         "trainer.max_epochs=2"]
+SMALL = [
+    "data.source.generator.num_users=120",
+    "data.source.generator.num_items=300",
+    "data.source.generator.num_categories=12",
+    "recsys=twin",
+    "checkpoint.every_n_steps=2",
+    "trainer.max_epochs=2",
+]
 
 
 def _cmd(root: Path, *extra):
@@ -49,8 +54,9 @@ def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     for key in ("val/auc", "test/auc", "test/logloss", "train/loss_epoch"):
         assert a[key] == b[key], key  # bitwise identical on CPU
 
-    proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=_env(killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(killed), cwd=REPO, env=_env(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if list((killed / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt")):
@@ -79,8 +85,14 @@ def test_resume_auto_without_an_unfinished_run_starts_fresh(tmp_path):
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
-    proc = subprocess.run(_cmd(tmp_path, f"resume={tmp_path}/nope.ckpt"), cwd=REPO, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _cmd(tmp_path, f"resume={tmp_path}/nope.ckpt"),
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 

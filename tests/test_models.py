@@ -67,13 +67,18 @@ def test_a_few_steps_reduce_the_loss(variant, table):
     assert last < 0.8 * first, (first, last)
 
 
-
 def test_dare_decouples_attention_and_representation(table):
     model = make_model("dare")
     batch = table.batch(np.arange(64))
-    att = lambda: {n: p for n, p in model.named_parameters() if n.startswith("backbone.att_tokens.")}
-    rep = lambda: {n: p for n, p in model.named_parameters() if n.startswith("backbone.repr_tokens.")}
-    norm = lambda params: {n: 0.0 if p.grad is None else float(p.grad.abs().sum()) for n, p in params.items()}
+
+    def att():
+        return {n: p for n, p in model.named_parameters() if n.startswith("backbone.att_tokens.")}
+
+    def rep():
+        return {n: p for n, p in model.named_parameters() if n.startswith("backbone.repr_tokens.")}
+
+    def norm(params):
+        return {n: 0.0 if p.grad is None else float(p.grad.abs().sum()) for n, p in params.items()}
 
     # score path -> only attention tables
     scores, mask = model.backbone.attention_scores(batch)

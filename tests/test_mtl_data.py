@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from recsys.data.cache import load_meta
 from recsys.data.census import prepare_census
-from recsys.data.mtl_samples import prepare_ali_ccp, prepare_aliexpress, prepare_byterec
 from recsys.data.movielens import prepare_ml100k
+from recsys.data.mtl_samples import prepare_ali_ccp, prepare_aliexpress, prepare_byterec
 from recsys.data.schema import DataValidationError, Vocab
 from recsys.data.tabular import TabularDataModule, encode_tabular, write_tabular
 from recsys.data.tasks import parse_tasks
@@ -89,8 +89,12 @@ def test_fields_model_trains_on_census_batches(census_cache):
     dm = census_module(census_cache, batch_size=512)
     dm.setup()
     torch.manual_seed(0)
-    model = build_ranking_model(dm, partial(FieldsBackbone, embedding_dim=4),
-                                partial(MMoETower, num_experts=2, expert_hidden=(16,), tower_hidden=(8,)), init_std=None)
+    model = build_ranking_model(
+        dm,
+        partial(FieldsBackbone, embedding_dim=4),
+        partial(MMoETower, num_experts=2, expert_hidden=(16,), tower_hidden=(8,)),
+        init_std=None,
+    )
     first, last = fit_one_batch(model, dm.tasks, dm.tables["train"].batch(np.arange(2048)), steps=15)
     assert last < 0.7 * first
     task = RankingTask(model, dm.tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
@@ -105,12 +109,16 @@ def test_fields_model_trains_on_census_batches(census_cache):
 
 def test_unknown_label_column_names_the_task_and_the_columns(census_cache):
     dm = census_module(census_cache, tasks=[{"name": "income", "label": "income_50k"}])
-    with pytest.raises(DataValidationError, match=r"task 'income' reads label column 'income_50k'.*\['income', 'never_married'\]"):
+    with pytest.raises(
+        DataValidationError, match=r"task 'income' reads label column 'income_50k'.*\['income', 'never_married'\]"
+    ):
         dm.prepare()
 
 
 def test_wrong_loss_type_and_bad_task_entries():
-    with pytest.raises(ValueError, match=r"task 'income': unknown loss 'bce'; choose one of \['binary', 'regression'\]"):
+    with pytest.raises(
+        ValueError, match=r"task 'income': unknown loss 'bce'; choose one of \['binary', 'regression'\]"
+    ):
         parse_tasks([{"name": "income", "label": "income", "loss": "bce"}])
     with pytest.raises(ValueError, match="unknown key"):
         parse_tasks([{"name": "income", "lable": "income"}])
@@ -128,7 +136,9 @@ def test_binary_task_on_a_non_binary_label_is_rejected(tmp_path):
     dm = TabularDataModule("tiny", source, str(tmp_path), tasks=[{"name": "r", "label": "rating"}])
     with pytest.raises(DataValidationError, match=r"column 'rating' \(task 'r', loss binary\) must hold only 0 or 1"):
         dm.setup()
-    dm = TabularDataModule("tiny", source, str(tmp_path), tasks=[{"name": "r", "label": "rating", "loss": "regression"}])
+    dm = TabularDataModule(
+        "tiny", source, str(tmp_path), tasks=[{"name": "r", "label": "rating", "loss": "regression"}]
+    )
     dm.setup()
     assert len(dm.tables["train"]) == 12
 
@@ -194,11 +204,13 @@ def test_ml100k_mtl_and_sample_configs_compose():
 
 
 def test_incompatible_pieces_give_clear_errors(census_cache):
-    from recsys.models.target_attention import TargetAttentionBackbone
     from mtl.single import SingleTower
+    from recsys.models.target_attention import TargetAttentionBackbone
 
     dm = census_module(census_cache)
-    with pytest.raises(ValueError, match=r"backbone TargetAttentionBackbone cannot be built.*recsys=fields needs tabular"):
+    with pytest.raises(
+        ValueError, match=r"backbone TargetAttentionBackbone cannot be built.*recsys=fields needs tabular"
+    ):
         build_ranking_model(dm, partial(TargetAttentionBackbone), partial(SingleTower))
 
     class CTRInputs:

@@ -23,8 +23,12 @@ TINY = [
 
 
 def run_train(tmp_path, *overrides):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -38,8 +42,17 @@ def test_fields_mmoe_census_logs_a_multitask_run(tmp_path):
     run = runs[0]
     assert run.info.run_name.startswith("fields-mmoe-census-") and run.info.status == "FINISHED"
     metrics = run.data.metrics
-    for key in ("val/auc", "val/income/auc", "val/marital/logloss", "test/income/auc", "test/marital/auc",
-                "test/auc", "train/task/income", "train/task/marital", "train/loss_epoch"):
+    for key in (
+        "val/auc",
+        "val/income/auc",
+        "val/marital/logloss",
+        "test/income/auc",
+        "test/marital/auc",
+        "test/auc",
+        "train/task/income",
+        "train/task/marital",
+        "train/loss_epoch",
+    ):
         assert key in metrics, (key, sorted(metrics))
     assert 0.5 < metrics["test/income/auc"] <= 1.0
     assert len(client.get_metric_history(run.info.run_id, "val/income/auc")) == 2

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl.esmm import ESMMTower, product_logit
-from mtl.layers import Gates, GroupedLinear, GroupedMLP, mix
+from mtl.layers import GroupedLinear, GroupedMLP, mix
 from mtl.mmoe import MixtureOfExperts, MMoETower
 from mtl.ple import PLETower
 from mtl.shared_bottom import SharedBottomTower
@@ -26,8 +26,10 @@ TOWERS = {
     "ple": (PLETower, dict(num_levels=3, specific_experts=1, shared_experts=2, expert_hidden=(16, 8), norm="layer")),
     "switch": (SwitchTower, dict(dim=8, num_blocks=2, block_hidden=16, task_dim=4)),
     "taskexpert": (TaskExpertTower, dict(num_layers=3, num_experts=2, expert_dim=8, trunk_dim=8)),
-    "taskexpert_replace": (TaskExpertTower, dict(num_experts=2, expert_dim=8, memory_update="replace",
-                                                 memory_init="project")),
+    "taskexpert_replace": (
+        TaskExpertTower,
+        dict(num_experts=2, expert_dim=8, memory_update="replace", memory_init="project"),
+    ),
     "esmm": (ESMMTower, dict(tower_hidden=(8,))),
 }
 
@@ -83,7 +85,9 @@ def test_grouped_layers_equal_separate_layers():
         torch.testing.assert_close(out[g], h @ mlp.net[3].weight[g] + mlp.net[3].bias[g])
     w = torch.softmax(torch.randn(2, 7, 3), -1)
     e = torch.randn(3, 7, 4)
-    torch.testing.assert_close(mix(w, e), torch.stack([sum(w[g, :, i:i + 1] * e[i] for i in range(3)) for g in range(2)]))
+    torch.testing.assert_close(
+        mix(w, e), torch.stack([sum(w[g, :, i : i + 1] * e[i] for i in range(3)) for g in range(2)])
+    )
 
 
 def test_mmoe_gate_rows_are_softmax_of_the_input():
@@ -101,12 +105,17 @@ def test_mmoe_gate_rows_are_softmax_of_the_input():
 
 def test_esmm_ctcvr_is_the_product_and_task_errors():
     a, b = torch.tensor([-30.0, -2.0, 0.0, 3.0, 40.0]), torch.tensor([1.0, -1.0, 0.5, 30.0, 40.0])
-    torch.testing.assert_close(torch.sigmoid(product_logit(a, b)), torch.sigmoid(a) * torch.sigmoid(b),
-                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.sigmoid(product_logit(a, b)), torch.sigmoid(a) * torch.sigmoid(b), atol=1e-6, rtol=1e-4
+    )
     tower = ESMMTower(IN, TASKS[:2], tower_hidden=(8,))
     out = tower(torch.randn(3, IN))
-    torch.testing.assert_close(torch.sigmoid(out.logits["like"]),
-                               torch.sigmoid(out.logits["click"]) * out.extras["esmm/cvr"], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.sigmoid(out.logits["like"]),
+        torch.sigmoid(out.logits["click"]) * out.extras["esmm/cvr"],
+        atol=1e-6,
+        rtol=1e-4,
+    )
     with pytest.raises(ValueError, match="exactly two binary tasks.*CTR task.*CTCVR"):
         ESMMTower(IN, TASKS)
     with pytest.raises(ValueError, match="watch"):
@@ -192,7 +201,7 @@ def test_switch_task_copies_are_batched_not_looped():
     for t, task in enumerate(TASKS):  # reference: one task at a time
         z = tower.input(x)
         for block in tower.blocks:
-            _, gates, _ = block.gating(tower.task_embedding[t:t + 1])
+            _, gates, _ = block.gating(tower.task_embedding[t : t + 1])
             z = block(z.unsqueeze(0), gates)[0]
         head = tower.heads.mlp(z.unsqueeze(0).expand(len(TASKS), -1, -1))[t, :, 0]
         torch.testing.assert_close(out.logits[task.name], head)
@@ -217,8 +226,16 @@ def test_switch_config_errors():
 
 def test_taskexpert_with_memory_gate_zero_is_an_mmoe_layer():
     torch.manual_seed(0)
-    tower = TaskExpertTower(IN, TASKS, num_layers=2, num_experts=3, expert_dim=8, trunk_dim=8,
-                            memory_update="replace", memory_init="project")
+    tower = TaskExpertTower(
+        IN,
+        TASKS,
+        num_layers=2,
+        num_experts=3,
+        expert_dim=8,
+        trunk_dim=8,
+        memory_update="replace",
+        memory_init="project",
+    )
     layer = tower.layers[1]
     mmoe = MixtureOfExperts(8, 3, len(TASKS), (8,), norm="layer")
     with torch.no_grad():

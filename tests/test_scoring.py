@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,8 +26,12 @@ from recsys.data.schema import DataValidationError
 from recsys.models.ranking import build_ranking_model
 from tests.conftest import REPO
 
-TINY = ["data.source.generator.num_users=40", "data.source.generator.num_items=300",
-        "data.source.generator.num_categories=12", "recsys.attention_dim=8"]
+TINY = [
+    "data.source.generator.num_users=40",
+    "data.source.generator.num_items=300",
+    "data.source.generator.num_categories=12",
+    "recsys.attention_dim=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,16 @@ def bundle_dir(tmp_path_factory):
 
 
 def score_cfg(bundle_dir: Path, output: Path, inputs=None, **extra):
-    base = dict(input=str(inputs or bundle_dir / "logs"), model=str(bundle_dir), output=str(output),
-                batch_size=50, unseen="map", keep_columns=["user", "item", "timestamp"], threads=1, progress=False)
+    base = dict(
+        input=str(inputs or bundle_dir / "logs"),
+        model=str(bundle_dir),
+        output=str(output),
+        batch_size=50,
+        unseen="map",
+        keep_columns=["user", "item", "timestamp"],
+        threads=1,
+        progress=False,
+    )
     return OmegaConf.create({**base, **extra})
 
 
@@ -85,8 +96,19 @@ def _write_many(bundle_dir: Path, folder: Path, copies: int) -> None:
 
 
 def _score_cli(bundle_dir, inputs, output, extra=()):
-    return [sys.executable, "-m", "pipelines.score", f"input={inputs}", f"model={bundle_dir}", f"output={output}",
-            "batch_size=64", "threads=1", "progress=false", f"hydra.run.dir={output}_hydra", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.score",
+        f"input={inputs}",
+        f"model={bundle_dir}",
+        f"output={output}",
+        "batch_size=64",
+        "threads=1",
+        "progress=false",
+        f"hydra.run.dir={output}_hydra",
+        *extra,
+    ]
 
 
 def test_killed_run_resumes_to_identical_output(bundle_dir, tmp_path):
@@ -96,8 +118,9 @@ def test_killed_run_resumes_to_identical_output(bundle_dir, tmp_path):
     subprocess.run(_score_cli(bundle_dir, inputs, clean), cwd=REPO, check=True, capture_output=True, timeout=300)
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen(_score_cli(bundle_dir, inputs, resumed), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _score_cli(bundle_dir, inputs, resumed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(resumed.glob("part-*.parquet"))) < 2:
         time.sleep(0.05)
@@ -148,7 +171,10 @@ def test_corrupt_parquet_names_file(bundle_dir, tmp_path):
 def test_bad_rows_follow_the_policy(bundle_dir, tmp_path):
     frame = _one_log(bundle_dir).head(10)
     frame = frame.with_columns(
-        pl.when(pl.int_range(pl.len()) == 0).then(pl.lit([], dtype=pl.List(pl.Int64))).otherwise(pl.col("hist_item")).alias("hist_item"),
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.lit([], dtype=pl.List(pl.Int64)))
+        .otherwise(pl.col("hist_item"))
+        .alias("hist_item"),
         pl.when(pl.int_range(pl.len()) == 1).then(None).otherwise(pl.col("item")).alias("item"),
         pl.when(pl.int_range(pl.len()) == 2).then(10**12).otherwise(pl.col("category")).alias("category"),
     )
@@ -179,11 +205,15 @@ def _synthetic_logs(bundle_dir: Path, path: Path, rows: int, seq: int = 50) -> N
     import pyarrow as pa
 
     offsets = pa.array(np.arange(rows + 1, dtype=np.int64) * seq)
-    table = pa.table({
-        "user": rng.integers(1, 40, rows), "item": rng.choice(items, rows), "category": rng.choice(cats, rows),
-        "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(rng.choice(items, rows * seq))),
-        "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(rng.choice(cats, rows * seq))),
-    })
+    table = pa.table(
+        {
+            "user": rng.integers(1, 40, rows),
+            "item": rng.choice(items, rows),
+            "category": rng.choice(cats, rows),
+            "hist_item": pa.LargeListArray.from_arrays(offsets, pa.array(rng.choice(items, rows * seq))),
+            "hist_cat": pa.LargeListArray.from_arrays(offsets, pa.array(rng.choice(cats, rows * seq))),
+        }
+    )
     pq.write_table(table, path, row_group_size=5000)
 
 
@@ -193,8 +223,13 @@ def test_memory_is_bounded_by_batch_not_input(bundle_dir, tmp_path):
         inputs = tmp_path / f"x{factor}.parquet"
         _synthetic_logs(bundle_dir, inputs, rows=8_000 * factor)
         out = tmp_path / f"out{factor}"
-        subprocess.run(_score_cli(bundle_dir, inputs, out, ["batch_size=2048"]), cwd=REPO, check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            _score_cli(bundle_dir, inputs, out, ["batch_size=2048"]),
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         peaks[factor] = json.loads((out / "_summary.json").read_text())["peak_rss_mb"]
     # 10x input adds ~100 MB of list data if held whole; streamed, the peaks stay within 40 MB
     print("peak RSS MB by input size:", peaks)

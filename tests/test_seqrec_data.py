@@ -82,7 +82,11 @@ def test_parquet_cache_is_fingerprinted_and_reused(tmp_path):
     path = write(tmp_path, TINY)
     folder = prepare_seqrec(path, tmp_path / "cache", name="tiny", max_len=3)
     assert folder.name.startswith("tiny-") and {p.name for p in folder.iterdir()} == {
-        "train.parquet", "val.parquet", "test.parquet", "meta.json"}
+        "train.parquet",
+        "val.parquet",
+        "test.parquet",
+        "meta.json",
+    }
     frame = pl.read_parquet(folder / "test.parquet")
     assert frame.schema["history"] == pl.List(pl.Int64) and frame["exclude"].to_list()[0] == [2, 3, 4, 5]
     assert prepare_seqrec(path, tmp_path / "cache", name="tiny", max_len=3) == folder  # reused
@@ -94,8 +98,13 @@ def test_parquet_cache_is_fingerprinted_and_reused(tmp_path):
 
 def test_datamodule_serves_the_same_split(tmp_path):
     path = write(tmp_path, TINY)
-    dm = SeqDataModule("tiny", lambda cache_root: prepare_seqrec(path, cache_root, "tiny", 3), str(tmp_path / "c"),
-                       batch_size=2, eval_batch_size=8)
+    dm = SeqDataModule(
+        "tiny",
+        lambda cache_root: prepare_seqrec(path, cache_root, "tiny", 3),
+        str(tmp_path / "c"),
+        batch_size=2,
+        eval_batch_size=8,
+    )
     meta = dm.prepare()
     assert (meta.num_items, meta.max_len, meta.rows) == (8, 3, {"train": 2, "val": 3, "test": 3})
     assert dm.backbone_inputs()["vocab"].num_items == 8 and dm.tasks == []
@@ -157,8 +166,9 @@ def test_real_beauty_counts():
     split = leave_one_out(seqs)
     assert int((seqs.lengths - 2).sum()) == 153776  # training interactions (README)
     train = split["train"]
-    src, dst = transition_pairs(torch.tensor(train.history.values), torch.tensor(train.targets.values),
-                                torch.tensor(train.history.lengths))
+    src, dst = transition_pairs(
+        torch.tensor(train.history.values), torch.tensor(train.targets.values), torch.tensor(train.history.lengths)
+    )
     graph = build_transition_graph(src, dst, seqs.num_items)
     assert (len(src), graph.nnz) == (127895, 112191)  # specs/mqsa_ted.md §4: pairs (unique) after the cut to 50
     assert int(np.diff(split["test"].history.offsets).max()) == 50

@@ -20,8 +20,15 @@ from tests.conftest import REPO
 def run_train(tmp_path, *overrides):
     """``python -m pipelines.train`` into a tmp sqlite MLflow store (as tests/test_train_e2e.py does)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", "trainer.enable_progress_bar=false",
-           "trainer.enable_model_summary=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        f"paths.root_dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -40,8 +47,14 @@ def tiny_sequences(path, users=60, items=40, seed=0):
 
 def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
-    proc = run_train(tmp_path, "recsys=sasrec", "data=beauty", f"data.path={data}", "trainer.max_epochs=2",
-                     "callbacks.early_stopping.patience=1")
+    proc = run_train(
+        tmp_path,
+        "recsys=sasrec",
+        "data=beauty",
+        f"data.path={data}",
+        "trainer.max_epochs=2",
+        "callbacks.early_stopping.patience=1",
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("beauty").experiment_id])[0]
     assert run.info.run_name.startswith("sasrec-beauty-") and run.info.status == "FINISHED"
@@ -71,21 +84,36 @@ def check_top_n_scoring(tmp_path, bundle_dir):
     logs.mkdir()
     long = [1 + k % 10 for k in range(60)]  # longer than max_len (50): the newest 50 are the input
     histories = [[1, 4, 7], [10, 99999, 13], [], [99999], long]
-    pl.DataFrame({"user": [1, 2, 3, 4, 5], "history": histories},
-                 schema={"user": pl.Int64, "history": pl.List(pl.Int64)}).write_parquet(logs / "part-0.parquet")
-    cfg = OmegaConf.create({"input": str(logs), "model": str(bundle_dir), "output": str(tmp_path / "seq_scores"),
-                            "batch_size": 3, "unseen": "map", "keep_columns": ["user"], "top_n": 5, "threads": 1,
-                            "read_ahead": True, "progress": False})
+    pl.DataFrame(
+        {"user": [1, 2, 3, 4, 5], "history": histories}, schema={"user": pl.Int64, "history": pl.List(pl.Int64)}
+    ).write_parquet(logs / "part-0.parquet")
+    cfg = OmegaConf.create(
+        {
+            "input": str(logs),
+            "model": str(bundle_dir),
+            "output": str(tmp_path / "seq_scores"),
+            "batch_size": 3,
+            "unseen": "map",
+            "keep_columns": ["user"],
+            "top_n": 5,
+            "threads": 1,
+            "read_ahead": True,
+            "progress": False,
+        }
+    )
     stats = score(cfg)
     out = pl.read_parquet(tmp_path / "seq_scores" / "part-0.parquet")
     assert out["user"].to_list() == [1, 2, 5]
     assert dict(stats.rows_rejected) == {"empty_history": 2} and stats.unseen_ids_mapped == 2
     model = load_bundle(bundle_dir).model
-    for hist, items, scores in zip(([1, 4, 7], [10, 13], long), out["top_items"].to_list(), out["top_scores"].to_list()):
+    for hist, items, scores in zip(
+        ([1, 4, 7], [10, 13], long), out["top_items"].to_list(), out["top_scores"].to_list()
+    ):
         assert len(items) == 5 and not set(items) & set(hist)
         assert scores == sorted(scores, reverse=True)
-        batch = SeqScorer._batch(np.array(hist[-50:]), np.array([len(hist[-50:])]),
-                                 exclude=(np.array(hist), np.array([len(hist)])))
+        batch = SeqScorer._batch(
+            np.array(hist[-50:]), np.array([len(hist[-50:])]), exclude=(np.array(hist), np.array([len(hist)]))
+        )
         assert items == (last_position_scores(model, batch).topk(5).indices[0] + 1).tolist()
 
 
@@ -110,13 +138,42 @@ print(json.dumps(rows))
 def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
-    args = ["--datasets", str(data), "--models", "sasrec", "mqsa_ted_moh", "--seeds", "0", "--max-epochs", "1",
-            "--out", str(out), "--table", str(table)]
+    args = [
+        "--datasets",
+        str(data),
+        "--models",
+        "sasrec",
+        "mqsa_ted_moh",
+        "--seeds",
+        "0",
+        "--max-epochs",
+        "1",
+        "--out",
+        str(out),
+        "--table",
+        str(table),
+    ]
     proc = subprocess.run([sys.executable, "-c", BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["model"] for r in rows] == ["sasrec", "mqsa_ted_moh"]
-    assert all(list(r) == ["model", "dataset", "seed", "hr5", "hr10", "hr20", "ndcg5", "ndcg10", "ndcg20",
-                           "best_epoch", "sec_per_epoch", "device"] for r in rows)
+    assert all(
+        list(r)
+        == [
+            "model",
+            "dataset",
+            "seed",
+            "hr5",
+            "hr10",
+            "hr20",
+            "ndcg5",
+            "ndcg10",
+            "ndcg20",
+            "best_epoch",
+            "sec_per_epoch",
+            "device",
+        ]
+        for r in rows
+    )
     assert rows[0]["dataset"] == "tiny" and rows[0]["device"] == "cpu" and rows[0]["best_epoch"] == 1
     assert "| tiny | sasrec | cpu | 1 |" in table.read_text()

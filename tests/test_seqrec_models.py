@@ -14,11 +14,16 @@ from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.transitions import build_transition_graph
 from recsys.metrics.topk import rank_metrics, target_ranks
 from recsys.models.mqsa_ted import MQSATED
-from recsys.models.sasrec import SASRec
 from recsys.modules.moh import HeadRouter
 from recsys.modules.seq_blocks import Layout, SequenceEncoder
-from recsys.tasks.seq_losses import (last_position_ranks, last_position_scores, linear_logsumexp, next_item_loss,
-                                     sequential_losses, ted_loss)
+from recsys.tasks.seq_losses import (
+    last_position_ranks,
+    last_position_scores,
+    linear_logsumexp,
+    next_item_loss,
+    sequential_losses,
+    ted_loss,
+)
 from tests.conftest import REPO
 
 VOCAB = SimpleNamespace(num_users=4, num_items=12, num_categories=0)
@@ -28,6 +33,7 @@ SEQS = [[3, 5, 7, 2], [9], [1, 2, 3, 4, 5, 6], [11, 4]]
 def make_batch(seqs, targets=None, exclude=None):
     def pack(rows):
         return torch.tensor([i for r in rows for i in r], dtype=torch.long), torch.tensor([len(r) for r in rows])
+
     targets = targets if targets is not None else [[(i % 12) + 1 for i in r] for r in seqs]
     exclude = exclude if exclude is not None else [[] for _ in seqs]
     return SeqBatch(make_seq_kjt(pack(seqs), pack(targets), pack(exclude)), torch.arange(len(seqs)))
@@ -46,15 +52,15 @@ def reference_encoder(model, encoder, seqs, max_len):
             qin = torch.zeros_like(x)
             for t in range(max_len):
                 lo = max(0, t - encoder.window + 1)
-                qin[t] = (x[lo:t + 1] * mask[lo:t + 1]).sum(0) / mask[lo:t + 1].sum().clamp_min(1e-24)
+                qin[t] = (x[lo : t + 1] * mask[lo : t + 1]).sum(0) / mask[lo : t + 1].sum().clamp_min(1e-24)
             q = block.query_norm(qin)
             Q, K, V = (t.view(max_len, heads, -1).transpose(0, 1) for t in (block.q(q), block.k(x), block.v(x)))
             scores = Q @ K.transpose(1, 2) / math.sqrt(d // heads)
             blocked = (mask.squeeze(1) == 0).unsqueeze(0) | torch.ones(max_len, max_len).triu(1).bool()
-            att = torch.softmax(scores.masked_fill(blocked, -(2.0 ** 32) + 1), dim=-1) @ V
+            att = torch.softmax(scores.masked_fill(blocked, -(2.0**32) + 1), dim=-1) @ V
             o = block.attn_norm(att.transpose(0, 1).reshape(max_len, d) + q)
             x = (o + block.ff2(F.relu(block.ff1(o)))) * mask
-        outs.append(encoder.final_norm(x)[max_len - len(s):])
+        outs.append(encoder.final_norm(x)[max_len - len(s) :])
     return outs
 
 
@@ -66,11 +72,12 @@ def test_jagged_model_matches_the_official_dense_layout(heads):
         out = model(make_batch(SEQS))
         short = reference_encoder(model, model.encoders["short"], SEQS, 8)
         long = reference_encoder(model, model.encoders["long"], SEQS, 8)
-        expected = torch.cat([0.3 * s + 0.7 * l for s, l in zip(short, long)])
+        expected = torch.cat([0.3 * s + 0.7 * lo for s, lo in zip(short, long)])
         torch.testing.assert_close(out.hidden, expected, rtol=1e-5, atol=1e-5)
         last = model(make_batch(SEQS), last_only=True).hidden
-        torch.testing.assert_close(last, torch.stack([e[-1] for e in [0.3 * s + 0.7 * l for s, l in zip(short, long)]]),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            last, torch.stack([e[-1] for e in [0.3 * s + 0.7 * lo for s, lo in zip(short, long)]]), rtol=1e-5, atol=1e-5
+        )
 
 
 def _compose(overrides):
@@ -146,7 +153,9 @@ def test_linear_logsumexp_gradient_and_no_grad_path():
     want = torch.logsumexp(a @ b.T, dim=1)
     torch.testing.assert_close(got, want)
     weights = torch.arange(5.0)
-    for x, y in zip(torch.autograd.grad((got * weights).sum(), (a, b)), torch.autograd.grad((want * weights).sum(), (a, b))):
+    for x, y in zip(
+        torch.autograd.grad((got * weights).sum(), (a, b)), torch.autograd.grad((want * weights).sum(), (a, b))
+    ):
         torch.testing.assert_close(x, y)
     with torch.no_grad():
         torch.testing.assert_close(linear_logsumexp(a, b), want.detach())
@@ -195,8 +204,9 @@ def test_dense_weighted_mode_and_moh_encoder_outputs():
     torch.nn.init.normal_(dense.w_shared.weight)
     gates = dense(torch.randn(5, 8)).gates
     assert (gates > 0).all() and torch.allclose(gates.sum(-1), torch.full((5,), 4.0))
-    encoder = SequenceEncoder(dim=8, num_blocks=2, num_heads=4, dropout=0.0, attention="moh",
-                              moh={"shared_heads": 2, "routed_topk": 1})
+    encoder = SequenceEncoder(
+        dim=8, num_blocks=2, num_heads=4, dropout=0.0, attention="moh", moh={"shared_heads": 2, "routed_topk": 1}
+    )
     layout = Layout(torch.tensor([3, 1, 4]))
     out = encoder(torch.randn(8, 8), layout)
     assert out.hidden.shape == (8, 8) and len(out.balance) == 2
@@ -206,8 +216,14 @@ def test_dense_weighted_mode_and_moh_encoder_outputs():
 
 def test_moh_model_adds_the_weighted_balance_loss():
     torch.manual_seed(8)
-    model = MQSATED(VOCAB, max_len=8, dim=8, attention="moh", lambda_kd=0.0,
-                    moh={"num_heads": 4, "shared_heads": 2, "routed_topk": 1, "balance_weight": 0.01})
+    model = MQSATED(
+        VOCAB,
+        max_len=8,
+        dim=8,
+        attention="moh",
+        lambda_kd=0.0,
+        moh={"num_heads": 4, "shared_heads": 2, "routed_topk": 1, "balance_weight": 0.01},
+    )
     out = model.train()(make_batch(SEQS))
     assert out.aux_losses["moh_balance"].item() == pytest.approx(0.01 * 1.0, abs=1e-7)  # uniform routing: L_b = k
     assert set(out.extras) == {"moh_util/short/block0", "moh_util/long/block0"}
@@ -231,9 +247,13 @@ class _FixedScores(torch.nn.Module):
 
 
 def test_hr_ndcg_on_a_hand_computed_example():
-    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8, 0.2, 0.5],   # target 4 (0.8); item 2 (0.9) removed -> rank 0
-                           [0.7, 0.6, 0.5, 0.4, 0.3, 0.2],   # target 6 (0.2), nothing removed -> rank 5
-                           [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])  # target 3 is in the history -> unreachable
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.3, 0.8, 0.2, 0.5],  # target 4 (0.8); item 2 (0.9) removed -> rank 0
+            [0.7, 0.6, 0.5, 0.4, 0.3, 0.2],  # target 6 (0.2), nothing removed -> rank 5
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        ]
+    )  # target 3 is in the history -> unreachable
     batch = make_batch([[1], [1], [3]], targets=[[4], [6], [3]], exclude=[[2], [], [3, 5]])
     ranks = last_position_ranks(_FixedScores(scores), batch)
     assert ranks.tolist() == [0.0, 5.0, math.inf]

@@ -19,8 +19,16 @@ from tests.test_train_e2e import TINY, TINY_SYNTHETIC
 
 def _train(tmp_path, env_uri, *args):
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipelines.train", *args, f"paths.root_dir={tmp_path}", *TINY, *TINY_SYNTHETIC,
-           "trainer.max_epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        *args,
+        f"paths.root_dir={tmp_path}",
+        *TINY,
+        *TINY_SYNTHETIC,
+        "trainer.max_epochs=1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -43,9 +51,22 @@ def test_multirun_nests_seeds_under_a_parent_and_compare_reads_them(tmp_path):
     assert all(r.info.run_name.startswith("twin-synthetic-") for r in children)
 
     out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, "-m", "pipelines.compare", "experiment=synthetic", "metric=test/auc",
-                           f"out={out}", f"tracking_uri={uri}", f"paths.root_dir={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.compare",
+            "experiment=synthetic",
+            "metric=test/auc",
+            f"out={out}",
+            f"tracking_uri={uri}",
+            f"paths.root_dir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "synthetic_test_auc.md").read_text()
     assert "| twin | 2 |" in table
@@ -56,9 +77,20 @@ def test_multirun_nests_seeds_under_a_parent_and_compare_reads_them(tmp_path):
 
 
 def test_compare_names_a_missing_experiment(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipelines.compare", "experiment=nope", f"paths.root_dir={tmp_path}",
-                           f"tracking_uri=sqlite:///{tmp_path}/empty.db"], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.compare",
+            "experiment=nope",
+            f"paths.root_dir={tmp_path}",
+            f"tracking_uri=sqlite:///{tmp_path}/empty.db",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "experiment='nope' not found" in proc.stderr
 
 
@@ -76,10 +108,25 @@ def _get(url: str) -> dict:
 def test_training_against_a_real_mlflow_server(tmp_path):
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -92,11 +139,14 @@ def test_training_against_a_real_mlflow_server(tmp_path):
                 assert server.poll() is None, "mlflow server exited"
                 assert time.time() < deadline, "mlflow server did not come up"
                 time.sleep(1)
-        _train(tmp_path, base, "recsys=din", f"logger.artifact_location=mlflow-artifacts:/exp")
+        _train(tmp_path, base, "recsys=din", "logger.artifact_location=mlflow-artifacts:/exp")
         exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=synthetic")["experiment"]
-        req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
-                                     data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            method="POST",
+            data=json.dumps({"experiment_ids": [exp["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as response:
             runs = json.loads(response.read())["runs"]
         assert len(runs) == 1

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
@@ -45,14 +43,25 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
     assert len(run.data.tags["data_fingerprint"]) == 16
     assert run.data.tags["jagged_kernels"] == "fbgemm"
     metrics = run.data.metrics
-    for key in ("val/auc", "test/auc", "test/logloss", "test/gauc_user", "test/click/gauc_category", "train/loss_epoch"):
+    for key in (
+        "val/auc",
+        "test/auc",
+        "test/logloss",
+        "test/gauc_user",
+        "test/click/gauc_category",
+        "train/loss_epoch",
+    ):
         assert key in metrics, key
     assert metrics["test/auc"] > 0.55, metrics["test/auc"]  # planted signal is learnable even when tiny
     history = client.get_metric_history(run.info.run_id, "val/auc")
     assert len(history) == 2  # one point per epoch
     artifacts = {a.path for d in ("config", "plots", "checkpoints") for a in client.list_artifacts(run.info.run_id, d)}
-    assert {"config/config.yaml", "config/dataset_meta.json", "plots/training_curves.png",
-            "checkpoints/best.ckpt"} <= artifacts
+    assert {
+        "config/config.yaml",
+        "config/dataset_meta.json",
+        "plots/training_curves.png",
+        "checkpoints/best.ckpt",
+    } <= artifacts
     # the local checkpoint loads safely
     ckpts = list((tmp_path / "logs").rglob("best.ckpt"))
     import torch

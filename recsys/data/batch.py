@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -25,9 +24,9 @@ class CTRBatch:
     """
 
     sparse: KeyedJaggedTensor
-    labels: Dict[str, torch.Tensor] = field(default_factory=dict)
-    user: Optional[torch.Tensor] = None
-    dense: Optional[torch.Tensor] = None
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    user: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -38,7 +37,7 @@ class CTRBatch:
         """``[B]`` category id of each target (for GAUC by category)."""
         return self.sparse[TARGET_CAT].values()
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "CTRBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CTRBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
         return replace(
             self,
@@ -48,7 +47,7 @@ class CTRBatch:
             dense=None if self.dense is None else self.dense.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "CTRBatch":
+    def pin_memory(self) -> CTRBatch:
         return replace(
             self,
             sparse=self.sparse.pin_memory(),

@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
 
 import polars as pl
 
@@ -26,7 +27,7 @@ from recsys.data.schema import SPLITS, DataValidationError, Vocab
 CACHE_VERSION = "2"  # 2: id maps stored beside the splits
 META_FILE = "meta.json"
 _CHUNK = 1 << 22  # 4 MiB
-_FILE_HASHES: Dict[Tuple[str, int, int], str] = {}
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
@@ -65,9 +66,9 @@ class DatasetMeta:
     num_items: int
     num_categories: int
     max_len: int
-    rows: Dict[str, int] = field(default_factory=dict)
-    params: Dict[str, Any] = field(default_factory=dict)
-    extra_columns: List[str] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    extra_columns: list[str] = field(default_factory=list)
 
     def vocab(self) -> Vocab:
         """The id-space sizes as a :class:`~recsys.data.schema.Vocab`."""
@@ -78,14 +79,15 @@ class DatasetMeta:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
 
     @classmethod
-    def from_json(cls, text: str, source: str = META_FILE) -> "DatasetMeta":
+    def from_json(cls, text: str, source: str = META_FILE) -> DatasetMeta:
         """Parse :meth:`to_json` output; raises :class:`DataValidationError` naming missing keys."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataValidationError(f"{source}: not valid JSON ({err}).") from err
-        missing = [k for k in ("name", "fingerprint", "num_users", "num_items", "num_categories", "max_len")
-                   if k not in data]
+        missing = [
+            k for k in ("name", "fingerprint", "num_users", "num_items", "num_categories", "max_len") if k not in data
+        ]
         if missing:
             raise DataValidationError(f"{source}: missing key(s) {missing}.")
         known = set(cls.__dataclass_fields__)
@@ -97,7 +99,7 @@ def dataset_dir(root: Path, name: str, fp: str) -> Path:
     return Path(root) / f"{name}-{fp}"
 
 
-def cached_dataset(root: Path, name: str, fp: str) -> Optional[Path]:
+def cached_dataset(root: Path, name: str, fp: str) -> Path | None:
     """The dataset folder if it exists and holds ``meta.json``, else ``None``."""
     path = dataset_dir(root, name, fp)
     return path if (path / META_FILE).is_file() else None
@@ -126,8 +128,9 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_contents(tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame],
-                    id_maps: Optional[Mapping[str, pl.DataFrame]] = None) -> None:
+def _write_contents(
+    tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame], id_maps: Mapping[str, pl.DataFrame] | None = None
+) -> None:
     """Write every split, the id maps and ``meta.json`` into ``tmp`` and fsync them."""
     for column, frame in (id_maps or {}).items():
         target = tmp / f"id_map_{column}.parquet"
@@ -147,8 +150,9 @@ def _write_contents(tmp: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFr
     _fsync_path(tmp)
 
 
-def write_dataset(root: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame],
-                  id_maps: Optional[Mapping[str, pl.DataFrame]] = None) -> Path:
+def write_dataset(
+    root: Path, meta: DatasetMeta, splits: Mapping[str, pl.DataFrame], id_maps: Mapping[str, pl.DataFrame] | None = None
+) -> Path:
     """Atomically write ``<root>/<name>-<fingerprint>/``; an existing folder is left untouched.
 
     ``id_maps`` (column -> ``raw, id`` frame) are stored as ``id_map_<column>.parquet``; a dataset

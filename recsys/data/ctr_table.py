@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
 
 import numpy as np
 import polars as pl
@@ -47,7 +47,7 @@ class CTRTable:
     hist_item: np.ndarray
     hist_cat: np.ndarray
     hist_offsets: np.ndarray
-    labels: Dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -57,10 +57,10 @@ class CTRTable:
         cls,
         frame: pl.DataFrame,
         source: str,
-        label_columns: Dict[str, str],
-        vocab: Optional[Vocab] = None,
+        label_columns: dict[str, str],
+        vocab: Vocab | None = None,
         binary_labels: Sequence[str] = ("label",),
-    ) -> "CTRTable":
+    ) -> CTRTable:
         """Validate ``frame`` (see :func:`validate_samples`) and convert it to arrays.
 
         ``label_columns`` maps task name -> column; only ``binary_labels`` columns must be 0/1.
@@ -90,8 +90,13 @@ class CTRTable:
         )
 
     @classmethod
-    def read_parquet(cls, path: Path, label_columns: Dict[str, str], vocab: Optional[Vocab] = None,
-                     binary_labels: Sequence[str] = ("label",)) -> "CTRTable":
+    def read_parquet(
+        cls,
+        path: Path,
+        label_columns: dict[str, str],
+        vocab: Vocab | None = None,
+        binary_labels: Sequence[str] = ("label",),
+    ) -> CTRTable:
         """Read and validate one split file; unreadable files raise naming the path."""
         if not Path(path).exists():
             raise FileNotFoundError(f"{path}: no such parquet file")
@@ -188,9 +193,22 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.sampler.start_batch = state["batches_done"]
 
 
-def batch_loader(dataset: torch.utils.data.Dataset, num_rows: int, batch_size: int, shuffle: bool, seed: int,
-                 drop_last: bool = False, num_workers: int = 0) -> ResumableLoader:
+def batch_loader(
+    dataset: torch.utils.data.Dataset,
+    num_rows: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> ResumableLoader:
     """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch)."""
     sampler = EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
-    return ResumableLoader(dataset, sampler=sampler, batch_size=None, collate_fn=identity_collate,
-                           num_workers=num_workers, persistent_workers=num_workers > 0)
+    return ResumableLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        collate_fn=identity_collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
@@ -36,17 +37,26 @@ class CachedDataModule(pl.LightningDataModule):
         drop_last: drop the last incomplete training batch.
     """
 
-    def __init__(self, name: str, source: Callable[..., Path], cache_dir: str, path: Optional[str] = None,
-                 batch_size: int = 512, eval_batch_size: int = 4096, num_workers: int = 0, seed: int = 0,
-                 drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: Callable[..., Path],
+        cache_dir: str,
+        path: str | None = None,
+        batch_size: int = 512,
+        eval_batch_size: int = 4096,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         super().__init__()
         self.name, self.source, self.cache_dir, self.path = name, source, Path(cache_dir), path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
-        self.tasks: List[TaskSpec] = []
-        self.dataset_dir: Optional[Path] = None
-        self.meta: Optional[DatasetMeta] = None
-        self.tables: Dict[str, Any] = {}
+        self.tasks: list[TaskSpec] = []
+        self.dataset_dir: Path | None = None
+        self.meta: DatasetMeta | None = None
+        self.tables: dict[str, Any] = {}
 
     def prepare(self) -> DatasetMeta:
         """Build the cache if needed and read ``meta.json`` (idempotent). Called before the model exists."""
@@ -56,7 +66,7 @@ class CachedDataModule(pl.LightningDataModule):
             log.info("dataset %s at %s: %s", self.name, self.dataset_dir, self.meta.rows)
         return self.meta
 
-    def backbone_inputs(self) -> Dict[str, Any]:
+    def backbone_inputs(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def read_split(self, file: Path, meta: DatasetMeta) -> Any:
@@ -66,7 +76,7 @@ class CachedDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         self.prepare()
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         meta = self.prepare()
         for split in SPLITS:
             if split not in self.tables:
@@ -75,8 +85,9 @@ class CachedDataModule(pl.LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
         table = self.tables[split]
-        return batch_loader(BatchedCTRDataset(table), len(table), batch_size, shuffle, self.seed,
-                            self.drop_last, self.num_workers)
+        return batch_loader(
+            BatchedCTRDataset(table), len(table), batch_size, shuffle, self.seed, self.drop_last, self.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -106,12 +117,12 @@ class CTRDataModule(CachedDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
-        path: Optional[str] = None,
+        path: str | None = None,
     ) -> None:
         super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
         self.tasks = parse_tasks(tasks)
 
-    def backbone_inputs(self) -> Dict[str, Any]:
+    def backbone_inputs(self) -> dict[str, Any]:
         """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""
         meta = self.prepare()
         return {"vocab": meta.vocab(), "max_len": meta.max_len}

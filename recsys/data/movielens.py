@@ -15,8 +15,9 @@ import os
 import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -51,7 +52,9 @@ def _read_ratings(path: Path) -> pl.DataFrame:
     """``u.data`` as user, item, rating (Int8), timestamp."""
     try:
         frame = pl.read_csv(
-            path, has_header=False, separator="\t",
+            path,
+            has_header=False,
+            separator="\t",
             schema={"user": pl.Int64, "item": pl.Int64, "rating": pl.Int64, "timestamp": pl.Int64},
         )
     except pl.exceptions.PolarsError as err:
@@ -80,7 +83,7 @@ def _read_genres(path: Path) -> pl.DataFrame:
     return pl.DataFrame({"item": ids, "category": category.astype(np.int64)})
 
 
-def read_ml100k_log(directory: Union[str, Path]) -> pl.DataFrame:
+def read_ml100k_log(directory: str | Path) -> pl.DataFrame:
     """Ratings joined with genres, in ``LOG_SCHEMA`` plus ``rating``; sorted by (user, timestamp, item).
 
     Behaviour is ``"rating"``; ids are GroupLens's own (already dense 1..943 / 1..1682).
@@ -94,16 +97,18 @@ def read_ml100k_log(directory: Union[str, Path]) -> pl.DataFrame:
         raise DataValidationError(
             f"{data_path}: column 'item' has ids missing from {item_path.name}: {unknown.to_list()[:5]}."
         )
-    return frame.with_columns(pl.lit("rating").alias("behavior")).select(
-        "user", "item", "category", "behavior", "timestamp", "rating"
-    ).sort(["user", "timestamp", "item"], maintain_order=True)
+    return (
+        frame.with_columns(pl.lit("rating").alias("behavior"))
+        .select("user", "item", "category", "behavior", "timestamp", "rating")
+        .sort(["user", "timestamp", "item"], maintain_order=True)
+    )
 
 
 def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def download_ml100k(dest: Union[str, Path], timeout: float = 60.0) -> Path:
+def download_ml100k(dest: str | Path, timeout: float = 60.0) -> Path:
     """Fetch ml-100k.zip, extract u.data, u.item and README into ``dest``, verify the md5s.
 
     Raises DataValidationError on a checksum mismatch (the files are removed again).
@@ -127,11 +132,11 @@ def download_ml100k(dest: Union[str, Path], timeout: float = 60.0) -> Path:
 
 
 def prepare_ml100k(
-    path: Union[str, Path],
-    cache_root: Union[str, Path],
-    protocol: Union[CTRProtocol, Mapping[str, Any], None] = None,
+    path: str | Path,
+    cache_root: str | Path,
+    protocol: CTRProtocol | Mapping[str, Any] | None = None,
     download: bool = False,
-    like_threshold: Optional[int] = None,
+    like_threshold: int | None = None,
 ) -> Path:
     """Read -> build samples (``targets="all"`` by default) -> cache (name ``ml100k``, extra ``rating``).
 
@@ -161,8 +166,14 @@ def prepare_ml100k(
         splits = {k: v.with_columns(like) for k, v in splits.items()}
         extra.append("like")
     meta = DatasetMeta(
-        name="ml100k", fingerprint=fp, num_users=vocab.num_users, num_items=vocab.num_items,
-        num_categories=vocab.num_categories, max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()}, params=params, extra_columns=extra,
+        name="ml100k",
+        fingerprint=fp,
+        num_users=vocab.num_users,
+        num_items=vocab.num_items,
+        num_categories=vocab.num_categories,
+        max_len=protocol.max_len,
+        rows={k: v.height for k, v in splits.items()},
+        params=params,
+        extra_columns=extra,
     )
     return write_dataset(Path(cache_root), meta, splits)

@@ -13,8 +13,8 @@ a few hundred rows cannot rank models). All write the tabular layout of :mod:`re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Sequence, Union
 
 import numpy as np
 import polars as pl
@@ -22,8 +22,20 @@ import polars as pl
 from recsys.data.schema import SPLITS, DataValidationError
 from recsys.data.tabular import encode_tabular, prepare_tabular, random_parts
 
-BYTEREC_COLUMNS = ("uid", "user_city", "item_id", "author_id", "item_city", "channel", "finish", "like",
-                   "music_id", "device", "time", "duration_time")
+BYTEREC_COLUMNS = (
+    "uid",
+    "user_city",
+    "item_id",
+    "author_id",
+    "item_city",
+    "channel",
+    "finish",
+    "like",
+    "music_id",
+    "device",
+    "time",
+    "duration_time",
+)
 
 
 def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pl.DataFrame:
@@ -39,7 +51,7 @@ def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pl.DataFrame:
     return frame
 
 
-def _stack(frames: Dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, Dict[str, np.ndarray]]:
+def _stack(frames: dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, dict[str, np.ndarray]]:
     """Concatenate per-split frames; row numbers of each split in the stacked frame."""
     parts, start = {}, 0
     for split, frame in frames.items():
@@ -48,12 +60,15 @@ def _stack(frames: Dict[str, pl.DataFrame]) -> tuple[pl.DataFrame, Dict[str, np.
     return pl.concat(list(frames.values()), how="vertical_relaxed"), parts
 
 
-def _ctcvr(click: str, conversion: str) -> Dict[str, pl.Expr]:
-    return {click: pl.col(click).cast(pl.Int8), conversion: pl.col(conversion).cast(pl.Int8),
-            "ctcvr": (pl.col(click) * pl.col(conversion)).cast(pl.Int8)}
+def _ctcvr(click: str, conversion: str) -> dict[str, pl.Expr]:
+    return {
+        click: pl.col(click).cast(pl.Int8),
+        conversion: pl.col(conversion).cast(pl.Int8),
+        "ctcvr": (pl.col(click) * pl.col(conversion)).cast(pl.Int8),
+    }
 
 
-def prepare_ali_ccp(path: Union[str, Path], cache_root: Union[str, Path], name: str = "ali_ccp") -> Path:
+def prepare_ali_ccp(path: str | Path, cache_root: str | Path, name: str = "ali_ccp") -> Path:
     """``path``: folder of ``ali_ccp_{train,val,test}_sample.csv``."""
     path = Path(path)
     files = {s: path / f"ali_ccp_{s}_sample.csv" for s in SPLITS}
@@ -69,8 +84,9 @@ def prepare_ali_ccp(path: Union[str, Path], cache_root: Union[str, Path], name: 
     return prepare_tabular(name, Path(cache_root), {"format": "ali_ccp"}, list(files.values()), build)
 
 
-def prepare_aliexpress(path: Union[str, Path], cache_root: Union[str, Path], val_fraction: float = 0.1,
-                       seed: int = 0, name: str = "aliexpress") -> Path:
+def prepare_aliexpress(
+    path: str | Path, cache_root: str | Path, val_fraction: float = 0.1, seed: int = 0, name: str = "aliexpress"
+) -> Path:
     """``path``: folder of ``aliexpress_{train,test}_sample.csv``."""
     path = Path(path)
     files = {s: path / f"aliexpress_{s}_sample.csv" for s in ("train", "test")}
@@ -89,8 +105,13 @@ def prepare_aliexpress(path: Union[str, Path], cache_root: Union[str, Path], val
     return prepare_tabular(name, Path(cache_root), params, list(files.values()), build)
 
 
-def prepare_byterec(path: Union[str, Path], cache_root: Union[str, Path], fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                    seed: int = 0, name: str = "byterec") -> Path:
+def prepare_byterec(
+    path: str | Path,
+    cache_root: str | Path,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    name: str = "byterec",
+) -> Path:
     """``path``: ``byterec_sample.txt`` (or its folder)."""
     path = Path(path)
     file = path / "byterec_sample.txt" if path.is_dir() else path
@@ -98,7 +119,9 @@ def prepare_byterec(path: Union[str, Path], cache_root: Union[str, Path], fracti
     def build():
         frame = _read_csv(file, (), separator="\t", has_header=False, new_columns=list(BYTEREC_COLUMNS))
         if frame.width != len(BYTEREC_COLUMNS):
-            raise DataValidationError(f"{file}: expected {len(BYTEREC_COLUMNS)} tab-separated fields, found {frame.width}.")
+            raise DataValidationError(
+                f"{file}: expected {len(BYTEREC_COLUMNS)} tab-separated fields, found {frame.width}."
+            )
         parts = random_parts(frame.height, fractions, seed)
         categorical = ["uid", "user_city", "item_id", "author_id", "item_city", "channel", "music_id", "device"]
         labels = {"finish": pl.col("finish").cast(pl.Int8), "like": pl.col("like").cast(pl.Int8)}

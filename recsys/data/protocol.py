@@ -20,8 +20,9 @@ sampling and for cutting every history window out of the sorted log in one gathe
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -44,7 +45,7 @@ _MAX_REDRAW_ROUNDS = 10_000
 class CTRProtocol:
     """Parameters of the sample builder; the defaults are DARE's Taobao protocol."""
 
-    behaviors: Tuple[str, ...] = ("pv",)
+    behaviors: tuple[str, ...] = ("pv",)
     min_interactions: int = 210
     num_train_targets: int = 19
     train_stride: int = 5
@@ -67,14 +68,14 @@ class CTRProtocol:
         if not self.behaviors:
             raise ValueError("CTRProtocol.behaviors must name at least one behaviour.")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (behaviours as a list)."""
         data = asdict(self)
         data["behaviors"] = list(self.behaviors)
         return data
 
     @classmethod
-    def coerce(cls, value: Union["CTRProtocol", Mapping[str, Any], None]) -> "CTRProtocol":
+    def coerce(cls, value: CTRProtocol | Mapping[str, Any] | None) -> CTRProtocol:
         """Accept a protocol, a mapping of its fields (e.g. a Hydra config) or ``None`` (defaults)."""
         if value is None:
             return cls()
@@ -110,7 +111,7 @@ def sort_log(log: pl.DataFrame) -> pl.DataFrame:
     return log.sort(["user", "timestamp"], maintain_order=True)
 
 
-def _first_appearance_codes(values: np.ndarray) -> Tuple[np.ndarray, int]:
+def _first_appearance_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Map values to 1..n in order of first appearance; returns (codes, n)."""
     uniques, first_index, inverse = np.unique(values, return_index=True, return_inverse=True)
     rank = np.empty(len(uniques), dtype=np.int64)
@@ -118,7 +119,7 @@ def _first_appearance_codes(values: np.ndarray) -> Tuple[np.ndarray, int]:
     return rank[inverse.reshape(-1)], len(uniques)
 
 
-def remap_ids(log: pl.DataFrame) -> Tuple[pl.DataFrame, Vocab, Dict[str, pl.DataFrame]]:
+def remap_ids(log: pl.DataFrame) -> tuple[pl.DataFrame, Vocab, dict[str, pl.DataFrame]]:
     """Remap user/item/category to 1..n by first appearance in log order (0 stays free for padding).
 
     Returns the remapped log (same row order), the id-space sizes and the id maps
@@ -157,18 +158,22 @@ def _split_expr(protocol: CTRProtocol) -> pl.Expr:
     back = pl.col("_len") - pl.col("_pos")  # 0 = last behaviour
     if protocol.targets == "dare":
         k = back - 2
-        is_train = (k >= 0) & (k % protocol.train_stride == 0) & (
-            k // protocol.train_stride < protocol.num_train_targets
+        is_train = (
+            (k >= 0) & (k % protocol.train_stride == 0) & (k // protocol.train_stride < protocol.num_train_targets)
         )
         eligible = pl.col("_pos") >= 2
     else:
         is_train = back >= 2
         eligible = (pl.col("_pos") > protocol.min_history) & (pl.col("_pos") >= 2)
     return (
-        pl.when(~eligible).then(None)
-        .when(back == 0).then(pl.lit("test"))
-        .when(back == 1).then(pl.lit("val"))
-        .when(is_train).then(pl.lit("train"))
+        pl.when(~eligible)
+        .then(None)
+        .when(back == 0)
+        .then(pl.lit("test"))
+        .when(back == 1)
+        .then(pl.lit("val"))
+        .when(is_train)
+        .then(pl.lit("train"))
         .otherwise(None)
         .alias("_split")
     )
@@ -179,7 +184,7 @@ def select_targets(log: pl.DataFrame, protocol: CTRProtocol) -> pl.DataFrame:
     return log.with_columns(_split_expr(protocol)).filter(pl.col("_split").is_not_null())
 
 
-def _window_index(ends: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _window_index(ends: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, flat indices) of the jagged windows ``[ends[r] - lengths[r], ends[r])``."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -231,7 +236,7 @@ class ItemSampler:
     forbidden: np.ndarray  # sorted keys user_code * n_items + item_code
 
     @classmethod
-    def from_log(cls, log: pl.DataFrame) -> "ItemSampler":
+    def from_log(cls, log: pl.DataFrame) -> ItemSampler:
         """Build from a time-sorted, behaviour-filtered log (frequencies over the whole log)."""
         table = log.group_by("item").agg(pl.len().alias("n"), pl.col("category").last()).sort("item")
         items = table["item"].to_numpy()
@@ -260,7 +265,7 @@ class ItemSampler:
                 f"item of the log; no negative can be drawn."
             )
 
-    def sample(self, users: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    def sample(self, users: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One negative per entry of ``users``: returns (item ids, their last-seen categories)."""
         user_codes = np.searchsorted(self.users, users).astype(np.int64)
         self._check_feasible(user_codes)
@@ -317,9 +322,7 @@ def _ordered(rows: pl.DataFrame) -> pl.DataFrame:
 def _finalise(rows: pl.DataFrame, log: pl.DataFrame, max_len: int, extra_columns: Sequence[str]) -> pl.DataFrame:
     """Order one split's rows, attach histories and cast to exactly ``SAMPLE_SCHEMA`` (+ extras)."""
     frame = attach_histories(_ordered(rows), log, max_len)
-    return frame.select(
-        *[pl.col(c).cast(t) for c, t in SAMPLE_SCHEMA.items()], *[pl.col(c) for c in extra_columns]
-    )
+    return frame.select(*[pl.col(c).cast(t) for c, t in SAMPLE_SCHEMA.items()], *[pl.col(c) for c in extra_columns])
 
 
 def _log_vocab(log: pl.DataFrame) -> Vocab:
@@ -330,11 +333,11 @@ def _log_vocab(log: pl.DataFrame) -> Vocab:
 
 def build_ctr_samples(
     log: pl.DataFrame,
-    protocol: Optional[CTRProtocol] = None,
+    protocol: CTRProtocol | None = None,
     extra_columns: Sequence[str] = (),
-    vocab: Optional[Vocab] = None,
+    vocab: Vocab | None = None,
     source: str = "log",
-) -> Dict[str, pl.DataFrame]:
+) -> dict[str, pl.DataFrame]:
     """Build validated train/val/test CTR samples from an interaction log (see module docstring).
 
     ``extra_columns`` of the log are passed through for positives and set to 0 for negatives.
@@ -347,11 +350,7 @@ def build_ctr_samples(
     if log.height == 0:
         raise DataValidationError(f"{source}: no rows with behavior in {list(protocol.behaviors)}.")
     sampler = ItemSampler.from_log(log)
-    kept = (
-        _with_positions(log)
-        .filter(pl.col("_len") >= protocol.min_interactions)
-        .with_row_index("_g")
-    )
+    kept = _with_positions(log).filter(pl.col("_len") >= protocol.min_interactions).with_row_index("_g")
     if kept.height == 0:
         raise DataValidationError(
             f"{source}: no user has >= {protocol.min_interactions} '{'/'.join(protocol.behaviors)}' rows."

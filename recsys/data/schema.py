@@ -34,7 +34,7 @@ Every check raises :class:`DataValidationError` with a message naming the file a
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import polars as pl
 
@@ -71,9 +71,7 @@ def _is_integer(dtype: pl.DataType) -> bool:
     return dtype.is_integer()
 
 
-def check_columns(
-    schema: Mapping[str, pl.DataType], required: Iterable[str], source: str
-) -> None:
+def check_columns(schema: Mapping[str, pl.DataType], required: Iterable[str], source: str) -> None:
     """Raise if a required column is missing; ``source`` names the file in the message."""
     missing = [c for c in required if c not in schema]
     if missing:
@@ -96,15 +94,13 @@ def check_sample_dtypes(
             ok = _is_integer(dtype)
             want = "an integer type"
         if not ok:
-            raise DataValidationError(
-                f"{source}: column '{col}' has dtype {dtype}, expected {want}."
-            )
+            raise DataValidationError(f"{source}: column '{col}' has dtype {dtype}, expected {want}.")
 
 
 def validate_samples(
     frame: pl.DataFrame,
     source: str,
-    vocab: Optional[Vocab] = None,
+    vocab: Vocab | None = None,
     label_columns: Sequence[str] = ("label",),
     allow_empty_history: bool = False,
 ) -> None:
@@ -121,9 +117,7 @@ def validate_samples(
     nulls = {c: n for c, n in zip(frame.columns, frame.null_count().row(0)) if c in required and n}
     if nulls:
         raise DataValidationError(f"{source}: null values in column(s) {nulls}.")
-    lengths = frame.select(
-        pl.col("hist_item").list.len().alias("li"), pl.col("hist_cat").list.len().alias("lc")
-    )
+    lengths = frame.select(pl.col("hist_item").list.len().alias("li"), pl.col("hist_cat").list.len().alias("lc"))
     if not allow_empty_history:
         empty = int((lengths["li"] == 0).sum())
         if empty:
@@ -139,9 +133,7 @@ def validate_samples(
     for col in label_columns:
         bad = int((~frame[col].is_in([0, 1])).sum())
         if bad:
-            raise DataValidationError(
-                f"{source}: column '{col}' must hold only 0 or 1; {bad} rows do not."
-            )
+            raise DataValidationError(f"{source}: column '{col}' must hold only 0 or 1; {bad} rows do not.")
     if vocab is not None:
         check_id_ranges(frame, source, vocab)
 

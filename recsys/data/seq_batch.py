@@ -6,7 +6,6 @@ Imports only torch and torchrec, so the GPU benchmark (no polars/Lightning) can 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -31,18 +30,18 @@ class SeqBatch:
     """
 
     sparse: KeyedJaggedTensor
-    user: Optional[torch.Tensor] = None
+    user: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
         return self.sparse.stride()
 
-    def jagged(self, key: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    def jagged(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [sum(L)], lengths [B])`` of one key."""
         jt = self.sparse[key]
         return jt.values(), jt.lengths()
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SeqBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SeqBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
         return replace(
             self,
@@ -50,13 +49,17 @@ class SeqBatch:
             user=None if self.user is None else self.user.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "SeqBatch":
-        return replace(self, sparse=self.sparse.pin_memory(),
-                       user=None if self.user is None else self.user.pin_memory())
+    def pin_memory(self) -> SeqBatch:
+        return replace(
+            self, sparse=self.sparse.pin_memory(), user=None if self.user is None else self.user.pin_memory()
+        )
 
 
-def make_seq_kjt(seq: Tuple[torch.Tensor, torch.Tensor], target: Tuple[torch.Tensor, torch.Tensor],
-                 exclude: Tuple[torch.Tensor, torch.Tensor]) -> KeyedJaggedTensor:
+def make_seq_kjt(
+    seq: tuple[torch.Tensor, torch.Tensor],
+    target: tuple[torch.Tensor, torch.Tensor],
+    exclude: tuple[torch.Tensor, torch.Tensor],
+) -> KeyedJaggedTensor:
     """Pack three ``(values [sum(L)], lengths [B])`` pairs into the :data:`SEQ_KEYS` layout."""
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(SEQ_KEYS),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -42,7 +42,7 @@ SEQ_SCHEMA = {"user": pl.Int64(), **{c: pl.List(pl.Int64()) for c in LIST_COLUMN
 
 def table_to_frame(table: SeqTable) -> pl.DataFrame:
     """:class:`SeqTable` -> frame in the module's schema (list columns straight from values + offsets)."""
-    columns: Dict[str, Any] = {"user": pl.Series("user", table.user, dtype=pl.Int64)}
+    columns: dict[str, Any] = {"user": pl.Series("user", table.user, dtype=pl.Int64)}
     for name in LIST_COLUMNS:
         jagged: Jagged = getattr(table, name)
         arrow = pa.LargeListArray.from_arrays(pa.array(jagged.offsets, pa.int64()), pa.array(jagged.values, pa.int64()))
@@ -62,8 +62,7 @@ def frame_to_table(frame: pl.DataFrame, source: str) -> SeqTable:
     return SeqTable(user=frame["user"].cast(pl.Int64).to_numpy(), **columns)
 
 
-def prepare_seqrec(path: Union[str, Path, None], cache_root: Union[str, Path], name: str = "seqrec",
-                   max_len: int = 50) -> Path:
+def prepare_seqrec(path: str | Path | None, cache_root: str | Path, name: str = "seqrec", max_len: int = 50) -> Path:
     """Read -> leave-one-out -> cache ``<cache_root>/<name>-<fingerprint>/``; returns the folder.
 
     Raises FileNotFoundError (missing file) or DataValidationError (bad lines, empty or too short
@@ -85,8 +84,13 @@ def prepare_seqrec(path: Union[str, Path, None], cache_root: Union[str, Path], n
     if splits["train"].height == 0:
         raise DataValidationError(f"{path}: no user has 2 or more training items, so there is nothing to train on.")
     meta = DatasetMeta(
-        name=name, fingerprint=fp, num_users=seqs.num_users, num_items=seqs.num_items, num_categories=0,
-        max_len=max_len, rows={k: v.height for k, v in splits.items()},
+        name=name,
+        fingerprint=fp,
+        num_users=seqs.num_users,
+        num_items=seqs.num_items,
+        num_categories=0,
+        max_len=max_len,
+        rows={k: v.height for k, v in splits.items()},
         params={**params, "source": str(path), "interactions": int(len(seqs.items))},
     )
     return write_dataset(Path(cache_root), meta, splits)
@@ -105,11 +109,21 @@ class SeqDataModule(CachedDataModule):
         batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
     """
 
-    def __init__(self, name: str, source: Any, cache_dir: str, path: Optional[str] = None, batch_size: int = 256,
-                 eval_batch_size: int = 1024, num_workers: int = 0, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: Any,
+        cache_dir: str,
+        path: str | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
 
-    def backbone_inputs(self) -> Dict[str, Any]:
+    def backbone_inputs(self) -> dict[str, Any]:
         """``vocab`` (``num_items`` sizes the item table) and ``max_len``."""
         meta = self.prepare()
         return {"vocab": Vocab(meta.num_users, meta.num_items, 0), "max_len": meta.max_len}
@@ -123,6 +137,10 @@ class SeqDataModule(CachedDataModule):
         """TED's graph from the training split only (validation and test items never enter it)."""
         self.setup()
         train = self.tables["train"]
-        src, dst = transition_pairs(torch.tensor(train.history.values), torch.tensor(train.targets.values),
-                                    torch.tensor(train.history.lengths), span)
+        src, dst = transition_pairs(
+            torch.tensor(train.history.values),
+            torch.tensor(train.targets.values),
+            torch.tensor(train.history.lengths),
+            span,
+        )
         return build_transition_graph(src, dst, self.prepare().num_items)

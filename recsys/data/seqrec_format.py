@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, NamedTuple, Sequence, Union
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,8 +39,10 @@ from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 try:  # schema.py needs polars, which the GPU benchmark environment does not have
     from recsys.data.schema import DataValidationError
 except ImportError:  # pragma: no cover - exercised only without polars
+
     class DataValidationError(ValueError):  # type: ignore[no-redef]
         """Bad input data; the message names the file."""
+
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -60,7 +63,7 @@ class Jagged(NamedTuple):
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def take(self, rows: np.ndarray) -> "Jagged":
+    def take(self, rows: np.ndarray) -> Jagged:
         """Rows ``rows`` as a new jagged column (vectorised gather)."""
         return take_segments(self.values, self.offsets[rows], self.lengths[rows])
 
@@ -116,7 +119,7 @@ def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
     return [n for n, _ in numbered], [tokens for _, tokens in numbered]
 
 
-def read_sequences(path: Union[str, Path], min_len: int = MIN_SEQ_LEN) -> Sequences:
+def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
     """Parse an S3-Rec style file; every problem raises :class:`DataValidationError` naming the file and lines.
 
     Checks: integer tokens only; no empty sequence; at least ``min_len`` items per user (leave-one-out
@@ -183,7 +186,7 @@ class SeqTable:
         return SeqBatch(sparse=make_seq_kjt(*parts), user=torch.from_numpy(self.user[rows]))
 
 
-def leave_one_out(seqs: Sequences, max_len: int = 50) -> Dict[str, SeqTable]:
+def leave_one_out(seqs: Sequences, max_len: int = 50) -> dict[str, SeqTable]:
     """Train / val / test tables of ``seqs`` (the table in the module docstring)."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -71,7 +72,7 @@ class _PopularitySampler:
         self.cat_hi = np.cumsum(mass)
         self.cat_lo = self.cat_hi - mass
 
-    def draw(self, rng: np.random.Generator, cats: Optional[np.ndarray], size: int) -> np.ndarray:
+    def draw(self, rng: np.random.Generator, cats: np.ndarray | None, size: int) -> np.ndarray:
         """0-based item indices; ``cats=None`` means global popularity."""
         u = rng.random(size)
         x = u * self.cdf[-1] if cats is None else self.cat_lo[cats] + u * (self.cat_hi[cats] - self.cat_lo[cats])
@@ -132,7 +133,7 @@ def generate_log(
     )
 
 
-def _generator_params(generator: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def _generator_params(generator: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults of :func:`generate_log` overridden by ``generator``; unknown keys raise."""
     defaults = {k: p.default for k, p in inspect.signature(generate_log).parameters.items()}
     given = dict(generator or {})
@@ -143,9 +144,9 @@ def _generator_params(generator: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
 
 
 def prepare_synthetic(
-    cache_root: Union[str, Path],
-    generator: Optional[Mapping[str, Any]] = None,
-    protocol: Union[CTRProtocol, Mapping[str, Any], None] = None,
+    cache_root: str | Path,
+    generator: Mapping[str, Any] | None = None,
+    protocol: CTRProtocol | Mapping[str, Any] | None = None,
 ) -> Path:
     """Generate -> remap -> build samples (DARE protocol by default) -> cache (name ``synthetic``)."""
     protocol = CTRProtocol.coerce(protocol)
@@ -164,8 +165,14 @@ def prepare_synthetic(
     events, vocab, id_maps = remap_ids(filter_behaviors(generate_log(**params), protocol.behaviors))
     splits = build_ctr_samples(events, protocol, vocab=vocab, source="synthetic")
     meta = DatasetMeta(
-        name="synthetic", fingerprint=fp, num_users=vocab.num_users, num_items=vocab.num_items,
-        num_categories=vocab.num_categories, max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()}, params=meta_params, extra_columns=[],
+        name="synthetic",
+        fingerprint=fp,
+        num_users=vocab.num_users,
+        num_items=vocab.num_items,
+        num_categories=vocab.num_categories,
+        max_len=protocol.max_len,
+        rows={k: v.height for k, v in splits.items()},
+        params=meta_params,
+        extra_columns=[],
     )
     return write_dataset(Path(cache_root), meta, splits, id_maps)

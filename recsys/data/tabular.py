@@ -17,16 +17,17 @@ Features are every non-label column: integer columns are categorical, float colu
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.cache import DatasetMeta, fingerprint, cached_dataset, write_dataset
+from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.datamodule import CTRDataModule
 from recsys.data.schema import SPLITS, DataValidationError
 
@@ -39,9 +40,17 @@ TABULAR_VERSION = "2"
 # ---------------------------------------------------------------------------------------------- converting
 
 
-def encode_tabular(frame: pl.DataFrame, parts: Mapping[str, np.ndarray], categorical: Sequence[str],
-                   dense: Sequence[str], labels: Mapping[str, pl.Expr], source: str,
-                   log_dense: Sequence[str] = (), dense_buckets: int = 0, dense_pwl: int = 0) -> Dict[str, pl.DataFrame]:
+def encode_tabular(
+    frame: pl.DataFrame,
+    parts: Mapping[str, np.ndarray],
+    categorical: Sequence[str],
+    dense: Sequence[str],
+    labels: Mapping[str, pl.Expr],
+    source: str,
+    log_dense: Sequence[str] = (),
+    dense_buckets: int = 0,
+    dense_pwl: int = 0,
+) -> dict[str, pl.DataFrame]:
     """Raw frame + row numbers per split -> encoded splits (columns: categorical, dense, labels).
 
     Categorical values (compared as strings) get ids 1..K in sorted order of the values in the
@@ -104,12 +113,26 @@ def quantile_edges(values: np.ndarray, bins: int) -> np.ndarray:
     return np.unique(np.concatenate(parts + [values.min(keepdims=True), values.max(keepdims=True)]))
 
 
-def write_tabular(cache_root: Path, name: str, fp: str, params: Mapping[str, Any],
-                  splits: Mapping[str, pl.DataFrame], labels: Sequence[str]) -> Path:
+def write_tabular(
+    cache_root: Path,
+    name: str,
+    fp: str,
+    params: Mapping[str, Any],
+    splits: Mapping[str, pl.DataFrame],
+    labels: Sequence[str],
+) -> Path:
     """Atomic, fingerprinted write of encoded splits; ``labels`` become ``meta.extra_columns``."""
-    meta = DatasetMeta(name=name, fingerprint=fp, num_users=0, num_items=0, num_categories=0, max_len=0,
-                       rows={k: v.height for k, v in splits.items()}, params=dict(params),
-                       extra_columns=list(labels))
+    meta = DatasetMeta(
+        name=name,
+        fingerprint=fp,
+        num_users=0,
+        num_items=0,
+        num_categories=0,
+        max_len=0,
+        rows={k: v.height for k, v in splits.items()},
+        params=dict(params),
+        extra_columns=list(labels),
+    )
     return write_dataset(Path(cache_root), meta, splits)
 
 
@@ -125,7 +148,7 @@ def prepare_tabular(name: str, cache_root: Path, params: Mapping[str, Any], inpu
     return write_tabular(Path(cache_root), name, fp, params, splits, labels)
 
 
-def random_parts(n: int, fractions: Sequence[float], seed: int) -> Dict[str, np.ndarray]:
+def random_parts(n: int, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
     """Seeded permutation of ``n`` rows cut into train/val/test by ``fractions`` (sorted row numbers)."""
     perm = np.random.default_rng(seed).permutation(n)
     cuts = np.cumsum([int(round(f * n)) for f in fractions[:-1]])
@@ -147,13 +170,13 @@ class TabularBatch:
 
     sparse: KeyedJaggedTensor
     dense: torch.Tensor
-    labels: Dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return int(self.dense.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TabularBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TabularBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
         return replace(
             self,
@@ -162,26 +185,37 @@ class TabularBatch:
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
         )
 
-    def pin_memory(self) -> "TabularBatch":
-        return replace(self, sparse=self.sparse.pin_memory(), dense=self.dense.pin_memory(),
-                       labels={k: v.pin_memory() for k, v in self.labels.items()})
+    def pin_memory(self) -> TabularBatch:
+        return replace(
+            self,
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+        )
 
 
 @dataclass
 class TabularTable:
     """Arrays of one split: ``ids [N, C]`` int64 (field order ``keys``), ``dense [N, D]``, labels ``[N]``."""
 
-    keys: List[str]
+    keys: list[str]
     ids: np.ndarray
     dense: np.ndarray
-    labels: Dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     @classmethod
-    def from_frame(cls, frame: pl.DataFrame, source: str, categorical: Mapping[str, int], dense: Sequence[str],
-                   label_columns: Mapping[str, str], binary_labels: Sequence[str] = ()) -> "TabularTable":
+    def from_frame(
+        cls,
+        frame: pl.DataFrame,
+        source: str,
+        categorical: Mapping[str, int],
+        dense: Sequence[str],
+        label_columns: Mapping[str, str],
+        binary_labels: Sequence[str] = (),
+    ) -> TabularTable:
         """Validate and convert; ``categorical`` maps field -> table rows (ids must be in ``[0, rows)``)."""
         missing = [c for c in [*categorical, *dense, *label_columns.values()] if c not in frame.columns]
         if missing:
@@ -194,10 +228,14 @@ class TabularTable:
         for j, key in enumerate(keys):
             lo, hi = int(ids[:, j].min()), int(ids[:, j].max())
             if lo < 0 or hi >= categorical[key]:
-                raise DataValidationError(f"{source}: column '{key}' has ids in [{lo}, {hi}], outside "
-                                          f"[0, {categorical[key] - 1}].")
-        values = frame.select(list(dense)).to_numpy().astype(np.float32) if dense else \
-            np.zeros((frame.height, 0), np.float32)
+                raise DataValidationError(
+                    f"{source}: column '{key}' has ids in [{lo}, {hi}], outside [0, {categorical[key] - 1}]."
+                )
+        values = (
+            frame.select(list(dense)).to_numpy().astype(np.float32)
+            if dense
+            else np.zeros((frame.height, 0), np.float32)
+        )
         if not np.isfinite(values).all():
             raise DataValidationError(f"{source}: dense columns hold non-finite values.")
         labels = {}
@@ -206,8 +244,10 @@ class TabularTable:
             if not np.isfinite(y).all():
                 raise DataValidationError(f"{source}: column '{column}' holds NaN or infinite labels.")
             if column in binary_labels and not np.isin(y, (0.0, 1.0)).all():
-                raise DataValidationError(f"{source}: column '{column}' (task '{task}', loss binary) must hold "
-                                          f"only 0 or 1; {int((~np.isin(y, (0.0, 1.0))).sum())} rows do not.")
+                raise DataValidationError(
+                    f"{source}: column '{column}' (task '{task}', loss binary) must hold "
+                    f"only 0 or 1; {int((~np.isin(y, (0.0, 1.0))).sum())} rows do not."
+                )
             labels[task] = y
         return cls(keys, np.ascontiguousarray(ids), np.ascontiguousarray(values), labels)
 
@@ -223,8 +263,11 @@ class TabularTable:
             length_per_key=[b] * c,
             offset_per_key=[b * j for j in range(c + 1)],
         )
-        return TabularBatch(sparse=sparse, dense=torch.from_numpy(self.dense[rows]),
-                            labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()})
+        return TabularBatch(
+            sparse=sparse,
+            dense=torch.from_numpy(self.dense[rows]),
+            labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data module
@@ -238,7 +281,7 @@ class TabularDataModule(CTRDataModule):
     dataset's label columns as soon as it is prepared.
     """
 
-    _features: Optional[Dict[str, Any]] = None
+    _features: dict[str, Any] | None = None
 
     def prepare(self) -> DatasetMeta:
         if self.meta is None:
@@ -254,7 +297,7 @@ class TabularDataModule(CTRDataModule):
             self._features = self._read_features(meta)
         return self.meta
 
-    def _read_features(self, meta: DatasetMeta) -> Dict[str, Any]:
+    def _read_features(self, meta: DatasetMeta) -> dict[str, Any]:
         files = [self.dataset_dir / f"{s}.parquet" for s in SPLITS]
         schema = pl.read_parquet_schema(files[0])
         features = [c for c in schema if c not in meta.extra_columns]
@@ -263,11 +306,14 @@ class TabularDataModule(CTRDataModule):
         other = [c for c in features if c not in categorical and c not in dense]
         if other:
             raise DataValidationError(f"{files[0]}: feature column(s) {other} are neither integer ids nor floats.")
-        maxima = pl.scan_parquet(files).select([pl.col(c).max() for c in categorical]).collect().row(0) \
-            if categorical else ()
+        maxima = (
+            pl.scan_parquet(files).select([pl.col(c).max() for c in categorical]).collect().row(0)
+            if categorical
+            else ()
+        )
         return {"categorical": {c: int(m) + 1 for c, m in zip(categorical, maxima)}, "dense": dense}
 
-    def backbone_inputs(self) -> Dict[str, Any]:
+    def backbone_inputs(self) -> dict[str, Any]:
         """``{"categorical": {field: rows}, "dense": [names]}``."""
         self.prepare()
         return {"categorical": dict(self._features["categorical"]), "dense": list(self._features["dense"])}
@@ -279,5 +325,6 @@ class TabularDataModule(CTRDataModule):
             frame = pl.read_parquet(file)
         except Exception as err:  # polars raises several types for corrupt files
             raise DataValidationError(f"{file}: cannot read parquet ({type(err).__name__}: {err})") from err
-        return TabularTable.from_frame(frame, str(file), self._features["categorical"], self._features["dense"],
-                                       labels, binary)
+        return TabularTable.from_frame(
+            frame, str(file), self._features["categorical"], self._features["dense"], labels, binary
+        )

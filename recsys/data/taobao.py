@@ -7,8 +7,9 @@ by user and time-ordered within each user. See ``shared/data/taobao_userbehavior
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any
 
 import polars as pl
 
@@ -19,7 +20,7 @@ from recsys.data.schema import LOG_SCHEMA, DataValidationError
 log = logging.getLogger(__name__)
 
 #: 2017-11-25 00:00:00 to 2017-12-03 23:59:59 (UTC+8), the dataset's official 9-day window.
-TAOBAO_TIME_WINDOW: Tuple[int, int] = (1511539200, 1512316799)
+TAOBAO_TIME_WINDOW: tuple[int, int] = (1511539200, 1512316799)
 _RAW_COLUMNS = ("user", "item", "category", "behavior", "timestamp")
 
 
@@ -27,13 +28,11 @@ def _require_file(path: Path) -> Path:
     """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>."
-        )
+        raise FileNotFoundError(f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>.")
     return path
 
 
-def scan_taobao_log(path: Path, time_window: Optional[Tuple[int, int]] = TAOBAO_TIME_WINDOW) -> pl.LazyFrame:
+def scan_taobao_log(path: Path, time_window: tuple[int, int] | None = TAOBAO_TIME_WINDOW) -> pl.LazyFrame:
     """Lazy scan of the raw CSV in file order, optionally restricted to ``time_window`` (inclusive)."""
     frame = pl.scan_csv(
         _require_file(path),
@@ -47,9 +46,7 @@ def scan_taobao_log(path: Path, time_window: Optional[Tuple[int, int]] = TAOBAO_
     return frame.sort("_row").drop("_row")
 
 
-def read_taobao_log(
-    path: Union[str, Path], time_window: Optional[Tuple[int, int]] = TAOBAO_TIME_WINDOW
-) -> pl.DataFrame:
+def read_taobao_log(path: str | Path, time_window: tuple[int, int] | None = TAOBAO_TIME_WINDOW) -> pl.DataFrame:
     """Read the raw Taobao CSV into ``LOG_SCHEMA`` (raw ids, file order kept).
 
     ``time_window=None`` keeps every row; the default drops the few rows outside the official window.
@@ -64,10 +61,10 @@ def read_taobao_log(
 
 
 def prepare_taobao(
-    path: Union[str, Path],
-    cache_root: Union[str, Path],
-    protocol: Union[CTRProtocol, Mapping[str, Any], None] = None,
-    time_window: Optional[Tuple[int, int]] = TAOBAO_TIME_WINDOW,
+    path: str | Path,
+    cache_root: str | Path,
+    protocol: CTRProtocol | Mapping[str, Any] | None = None,
+    time_window: tuple[int, int] | None = TAOBAO_TIME_WINDOW,
 ) -> Path:
     """Read -> keep protocol behaviours -> remap ids -> build samples -> cache (name ``taobao``).
 
@@ -87,8 +84,14 @@ def prepare_taobao(
     events, vocab, id_maps = remap_ids(raw)
     splits = build_ctr_samples(events, protocol, vocab=vocab, source=str(path))
     meta = DatasetMeta(
-        name="taobao", fingerprint=fp, num_users=vocab.num_users, num_items=vocab.num_items,
-        num_categories=vocab.num_categories, max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()}, params=params, extra_columns=[],
+        name="taobao",
+        fingerprint=fp,
+        num_users=vocab.num_users,
+        num_items=vocab.num_items,
+        num_categories=vocab.num_categories,
+        max_len=protocol.max_len,
+        rows={k: v.height for k, v in splits.items()},
+        params=params,
+        extra_columns=[],
     )
     return write_dataset(Path(cache_root), meta, splits, id_maps)

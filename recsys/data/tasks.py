@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Mapping
+from typing import Any
 
 LOSSES = ("binary", "regression")
 
@@ -31,7 +32,7 @@ class TaskSpec:
             raise ValueError(f"task '{self.name}': weight must be >= 0, got {self.weight}")
 
 
-def parse_tasks(raw: Iterable[Mapping[str, Any]]) -> List[TaskSpec]:
+def parse_tasks(raw: Iterable[Mapping[str, Any]]) -> list[TaskSpec]:
     """Turn config entries into specs; names must be unique and the list non-empty."""
     specs = []
     for entry in raw:

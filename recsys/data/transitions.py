@@ -9,15 +9,15 @@ its maximum, ``Ã[i, :] = A[i, :] / max_j A[i, j]`` in [0, 1]. Stored as CSR ove
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 
 from recsys.ops.jagged import fbgemm_supports
 
 
-def transition_pairs(history: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor,
-                     span: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+def transition_pairs(
+    history: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, span: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and destination ids of every pair at distance ``1..span`` inside each training row.
 
     A training row holds ``history = s[:-1]`` and ``targets = s[1:]`` (jagged, same ``lengths [R]``), so
@@ -55,9 +55,10 @@ class TransitionGraph:
     def nnz(self) -> int:
         return int(self.col.numel())
 
-    def to(self, device: torch.device | str) -> "TransitionGraph":
-        return TransitionGraph(self.crow.to(device), self.col.to(device), self.weight.to(device),
-                               self.counts.to(device), self.num_items)
+    def to(self, device: torch.device | str) -> TransitionGraph:
+        return TransitionGraph(
+            self.crow.to(device), self.col.to(device), self.weight.to(device), self.counts.to(device), self.num_items
+        )
 
     def dense(self) -> torch.Tensor:
         """``[I + 1, I + 1]`` dense Ã (tests and small examples only)."""
@@ -67,7 +68,7 @@ class TransitionGraph:
         out[row, self.col] = self.weight
         return out
 
-    def rows(self, heads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rows ``heads [N]`` as flat triplets ``(row in 0..N-1, column id, weight)``, each ``[nnz(heads)]``.
 
         A jagged index-select of the CSR rows: FBGEMM's ``jagged_index_select`` where it runs, torch otherwise.
@@ -88,17 +89,22 @@ class TransitionGraph:
 def build_transition_graph(src: torch.Tensor, dst: torch.Tensor, num_items: int) -> TransitionGraph:
     """Coalesce ``(src, dst)`` pairs into counts, scale each row by its maximum, return CSR.
 
-    ``src``/``dst``: ``[P]`` int64 ids in ``1..num_items``. One sparse coalesce, one scatter-amax, one bincount; no loops.
+    ``src``/``dst``: ``[P]`` int64 ids in ``1..num_items``. One sparse coalesce, one scatter-amax, one bincount;
+    no loops.
     """
     size = num_items + 1
-    if src.numel() and (int(torch.minimum(src.min(), dst.min())) < 1 or int(torch.maximum(src.max(), dst.max())) > num_items):
+    if src.numel() and (
+        int(torch.minimum(src.min(), dst.min())) < 1 or int(torch.maximum(src.max(), dst.max())) > num_items
+    ):
         raise ValueError(f"transition pairs must hold ids in [1, {num_items}]")
-    coo = torch.sparse_coo_tensor(torch.stack([src, dst]), torch.ones(src.numel()), (size, size),
-                                  check_invariants=False).coalesce()  # sorted by (row, col): CSR order
+    coo = torch.sparse_coo_tensor(
+        torch.stack([src, dst]), torch.ones(src.numel()), (size, size), check_invariants=False
+    ).coalesce()  # sorted by (row, col): CSR order
     row, col = coo.indices()
     counts = coo.values()
     row_max = torch.zeros(size).scatter_reduce(0, row, counts, reduce="amax", include_self=False)
     crow = torch.zeros(size + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(row, minlength=size), 0, out=crow[1:])
-    return TransitionGraph(crow=crow, col=col.contiguous(), weight=counts / row_max[row], counts=counts,
-                           num_items=num_items)
+    return TransitionGraph(
+        crow=crow, col=col.contiguous(), weight=counts / row_max[row], counts=counts, num_items=num_items
+    )

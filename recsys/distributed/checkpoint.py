@@ -24,14 +24,15 @@ from __future__ import annotations
 import logging
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 log = logging.getLogger(__name__)
 # TorchRec's sharded state is ShardedTensor, which torch marks as deprecated on every DCP call
@@ -51,13 +52,13 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def split_tensors(tree: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def split_tensors(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Nested dict -> (same nesting with only tensor leaves, same nesting with only other leaves).
 
     Lists and tuples are leaves (optimiser ``param_groups``); empty branches are dropped.
     """
-    tensors: Dict[str, Any] = {}
-    other: Dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
+    other: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
             t, o = split_tensors(value)
@@ -72,7 +73,7 @@ def split_tensors(tree: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, An
     return tensors, other
 
 
-def merge_trees(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
+def merge_trees(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """Inverse of :func:`split_tensors` (recursive union; ``b`` wins on leaf conflicts)."""
     out = dict(a)
     for key, value in b.items():
@@ -83,12 +84,12 @@ def merge_trees(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _tensor_payload(checkpoint: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _tensor_payload(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Lightning checkpoint dict -> (DCP payload, rank-0 remainder).
 
     ``optimizer_states`` (a list) becomes ``{"0": ..., "1": ...}`` in the payload.
     """
-    payload: Dict[str, Any] = {}
+    payload: dict[str, Any] = {}
     rest = {k: v for k, v in checkpoint.items() if k not in _TENSOR_PARTS}
     if "state_dict" in checkpoint:
         payload["state_dict"], rest["state_dict"] = split_tensors(checkpoint["state_dict"])
@@ -138,8 +139,8 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
 def load_sharded(
     path: str | Path,
     model_state: Mapping[str, Any],
-    optimizer_states: Optional[List[Mapping[str, Any]]] = None,
-) -> Dict[str, Any]:
+    optimizer_states: list[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Collective: load ``path`` *in place* into ``model_state`` (a live ``module.state_dict()``, whose
     tensors and ShardedTensors share storage with the module) and ``optimizer_states`` (live
     ``optimizer.state_dict()`` s with their lazy state already created). Returns the full Lightning
@@ -149,7 +150,7 @@ def load_sharded(
     rest = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     if rest.pop("format", None) != FORMAT:
         raise ValueError(f"{folder}: unknown checkpoint format (expected {FORMAT})")
-    template: Dict[str, Any] = {"state_dict": split_tensors(model_state)[0]}
+    template: dict[str, Any] = {"state_dict": split_tensors(model_state)[0]}
     if optimizer_states is not None:
         saved = len(rest.get("optimizer_states", []))
         if saved != len(optimizer_states):
@@ -159,8 +160,10 @@ def load_sharded(
     try:
         dcp.load(template, checkpoint_id=str(folder))
     except (Exception, CheckpointException) as err:  # missing keys, other shapes, unreadable shard files
-        raise ValueError(f"{folder}: cannot load this sharded checkpoint into the model ({type(err).__name__}: "
-                         f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r})") from err
+        raise ValueError(
+            f"{folder}: cannot load this sharded checkpoint into the model ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r})"
+        ) from err
     checkpoint = dict(rest)
     checkpoint["state_dict"] = merge_trees(rest.get("state_dict", {}), template["state_dict"])
     if optimizer_states is not None:
@@ -180,6 +183,7 @@ def remove_sharded(path: str | Path) -> None:
 
 
 # ---- unsharded <-> sharded state (initialisation, comparison, export) ------------------------------
+
 
 def _is_sharded(value: Any) -> bool:
     return hasattr(value, "local_shards") and hasattr(value, "metadata")
@@ -206,9 +210,9 @@ def load_full_state_dict(module: nn.Module, full: Mapping[str, torch.Tensor], st
 
 
 @torch.no_grad()
-def gather_full_state_dict(module: nn.Module, dst: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+def gather_full_state_dict(module: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] | None:
     """Collective: whole tensors of a sharded module on rank ``dst`` (CPU copies), ``None`` elsewhere."""
-    out: Dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():
         if _is_sharded(value):
             full = torch.empty(value.size(), dtype=value.dtype) if _rank() == dst else None

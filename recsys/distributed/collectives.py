@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch.distributed as dist
@@ -11,11 +11,11 @@ import torch.distributed as dist
 from recsys.distributed.env import is_distributed
 
 
-def merge_batches(parts: Sequence[Dict[str, List[np.ndarray]]], identity: Sequence[str]) -> Dict[str, List[np.ndarray]]:
+def merge_batches(parts: Sequence[dict[str, list[np.ndarray]]], identity: Sequence[str]) -> dict[str, list[np.ndarray]]:
     """Concatenate per-rank batch lists in rank order, dropping any batch whose ``identity`` arrays equal
     an earlier batch's (see :func:`gather_batches`)."""
     names = list(dict.fromkeys(name for part in parts for name in part))
-    out: Dict[str, List[np.ndarray]] = {name: [] for name in names}
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     seen = set()
     for part in parts:
         count = len(next(iter(part.values()))) if part else 0
@@ -32,7 +32,7 @@ def merge_batches(parts: Sequence[Dict[str, List[np.ndarray]]], identity: Sequen
     return out
 
 
-def gather_batches(columns: Dict[str, List[np.ndarray]], identity: Sequence[str]) -> Dict[str, List[np.ndarray]]:
+def gather_batches(columns: dict[str, list[np.ndarray]], identity: Sequence[str]) -> dict[str, list[np.ndarray]]:
     """All ranks' per-batch arrays, in rank order, with repeated batches dropped (collective).
 
     ``columns`` maps a name to one array per evaluated batch (all names have the same number of
@@ -43,6 +43,6 @@ def gather_batches(columns: Dict[str, List[np.ndarray]], identity: Sequence[str]
     """
     if not is_distributed():
         return columns
-    gathered: List[Dict[str, List[np.ndarray]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    gathered: list[dict[str, list[np.ndarray]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, dict(columns))
     return merge_batches(gathered, identity)

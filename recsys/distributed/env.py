@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,7 @@ def default_backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_process_group_from_env(backend: Optional[str], device_type: str) -> bool:
+def init_process_group_from_env(backend: str | None, device_type: str) -> bool:
     """Initialise the default process group when launched by torchrun with ``WORLD_SIZE > 1``.
 
     Lightning skips its own initialisation when a group exists, so the pipeline can use collectives
@@ -88,7 +89,7 @@ def init_process_group_from_env(backend: Optional[str], device_type: str) -> boo
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dmp_supported(device_type: str) -> bool:
     """True when FBGEMM's kernels run on ``device_type`` (probed once; see ``recsys.ops.jagged``).
 
@@ -109,7 +110,7 @@ def sharding_path(requested: bool, device_type: str) -> str:
     return FALLBACK
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_fallback(device_type: str) -> None:
     log.warning(
         "FBGEMM kernels do not run on %s: TorchRec DMP is off, embedding tables stay unsharded "

@@ -19,8 +19,9 @@ which are per rank); the same ``lr`` applies at any world size. See docs/distrib
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Mapping, Tuple, Type
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from torchrec.optim import optimizers as trec
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 # name -> (placeholder class TorchRec maps to an FBGEMM optimiser, accepted kwargs, runs on CPU)
-FUSED_OPTIMIZERS: Dict[str, Tuple[Type[torch.optim.Optimizer], Tuple[str, ...], bool]] = {
+FUSED_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...], bool]] = {
     "sgd": (trec.SGD, ("lr",), True),
     "adagrad": (trec.Adagrad, ("lr", "eps"), True),
     "row_wise_adagrad": (RowWiseAdagrad, ("lr", "eps", "weight_decay"), True),
@@ -43,10 +44,10 @@ class FusedOptimizerSpec:
     """A validated ``trainer.fused_optimizer`` entry."""
 
     name: str
-    kwargs: Dict[str, float] = field(default_factory=dict)
+    kwargs: dict[str, float] = field(default_factory=dict)
 
     @property
-    def optimizer_class(self) -> Type[torch.optim.Optimizer]:
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
         return FUSED_OPTIMIZERS[self.name][0]
 
 

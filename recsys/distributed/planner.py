@@ -20,7 +20,8 @@ data-parallel ``EmbeddingCollection`` s fail on CPU (../shared/specs/stack.md §
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
@@ -40,9 +41,9 @@ _KERNELS_CPU = ("fused", "dense")
 _KERNELS_CUDA = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
 
 
-def table_names(module: nn.Module) -> Dict[str, type]:
+def table_names(module: nn.Module) -> dict[str, type]:
     """Table name -> type of its collection (``EmbeddingCollection`` / ``EmbeddingBagCollection``)."""
-    names: Dict[str, type] = {}
+    names: dict[str, type] = {}
     for sub in module.modules():
         if isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection)):
             for config in sub.embedding_configs():
@@ -63,7 +64,7 @@ def _match_length(key: str, table: str) -> int:
     return 0
 
 
-def _as_types(key: str, value: Any) -> Tuple[List[str], Optional[List[str]]]:
+def _as_types(key: str, value: Any) -> tuple[list[str], list[str] | None]:
     """A config value -> (sharding types, compute kernels or None)."""
     if isinstance(value, str):
         return [value], None
@@ -72,8 +73,9 @@ def _as_types(key: str, value: Any) -> Tuple[List[str], Optional[List[str]]]:
     if isinstance(value, Mapping):
         unknown = set(value) - {"sharding_types", "compute_kernels"}
         if unknown:
-            raise ValueError(f"trainer.sharding.{key}: unknown field(s) {sorted(unknown)}; "
-                             "use sharding_types and compute_kernels")
+            raise ValueError(
+                f"trainer.sharding.{key}: unknown field(s) {sorted(unknown)}; use sharding_types and compute_kernels"
+            )
         types = value.get("sharding_types")
         kernels = value.get("compute_kernels")
         types = [types] if isinstance(types, str) else list(types or [])
@@ -91,7 +93,7 @@ def build_constraints(
     sharding: Mapping[str, Any],
     device_type: str,
     compute_kernel: str = "fused",
-) -> Dict[str, ParameterConstraints]:
+) -> dict[str, ParameterConstraints]:
     """Per-table :class:`ParameterConstraints` for every table of ``module`` (see module docstring).
 
     Raises ``ValueError`` naming the key for unknown or unsupported sharding types and kernels,
@@ -103,13 +105,15 @@ def build_constraints(
     kernels_ok = _KERNELS_CUDA if device_type == "cuda" else _KERNELS_CPU
     keys = [k for k in sharding if k != DEFAULT_KEY]
     used = set()
-    constraints: Dict[str, ParameterConstraints] = {}
+    constraints: dict[str, ParameterConstraints] = {}
     for table, kind in tables.items():
         scored = sorted(((_match_length(k, table), k) for k in keys), reverse=True)
         scored = [(s, k) for s, k in scored if s > 0]
         if len(scored) > 1 and scored[0][0] == scored[1][0]:
-            raise ValueError(f"trainer.sharding: keys '{scored[0][1]}' and '{scored[1][1]}' both match table "
-                             f"'{table}'; use the full table name as key")
+            raise ValueError(
+                f"trainer.sharding: keys '{scored[0][1]}' and '{scored[1][1]}' both match table "
+                f"'{table}'; use the full table name as key"
+            )
         key = scored[0][1] if scored else (DEFAULT_KEY if DEFAULT_KEY in sharding else None)
         if key is None:
             continue  # unconstrained: the planner decides
@@ -120,12 +124,16 @@ def build_constraints(
             offered -= _CPU_EXCLUDED.get(kind, set())
         bad = [t for t in types if t not in offered]
         if bad or not types:
-            raise ValueError(f"trainer.sharding.{key}={types} for table '{table}': "
-                             f"{kind.__name__} on {device_type} supports {sorted(offered)}")
+            raise ValueError(
+                f"trainer.sharding.{key}={types} for table '{table}': "
+                f"{kind.__name__} on {device_type} supports {sorted(offered)}"
+            )
         kernels = kernels or ["dense" if types == ["data_parallel"] else compute_kernel]
         bad = [k for k in kernels if k not in kernels_ok]
         if bad:
-            raise ValueError(f"trainer compute kernel {bad} for table '{table}': {device_type} supports {list(kernels_ok)}")
+            raise ValueError(
+                f"trainer compute kernel {bad} for table '{table}': {device_type} supports {list(kernels_ok)}"
+            )
         constraints[table] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
     unused = sorted(set(keys) - used)
     if unused:  # a warning, not an error: configs/trainer/dmp.yaml's keys serve models with other tables
@@ -133,28 +141,31 @@ def build_constraints(
     return constraints
 
 
-def sharders(fused_params: Optional[Dict[str, Any]] = None) -> List[ModuleSharder]:
+def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder]:
     """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``)."""
-    return [EmbeddingCollectionSharder(fused_params=fused_params),
-            EmbeddingBagCollectionSharder(fused_params=fused_params)]
+    return [
+        EmbeddingCollectionSharder(fused_params=fused_params),
+        EmbeddingBagCollectionSharder(fused_params=fused_params),
+    ]
 
 
 def build_plan(
     module: nn.Module,
-    constraints: Dict[str, ParameterConstraints],
-    module_sharders: List[ModuleSharder],
+    constraints: dict[str, ParameterConstraints],
+    module_sharders: list[ModuleSharder],
     world_size: int,
     local_world_size: int,
     device_type: str,
-    topology: Optional[Mapping[str, Any]] = None,
+    topology: Mapping[str, Any] | None = None,
 ) -> ShardingPlan:
     """Plan on rank 0 and broadcast it (``collective_plan``), so all ranks shard identically.
 
     ``topology``: extra :class:`torchrec.distributed.planner.Topology` arguments from Hydra
     (e.g. ``hbm_cap``, ``ddr_cap`` in bytes); world size and compute device come from the launcher.
     """
-    topo = Topology(world_size=world_size, local_world_size=local_world_size, compute_device=device_type,
-                    **dict(topology or {}))
+    topo = Topology(
+        world_size=world_size, local_world_size=local_world_size, compute_device=device_type, **dict(topology or {})
+    )
     planner = EmbeddingShardingPlanner(topology=topo, constraints=constraints)
     if dist.is_initialized():
         return planner.collective_plan(module, module_sharders, dist.GroupMember.WORLD)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,13 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from recsys.distributed.env import (
-    DMP, WorldInfo, init_process_group_from_env, requests_dmp, sharding_path, trainer_device_type, world_info,
+    DMP,
+    WorldInfo,
+    init_process_group_from_env,
+    requests_dmp,
+    sharding_path,
+    trainer_device_type,
+    world_info,
 )
 
 RANK_SUBDIR_RESOLVER = "recsys_rank_subdir"
@@ -44,7 +51,7 @@ class StateDictView:
     def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
         self._state = dict(state)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return self._state
 
 
@@ -60,7 +67,7 @@ class RunContext:
     path: str
     world: WorldInfo
     output_dir: Path
-    table_device: Optional[torch.device]
+    table_device: torch.device | None
 
     @property
     def sharded(self) -> bool:
@@ -82,7 +89,7 @@ class RunContext:
             if multi and self.is_zero:
                 dist.barrier()
 
-    def best_weights(self, task: nn.Module, model: nn.Module, best_path: str) -> Optional[StateDictView]:
+    def best_weights(self, task: nn.Module, model: nn.Module, best_path: str) -> StateDictView | None:
         """Collective under DMP: load the best checkpoint folder into the sharded ``task`` in place and
         gather ``model``'s whole tensors on rank 0 (``None`` on other ranks)."""
         from recsys.distributed.checkpoint import gather_full_state_dict, load_sharded

@@ -24,7 +24,8 @@ method falls back to plain DDP with unsharded tables.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
-def _inner_ddp(model: Optional[nn.Module]) -> Optional[DistributedDataParallel]:
+def _inner_ddp(model: nn.Module | None) -> DistributedDataParallel | None:
     """The DDP that DMP wraps around the unsharded part (``None`` when everything is sharded)."""
     if isinstance(model, DistributedModelParallel):
         inner = model._dmp_wrapped_module
@@ -70,14 +71,14 @@ class _DMPForwardRedirection(_DDPForwardRedirection):
         super().on_after_outer_forward(_inner_ddp(wrapper_module) or wrapper_module, original_module)
 
 
-def table_modules(module: nn.Module) -> List[nn.Module]:
+def table_modules(module: nn.Module) -> list[nn.Module]:
     """Unsharded TorchRec embedding collections of ``module``."""
     return [m for m in module.modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))]
 
 
-def dense_float_buffers(module: nn.Module) -> List[torch.Tensor]:
+def dense_float_buffers(module: nn.Module) -> list[torch.Tensor]:
     """Floating-point buffers outside sharded modules (BatchNorm running statistics, ...)."""
-    out: List[torch.Tensor] = []
+    out: list[torch.Tensor] = []
 
     def visit(sub: nn.Module) -> None:
         if isinstance(sub, ShardedModule):
@@ -91,7 +92,7 @@ def dense_float_buffers(module: nn.Module) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def average_buffers(buffers: List[torch.Tensor]) -> None:
+def average_buffers(buffers: list[torch.Tensor]) -> None:
     """Collective: replace each buffer by its mean over ranks (one flat all-reduce)."""
     if not buffers or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return
@@ -120,10 +121,10 @@ class TorchRecStrategy(DDPStrategy):
 
     def __init__(
         self,
-        sharding: Optional[Mapping[str, Any]] = None,
-        fused_optimizer: Optional[Mapping[str, Any]] = None,
+        sharding: Mapping[str, Any] | None = None,
+        fused_optimizer: Mapping[str, Any] | None = None,
         compute_kernel: str = "fused",
-        topology: Optional[Mapping[str, Any]] = None,
+        topology: Mapping[str, Any] | None = None,
         static_graph: bool = False,
         find_unused_parameters: bool = False,
         **kwargs: Any,
@@ -135,8 +136,8 @@ class TorchRecStrategy(DDPStrategy):
         self.compute_kernel = compute_kernel
         self.topology = dict(topology or {})
         self.static_graph, self.find_unused_parameters = static_graph, find_unused_parameters
-        self._dmp: Optional[DistributedModelParallel] = None
-        self._fused_spec: Optional[FusedOptimizerSpec] = None
+        self._dmp: DistributedModelParallel | None = None
+        self._fused_spec: FusedOptimizerSpec | None = None
 
     # ---- which path ---------------------------------------------------------------------------
     @property
@@ -149,7 +150,7 @@ class TorchRecStrategy(DDPStrategy):
         return self.sharding_path == DMP
 
     @property
-    def dmp(self) -> Optional[DistributedModelParallel]:
+    def dmp(self) -> DistributedModelParallel | None:
         return self._dmp
 
     # ---- setup --------------------------------------------------------------------------------
@@ -159,8 +160,10 @@ class TorchRecStrategy(DDPStrategy):
             return super().setup(trainer)
         assert self.accelerator is not None and self.lightning_module is not None
         if self.lightning_module.automatic_optimization:
-            raise ValueError("TorchRecStrategy needs manual optimisation (automatic_optimization=False): "
-                             "fused table optimisers ignore Lightning's closure")
+            raise ValueError(
+                "TorchRecStrategy needs manual optimisation (automatic_optimization=False): "
+                "fused table optimisers ignore Lightning's closure"
+            )
         self.accelerator.setup(trainer)
         self.model = self._wrap(self.precision_plugin.convert_module(self.lightning_module))
         if trainer.state.fn == TrainerFn.FITTING:
@@ -168,7 +171,8 @@ class TorchRecStrategy(DDPStrategy):
             if not any(opt is self._dmp.fused_optimizer for opt in self.optimizers):
                 raise ValueError(
                     f"{type(self.lightning_module).__name__} does not support trainer=dmp: its configure_optimizers "
-                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.tasks.base.SparseDenseTask)")
+                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.tasks.base.SparseDenseTask)"
+                )
         self.setup_precision_plugin()
 
     def _wrap(self, module: pl.LightningModule) -> DistributedModelParallel:
@@ -182,16 +186,23 @@ class TorchRecStrategy(DDPStrategy):
         constraints = build_constraints(module, self.sharding, device_type, self.compute_kernel)
         apply_fused_optimizer((p for m in collections for p in m.parameters()), self._fused_spec)
         module_sharders = sharders()
-        plan = build_plan(module, constraints, module_sharders, self.world_size, self.num_processes,
-                          device_type, self.topology)
+        plan = build_plan(
+            module, constraints, module_sharders, self.world_size, self.num_processes, device_type, self.topology
+        )
         dmp = DistributedModelParallel(
-            module, device=self.root_device, plan=plan, sharders=module_sharders,
+            module,
+            device=self.root_device,
+            plan=plan,
+            sharders=module_sharders,
             data_parallel_wrapper=DefaultDataParallelWrapper(
-                static_graph=self.static_graph, find_unused_parameters=self.find_unused_parameters),
+                static_graph=self.static_graph, find_unused_parameters=self.find_unused_parameters
+            ),
         )
         ckpt.init_sharded_tables(dmp.module, init_fns, seed=torch.initial_seed())
-        rank_zero_info(f"TorchRecStrategy: sharded {len(constraints)} tables over {self.world_size} rank(s), "
-                       f"fused {self._fused_spec.name} {self._fused_spec.kwargs}\n{plan}")
+        rank_zero_info(
+            f"TorchRecStrategy: sharded {len(constraints)} tables over {self.world_size} rank(s), "
+            f"fused {self._fused_spec.name} {self._fused_spec.kwargs}\n{plan}"
+        )
         self._dmp = dmp
         return dmp
 
@@ -199,7 +210,7 @@ class TorchRecStrategy(DDPStrategy):
         if not self.shards_tables:
             super().model_to_device()
 
-    def sharded_optimizers(self, dense_optimizer: OptimizerFactory) -> List[torch.optim.Optimizer]:
+    def sharded_optimizers(self, dense_optimizer: OptimizerFactory) -> list[torch.optim.Optimizer]:
         """``[fused table optimiser, KeyedOptimizerWrapper(dense_optimizer) over the other parameters]``.
 
         Stepping the fused one only refreshes its learning rate (so LR schedulers work); the table update
@@ -208,7 +219,7 @@ class TorchRecStrategy(DDPStrategy):
         if self._dmp is None:
             raise RuntimeError("sharded_optimizers() is available after TorchRecStrategy.setup()")
         dense = {n: p for n, p in in_backward_optimizer_filter(self._dmp.named_parameters()) if p.requires_grad}
-        optimizers: List[torch.optim.Optimizer] = [self._dmp.fused_optimizer]
+        optimizers: list[torch.optim.Optimizer] = [self._dmp.fused_optimizer]
         if dense:
             optimizers.append(KeyedOptimizerWrapper(dense, dense_optimizer))
         return optimizers
@@ -253,13 +264,13 @@ class TorchRecStrategy(DDPStrategy):
         # load into the sharded module and the live optimisers, in place
         return self.shards_tables
 
-    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self.shards_tables:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         self._sync_buffers()  # the checkpoint's state_dict tensors share storage with the buffers
         ckpt.save_sharded(checkpoint, filepath)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if not self.shards_tables:
             return super().load_checkpoint(checkpoint_path, weights_only)
         assert self.lightning_module is not None
@@ -300,15 +311,15 @@ class TorchRecStrategy(DDPStrategy):
 
 
 def build_trainer(
-    sharding: Optional[Mapping[str, Any]] = None,
-    fused_optimizer: Optional[Mapping[str, Any]] = None,
+    sharding: Mapping[str, Any] | None = None,
+    fused_optimizer: Mapping[str, Any] | None = None,
     compute_kernel: str = "fused",
-    topology: Optional[Mapping[str, Any]] = None,
-    backend: Optional[str] = None,
+    topology: Mapping[str, Any] | None = None,
+    backend: str | None = None,
     static_graph: bool = False,
     find_unused_parameters: bool = False,
     devices: Any = "auto",
-    num_nodes: Optional[int] = None,
+    num_nodes: int | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A :class:`pytorch_lightning.Trainer` on :class:`TorchRecStrategy` (``configs/trainer/dmp.yaml``).
@@ -322,10 +333,16 @@ def build_trainer(
         devices = info.local_world_size
     if num_nodes is None:
         num_nodes = max(1, info.world_size // max(1, info.local_world_size))
-    parse_fused_optimizer(dict(fused_optimizer or {"name": "row_wise_adagrad", "lr": 0.05}),
-                          trainer_device_type(trainer_kwargs))
+    parse_fused_optimizer(
+        dict(fused_optimizer or {"name": "row_wise_adagrad", "lr": 0.05}), trainer_device_type(trainer_kwargs)
+    )
     strategy = TorchRecStrategy(
-        sharding=sharding, fused_optimizer=fused_optimizer, compute_kernel=compute_kernel, topology=topology,
-        static_graph=static_graph, find_unused_parameters=find_unused_parameters, process_group_backend=backend,
+        sharding=sharding,
+        fused_optimizer=fused_optimizer,
+        compute_kernel=compute_kernel,
+        topology=topology,
+        static_graph=static_graph,
+        find_unused_parameters=find_unused_parameters,
+        process_group_backend=backend,
     )
     return pl.Trainer(strategy=strategy, devices=devices, num_nodes=num_nodes, **trainer_kwargs)

@@ -7,7 +7,7 @@ top-K lists. Ties count in the target's favour (only strictly higher scores rank
 
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -26,7 +26,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, overwrite: bool = 
     return ranks.masked_fill(torch.isneginf(target_score.squeeze(1)), float("inf"))
 
 
-def rank_metrics(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS, prefix: str = "") -> Dict[str, float]:
+def rank_metrics(ranks: torch.Tensor, ks: Iterable[int] = DEFAULT_KS, prefix: str = "") -> dict[str, float]:
     """``{prefix}hr@K`` and ``{prefix}ndcg@K`` for each K, averaged over ``ranks [U]``."""
     ranks = ranks.to(torch.float64)
     gain = 1.0 / torch.log2(ranks + 2.0)

@@ -10,7 +10,7 @@ its loss lives in ``recsys/tasks/seq_losses.py``. ``alpha = 1, lambda_kd = 0`` i
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 from recsys.models.sasrec import SASRec
 
@@ -31,5 +31,5 @@ class MQSATED(SASRec):
         self.alpha, self.window = alpha, window
         self.encoders["long"] = self.make_encoder(window=window)
 
-    def branch_weights(self) -> Dict[str, float]:
+    def branch_weights(self) -> dict[str, float]:
         return {"short": self.alpha, "long": 1.0 - self.alpha}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +20,10 @@ class RankingOutput:
     """``logits``: task -> ``[B]``; ``aux_logits``: backbone aux heads -> ``[B]``;
     ``aux_losses``: tower regularisers (scalars); ``extras``: diagnostics."""
 
-    logits: Dict[str, torch.Tensor]
-    aux_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    logits: dict[str, torch.Tensor]
+    aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RankingModel(nn.Module):
@@ -49,7 +50,7 @@ def build_ranking_model(
     datamodule: Any,
     backbone: Callable[..., nn.Module],
     tower: Callable[..., Tower],
-    init_std: Optional[float] = 0.01,
+    init_std: float | None = 0.01,
 ) -> RankingModel:
     """backbone -> tower for a prepared datamodule (or anything with ``backbone_inputs()`` and ``tasks``).
 

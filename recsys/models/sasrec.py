@@ -19,9 +19,10 @@ a valid model; the task computes the losses (``recsys/tasks/seq_losses.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Dict, Mapping, Optional
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -54,9 +55,9 @@ class SeqOutput:
 
     hidden: torch.Tensor
     lengths: torch.Tensor
-    aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
-    table: Optional[torch.Tensor] = None
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    table: torch.Tensor | None = None
 
 
 class SASRec(nn.Module):
@@ -81,19 +82,19 @@ class SASRec(nn.Module):
 
     def __init__(
         self,
-        vocab: "Vocab",
+        vocab: Vocab,
         max_len: int,
         dim: int = 64,
         num_blocks: int = 1,
         num_heads: int = 1,
         dropout: float = 0.5,
         attention: str = "mha",
-        moh: Optional[Mapping] = None,
+        moh: Mapping | None = None,
         lambda_kd: float = 0.0,
         tau: float = 0.1,
         kd_span: int = 1,
         init_std: float = 0.01,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if tau <= 0 or lambda_kd < 0:
@@ -106,12 +107,20 @@ class SASRec(nn.Module):
         moh_heads = moh.pop("num_heads", None)
         if attention == "moh" and moh_heads is not None:
             num_heads = int(moh_heads)
-        self._encoder_args = dict(dim=dim, num_blocks=num_blocks, num_heads=num_heads, dropout=dropout,
-                                  attention=attention, moh=moh)
+        self._encoder_args = dict(
+            dim=dim, num_blocks=num_blocks, num_heads=num_heads, dropout=dropout, attention=attention, moh=moh
+        )
         init = partial(nn.init.normal_, mean=0.0, std=init_std)
         self.item_embeddings = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=ITEM_TABLE, embedding_dim=dim, num_embeddings=self.num_items + 1,
-                                    feature_names=[SEQ_ITEM], init_fn=init)],
+            tables=[
+                EmbeddingConfig(
+                    name=ITEM_TABLE,
+                    embedding_dim=dim,
+                    num_embeddings=self.num_items + 1,
+                    feature_names=[SEQ_ITEM],
+                    init_fn=init,
+                )
+            ],
             device=device,
         )
         self.table_by_lookup = False
@@ -124,7 +133,7 @@ class SASRec(nn.Module):
     def make_encoder(self, window: int) -> SequenceEncoder:
         return SequenceEncoder(window=window, **self._encoder_args)
 
-    def branch_weights(self) -> Dict[str, float]:
+    def branch_weights(self) -> dict[str, float]:
         """Mixing weight of each encoder's output (SASRec: the one short-query branch)."""
         return {"short": 1.0}
 
@@ -140,7 +149,7 @@ class SASRec(nn.Module):
             raise RuntimeError("the item table is sharded: no rank holds its weight; use forward(batch).table")
         return self.item_embeddings.embeddings[ITEM_TABLE].weight
 
-    def lookup(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def lookup(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Input item embeddings ``[N, d]`` (``seq_item`` order) and the item matrix ``[I + 1, d]`` (``None``
         without ``with_table``), from one collection call.
 
@@ -160,10 +169,10 @@ class SASRec(nn.Module):
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=[SEQ_ITEM], values=ids, lengths=lengths)
         values = self.item_embeddings(kjt)[SEQ_ITEM].values()
         if with_table:
-            return values[: -(self.num_items + 1)], values[-(self.num_items + 1):]
+            return values[: -(self.num_items + 1)], values[-(self.num_items + 1) :]
         return values, None
 
-    def embed(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Layout, Optional[torch.Tensor]]:
+    def embed(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Layout, torch.Tensor | None]:
         """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``;
         their layout; the item matrix ``[I + 1, d]`` or ``None`` (see :meth:`lookup`)."""
         items, table = self.lookup(batch, with_table)
@@ -179,7 +188,7 @@ class SASRec(nn.Module):
         """Mix the branches' hidden states; ``last_only`` returns ``[B, d]`` for the newest position only;
         ``with_table`` also returns the item matrix of the tied output layer (``SeqOutput.table``)."""
         x, layout, table = self.embed(batch, with_table)
-        hidden: Optional[torch.Tensor] = None
+        hidden: torch.Tensor | None = None
         balance, extras = [], {}
         for name, weight in self.branch_weights().items():
             if weight == 0.0:

@@ -3,7 +3,8 @@ so a model bundle can be rebuilt from its config (``model_builder`` of the task)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from mtl.single import SingleTower
 from recsys.models.sasrec import SASRec
@@ -25,8 +26,12 @@ def factory_name(factory: Any) -> str:
     return getattr(getattr(factory, "func", factory), "__name__", str(factory))
 
 
-def build_sequential_model(datamodule: Any, backbone: Callable[..., SASRec], tower: Optional[Callable[..., Any]] = None,
-                           init_std: Optional[float] = 0.01) -> SASRec:
+def build_sequential_model(
+    datamodule: Any,
+    backbone: Callable[..., SASRec],
+    tower: Callable[..., Any] | None = None,
+    init_std: float | None = 0.01,
+) -> SASRec:
     """``backbone(**datamodule.backbone_inputs(), init_std=...)``; ``init_std`` sizes the tables' N(0, σ)
     init (None keeps the backbone's default). Sequential models score the shared item table, so only the
     default single tower (``mtl=single``, unused) is accepted; another tower raises ``ValueError``.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -42,8 +41,8 @@ class BackboneOutput:
     """
 
     features: torch.Tensor
-    aux_logits: Dict[str, torch.Tensor] = field(default_factory=dict)
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    aux_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DotScorer(nn.Module):
@@ -105,7 +104,7 @@ class TargetAttentionBackbone(nn.Module):
         vocab: Vocab,
         max_len: int,
         embedding_dim: int = 16,
-        attention_dim: Optional[int] = None,
+        attention_dim: int | None = None,
         decoupled: bool = False,
         split_target: bool = False,
         projection: bool = False,
@@ -117,7 +116,7 @@ class TargetAttentionBackbone(nn.Module):
         target_representation: bool = True,
         aux_hidden: tuple = (200,),
         init_std: float = 0.01,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         if attention_dim is not None and not decoupled and attention_dim != embedding_dim:
@@ -181,18 +180,24 @@ class TargetAttentionBackbone(nn.Module):
             top_index = scores.masked_fill(~mask, PAD_SCORE).topk(min(self.top_k, scores.shape[1]), dim=1).indices
         return top_index, masked_softmax(scores.gather(1, top_index), mask.gather(1, top_index))
 
-    def _output(self, target: torch.Tensor, top_values: torch.Tensor, top_index: torch.Tensor,
-                weights: torch.Tensor) -> BackboneOutput:
+    def _output(
+        self, target: torch.Tensor, top_values: torch.Tensor, top_index: torch.Tensor, weights: torch.Tensor
+    ) -> BackboneOutput:
         """Pool the top-K values ``[B, K, D]`` with ``weights [B, K]`` into features for target ``[B, D]``."""
         pooled = torch.einsum("bk,bkd->bd", weights, top_values)
-        return BackboneOutput(features=self._features(target, pooled),
-                              extras={"attention": weights, "topk_index": top_index})
+        return BackboneOutput(
+            features=self._features(target, pooled), extras={"attention": weights, "topk_index": top_index}
+        )
 
     def _direct_eval(self) -> bool:
         """Whether the eval path (:meth:`_search_then_lookup`) computes this configuration's forward."""
         tokens = [t for t in (self.repr_tokens, self.att_tokens) if t is not None]
-        return (not self.training and isinstance(self.scorer, DotScorer) and not self.projections
-                and all(t.direct_lookup for t in tokens))
+        return (
+            not self.training
+            and isinstance(self.scorer, DotScorer)
+            and not self.projections
+            and all(t.direct_lookup for t in tokens)
+        )
 
     def _search_then_lookup(self, batch: CTRBatch) -> BackboneOutput:
         """Eval forward (same function as the training forward up to float rounding), ``eval_chunk`` rows at a
@@ -201,8 +206,9 @@ class TargetAttentionBackbone(nn.Module):
         ``[B, L, D]`` token tensors."""
         outs = [self._search_then_lookup_rows(ids) for ids in HistoryIds.from_kjt(batch.sparse).split(self.eval_chunk)]
         cat = lambda get: torch.cat([get(o) for o in outs])  # noqa: E731
-        return BackboneOutput(features=cat(lambda o: o.features),
-                              extras={k: cat(lambda o: o.extras[k]) for k in outs[0].extras})
+        return BackboneOutput(
+            features=cat(lambda o: o.features), extras={k: cat(lambda o, k=k: o.extras[k]) for k in outs[0].extras}
+        )
 
     def _search_then_lookup_rows(self, ids: HistoryIds) -> BackboneOutput:
         """:meth:`_search_then_lookup` on one slice of rows."""

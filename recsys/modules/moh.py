@@ -20,7 +20,6 @@ Load balance (routed heads, valid tokens only): ``P_j = mean r_j``, ``f_j = mean
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -73,8 +72,9 @@ class HeadRouter(nn.Module):
         """Share of heads active per token (the "X% heads" of MoH)."""
         return (self.shared + (self.routed_topk if self.routed else 0)) / self.num_heads
 
-    def forward(self, x: torch.Tensor, queries: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> HeadGates:
+    def forward(
+        self, x: torch.Tensor, queries: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> HeadGates:
         """``x [..., d]`` router input per token; ``queries [..., h, d_h]`` (qnorm router only);
         ``mask [...]`` True on real tokens (padding is left out of the balance loss; default: all real).
 
@@ -85,7 +85,7 @@ class HeadRouter(nn.Module):
         if self.router == "qnorm":
             if queries is None:
                 raise ValueError("the qnorm router needs the per-head queries")
-            logits = queries[..., self.shared:, :].norm(dim=-1)  # [..., h_r]
+            logits = queries[..., self.shared :, :].norm(dim=-1)  # [..., h_r]
             logits = logits / logits.std(dim=-1, keepdim=True).clamp_min(_EPS)
         else:
             logits = self.w_routed(x)
@@ -110,7 +110,7 @@ class HeadRouter(nn.Module):
             return x.new_ones(*x.shape[:-1], self.shared)
         return self.shared * torch.softmax(self.w_shared(x), dim=-1)
 
-    def _balance(self, probs: torch.Tensor, selected: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _balance(self, probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``L_b = h_r Σ_j P_j f_j`` over the real tokens of ``probs/selected [..., h_r]``."""
         if mask is not None:
             probs, selected = probs[mask], selected[mask]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,15 +83,16 @@ class BlockOutput:
     head is active) when the block routes heads."""
 
     hidden: torch.Tensor
-    balance: Optional[torch.Tensor] = None
-    utilisation: Optional[torch.Tensor] = None
+    balance: torch.Tensor | None = None
+    utilisation: torch.Tensor | None = None
 
 
 class CausalAttentionBlock(nn.Module):
     """One block. ``moh``: keyword arguments of :class:`HeadRouter` (shared_heads, routed_topk, router)."""
 
-    def __init__(self, dim: int, num_heads: int = 1, dropout: float = 0.5, attention: str = "mha",
-                 moh: Optional[Dict] = None) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 1, dropout: float = 0.5, attention: str = "mha", moh: dict | None = None
+    ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"unknown attention '{attention}'; choose one of {list(ATTENTIONS)}")
@@ -120,11 +120,17 @@ class CausalAttentionBlock(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if last_only:  # one query per row, at its newest slot: mask the padding only
             mask = padding_mask(layout.lengths, layout.width)[:, None, None, :]
-            out = F.scaled_dot_product_attention(self._heads(queries.unsqueeze(1)), self._heads(keys),
-                                                 self._heads(values), attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(
+                self._heads(queries.unsqueeze(1)),
+                self._heads(keys),
+                self._heads(values),
+                attn_mask=mask,
+                dropout_p=dropout,
+            )
             return out.squeeze(2)
-        out = F.scaled_dot_product_attention(self._heads(layout.pad(queries)), self._heads(keys), self._heads(values),
-                                             dropout_p=dropout, is_causal=True)  # [B, h, T, d/h]
+        out = F.scaled_dot_product_attention(
+            self._heads(layout.pad(queries)), self._heads(keys), self._heads(values), dropout_p=dropout, is_causal=True
+        )  # [B, h, T, d/h]
         return layout.unpad(out.transpose(1, 2).flatten(2)).view(-1, self.num_heads, dim // self.num_heads)
 
     def forward(self, query_in: torch.Tensor, x: torch.Tensor, layout: Layout, last_only: bool = False) -> BlockOutput:
@@ -139,7 +145,9 @@ class CausalAttentionBlock(nn.Module):
             out.balance = routed.balance
             out.utilisation = (routed.gates > 0).float().mean(0).detach()
         o = self.attn_norm(heads.flatten(1) + q)
-        ff = F.dropout(self.ff2(F.dropout(F.relu(self.ff1(o)), self.dropout, self.training)), self.dropout, self.training)
+        ff = F.dropout(
+            self.ff2(F.dropout(F.relu(self.ff1(o)), self.dropout, self.training)), self.dropout, self.training
+        )
         out.hidden = o + ff
         return out
 
@@ -149,15 +157,23 @@ class EncoderOutput:
     """``hidden [Nq, d]``; ``balance``: MoH ``L_b`` per routed block; ``utilisation``: block name -> ``[h]``."""
 
     hidden: torch.Tensor
-    balance: List[torch.Tensor] = field(default_factory=list)
-    utilisation: Dict[str, torch.Tensor] = field(default_factory=dict)
+    balance: list[torch.Tensor] = field(default_factory=list)
+    utilisation: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class SequenceEncoder(nn.Module):
     """``num_blocks`` causal blocks + a final LayerNorm; ``window`` = the query length L (1 = SASRec)."""
 
-    def __init__(self, dim: int, num_blocks: int = 1, num_heads: int = 1, dropout: float = 0.5, window: int = 1,
-                 attention: str = "mha", moh: Optional[Dict] = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_blocks: int = 1,
+        num_heads: int = 1,
+        dropout: float = 0.5,
+        window: int = 1,
+        attention: str = "mha",
+        moh: dict | None = None,
+    ) -> None:
         super().__init__()
         if window < 1 or num_blocks < 1:
             raise ValueError(f"window and num_blocks must be >= 1, got {window} and {num_blocks}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +27,8 @@ class Tokens:
 
     target_sem: torch.Tensor
     hist_sem: torch.Tensor
-    target_pos: Optional[torch.Tensor]
-    hist_pos: Optional[torch.Tensor]
+    target_pos: torch.Tensor | None
+    hist_pos: torch.Tensor | None
     mask: torch.Tensor
 
     @property
@@ -82,20 +81,25 @@ class HistoryIds:
     target_cat: torch.Tensor
 
     @classmethod
-    def from_kjt(cls, sparse: KeyedJaggedTensor) -> "HistoryIds":
+    def from_kjt(cls, sparse: KeyedJaggedTensor) -> HistoryIds:
         hist = sparse[HIST_ITEM]
         lengths = hist.lengths()
         max_len = max(int(lengths.max()), 1) if lengths.numel() else 1
         offsets = lengths_to_offsets(lengths)
-        return cls(pad_ids(hist.values(), offsets, max_len), pad_ids(sparse[HIST_CAT].values(), offsets, max_len),
-                   history_positions(lengths, max_len), padding_mask(lengths, max_len),
-                   sparse[TARGET_ITEM].values(), sparse[TARGET_CAT].values())
+        return cls(
+            pad_ids(hist.values(), offsets, max_len),
+            pad_ids(sparse[HIST_CAT].values(), offsets, max_len),
+            history_positions(lengths, max_len),
+            padding_mask(lengths, max_len),
+            sparse[TARGET_ITEM].values(),
+            sparse[TARGET_CAT].values(),
+        )
 
-    def split(self, rows: int) -> List["HistoryIds"]:
+    def split(self, rows: int) -> list[HistoryIds]:
         """Consecutive batch slices of at most ``rows`` rows (views)."""
         return [HistoryIds(*parts) for parts in zip(*(t.split(rows) for t in vars(self).values()))]
 
-    def select(self, index: torch.Tensor) -> "HistoryIds":
+    def select(self, index: torch.Tensor) -> HistoryIds:
         """The history slots ``index [B, K]`` of each row (targets unchanged)."""
         hist = [t.gather(1, index) for t in (self.hist_item, self.hist_cat, self.positions, self.mask)]
         return HistoryIds(*hist, self.target_item, self.target_cat)
@@ -137,11 +141,11 @@ class TokenEmbedding(nn.Module):
         max_positions: int,
         split_target: bool = False,
         init_std: float = 0.01,
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
         init = partial(nn.init.normal_, mean=0.0, std=init_std)
-        configs: List[EmbeddingConfig] = []
+        configs: list[EmbeddingConfig] = []
         for feature, rows, hist, target in (
             ("item", vocab.num_items + 1, HIST_ITEM, TARGET_ITEM),
             ("category", vocab.num_categories + 1, HIST_CAT, TARGET_CAT),
@@ -150,12 +154,13 @@ class TokenEmbedding(nn.Module):
             for suffix, features in groups:
                 name = "_".join(p for p in (role, feature, suffix) if p)
                 configs.append(
-                    EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=rows,
-                                    feature_names=features, init_fn=init)
+                    EmbeddingConfig(
+                        name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features, init_fn=init
+                    )
                 )
         self.tables = EmbeddingCollection(tables=configs, device=device)
         self._table_of = {feature: c.name for c in configs for feature in c.feature_names}
-        self._item_gram: Optional[torch.Tensor] = None  # eval cache, see _item_dots
+        self._item_gram: torch.Tensor | None = None  # eval cache, see _item_dots
         self._item_gram_key: tuple = ()
         self.sem_dim, self.pos_dim = 2 * dim, pos_dim
         self.positions = nn.ModuleList()
@@ -184,8 +189,10 @@ class TokenEmbedding(nn.Module):
 
     def target_tokens(self, ids: HistoryIds) -> torch.Tensor:
         """``[B, token_dim]``: the same target tokens as :meth:`forward`'s ``Tokens.target``."""
-        parts = [F.embedding(ids.target_item, self._weight(TARGET_ITEM)),
-                 F.embedding(ids.target_cat, self._weight(TARGET_CAT))]
+        parts = [
+            F.embedding(ids.target_item, self._weight(TARGET_ITEM)),
+            F.embedding(ids.target_cat, self._weight(TARGET_CAT)),
+        ]
         if self.pos_dim > 0:
             parts.append(self.positions[-1].weight[0].expand(ids.target_item.shape[0], -1))
         return torch.cat(parts, dim=-1)
@@ -193,8 +200,10 @@ class TokenEmbedding(nn.Module):
     def history_tokens(self, ids: HistoryIds) -> torch.Tensor:
         """``[B, K, token_dim]``: the history tokens of the slots in ``ids`` (padding: zero semantic part and
         position 0, as :meth:`forward`'s ``Tokens.history``)."""
-        sem = torch.cat([F.embedding(ids.hist_item, self._weight(HIST_ITEM)),
-                         F.embedding(ids.hist_cat, self._weight(HIST_CAT))], dim=-1) * ids.mask.unsqueeze(-1)
+        sem = torch.cat(
+            [F.embedding(ids.hist_item, self._weight(HIST_ITEM)), F.embedding(ids.hist_cat, self._weight(HIST_CAT))],
+            dim=-1,
+        ) * ids.mask.unsqueeze(-1)
         if self.pos_dim == 0:
             return sem
         return torch.cat([sem, F.embedding(ids.positions, self.positions[0].weight)], dim=-1)
@@ -210,8 +219,12 @@ class TokenEmbedding(nn.Module):
         ``torch.inference_mode`` have no version counter, so they take the gathered-rows path.
         """
         hist_w, target_w = self._weight(HIST_ITEM), self._weight(TARGET_ITEM)
-        if (torch.is_grad_enabled() or hist_w.is_inference() or target_w.is_inference()
-                or hist_w.shape[0] * target_w.shape[0] > self.GRAM_LIMIT):
+        if (
+            torch.is_grad_enabled()
+            or hist_w.is_inference()
+            or target_w.is_inference()
+            or hist_w.shape[0] * target_w.shape[0] > self.GRAM_LIMIT
+        ):
             return gathered_dot(hist_w, ids.hist_item, query)
         key = tuple((w.data_ptr(), w._version) for w in (target_w, hist_w))
         if key != self._item_gram_key:
@@ -223,11 +236,12 @@ class TokenEmbedding(nn.Module):
         (:class:`DotScorer` on this role's tokens) without building the ``[B, L, token_dim]`` history."""
         query = self.target_tokens(ids)
         dim = self.sem_dim // 2
-        sem = (self._item_dots(ids, query[:, :dim])
-               + gathered_dot(self._weight(HIST_CAT), ids.hist_cat, query[:, dim:self.sem_dim]))
+        sem = self._item_dots(ids, query[:, :dim]) + gathered_dot(
+            self._weight(HIST_CAT), ids.hist_cat, query[:, dim : self.sem_dim]
+        )
         scores = sem / math.sqrt(self.sem_dim)
         if self.pos_dim > 0:
-            pos = gathered_dot(self.positions[0].weight, ids.positions, query[:, self.sem_dim:])
+            pos = gathered_dot(self.positions[0].weight, ids.positions, query[:, self.sem_dim :])
             scores = scores + pos / math.sqrt(self.pos_dim)
         return scores
 
@@ -262,7 +276,7 @@ class PartProjection(nn.Module):
         self.position = nn.Linear(pos_dim, pos_dim, bias=False) if pos_dim > 0 else None
         self.dim = dim
 
-    def forward(self, sem: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, sem: torch.Tensor, pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         item, category = sem.split(self.dim, dim=-1)
         sem = torch.cat([self.item(item), self.category(category)], dim=-1)
         if pos is not None and self.position is not None:

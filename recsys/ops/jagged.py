@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
 
 import torch
 
@@ -19,7 +18,7 @@ log = logging.getLogger(__name__)
 FBGEMM_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fbgemm_supports(device_type: str) -> bool:
     """True when FBGEMM's jagged kernels run on ``device_type`` ("cpu" or "cuda").
 
@@ -92,7 +91,7 @@ def dense_to_jagged_torch(dense: torch.Tensor, offsets: torch.Tensor) -> torch.T
     return dense[mask]
 
 
-def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total: Optional[int] = None) -> torch.Tensor:
+def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """``[B, N, D]`` -> jagged values ``[sum(L), D]`` (differentiable)."""
     if fbgemm_supports(dense.device.type) and dense.dtype in FBGEMM_FLOAT_DTYPES:
         out, _ = torch.ops.fbgemm.dense_to_jagged(dense, [offsets], total)

@@ -7,8 +7,6 @@ allocator already reuses memory) get a plain ``torch.empty``.
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 
 _HEADROOM = 1.25  # batches differ in size; a little slack lets one buffer serve them all
@@ -19,9 +17,9 @@ class Workspace:
     """``take(rows, cols, like) -> (flat, view [rows, cols])``; ``give(flat)`` returns the buffer."""
 
     def __init__(self) -> None:
-        self.free: List[torch.Tensor] = []
+        self.free: list[torch.Tensor] = []
 
-    def take(self, rows: int, cols: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def take(self, rows: int, cols: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         numel = rows * cols
         if like.device.type == "cpu":
             for i, flat in enumerate(self.free):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import polars as pl
@@ -27,7 +27,7 @@ class ScoreStats:
     rows_rejected: Counter = field(default_factory=Counter)  # reason -> rows
     unseen_ids_mapped: int = 0
 
-    def add(self, other: "ScoreStats") -> None:
+    def add(self, other: ScoreStats) -> None:
         self.rows_in += other.rows_in
         self.rows_scored += other.rows_scored
         self.rows_rejected.update(other.rows_rejected)
@@ -46,7 +46,7 @@ class PreparedBatch:
     """
 
     kept: pl.DataFrame
-    batch: Optional[CTRBatch]
+    batch: CTRBatch | None
     rejected: pl.DataFrame
     stats: ScoreStats
 
@@ -68,8 +68,9 @@ class CTRScorer:
     Rows with a null id or a null/empty history are always rejected (reasons ``null`` / ``empty_history``).
     """
 
-    def __init__(self, bundle: LoadedBundle, unseen: str = "map",
-                 keep_columns: Sequence[str] = ("user", "item", "timestamp")) -> None:
+    def __init__(
+        self, bundle: LoadedBundle, unseen: str = "map", keep_columns: Sequence[str] = ("user", "item", "timestamp")
+    ) -> None:
         if unseen not in POLICIES:
             raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.bundle, self.unseen, self.keep_columns = bundle, unseen, list(keep_columns)
@@ -78,16 +79,20 @@ class CTRScorer:
 
     required_columns = SCORING_COLUMNS
 
-    def output_schema(self, input_schema: Dict[str, pl.DataType]) -> Dict[str, pl.DataType]:
+    def output_schema(self, input_schema: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
         schema = {c: input_schema[c] for c in self.keep_columns if c in input_schema}
         schema.update({f"score_{t.name}": pl.Float32 for t in self.tasks})
         return schema
 
     def _reasons(self, frame: pl.DataFrame) -> np.ndarray:
         """Per-row rejection reason ('' = keep) for nulls and empty histories."""
-        null = frame.select(pl.any_horizontal(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat")))
-        empty = frame.select((pl.col("hist_item").list.len().fill_null(0) == 0)
-                             | (pl.col("hist_item").list.len() != pl.col("hist_cat").list.len()))
+        null = frame.select(
+            pl.any_horizontal(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat"))
+        )
+        empty = frame.select(
+            (pl.col("hist_item").list.len().fill_null(0) == 0)
+            | (pl.col("hist_item").list.len() != pl.col("hist_cat").list.len())
+        )
         reasons = np.full(frame.height, "", dtype=object)
         reasons[empty.to_series().to_numpy()] = "empty_history"
         reasons[null.to_series().to_numpy()] = "null"
@@ -97,9 +102,11 @@ class CTRScorer:
         """The most recent ``max_len`` behaviours of each history, as in training (no copy when none is longer)."""
         if frame.height == 0 or frame["hist_item"].list.len().max() <= self.max_len:
             return frame
-        return frame.with_columns(pl.col("hist_item").list.tail(self.max_len), pl.col("hist_cat").list.tail(self.max_len))
+        return frame.with_columns(
+            pl.col("hist_item").list.tail(self.max_len), pl.col("hist_cat").list.tail(self.max_len)
+        )
 
-    def score(self, frame: pl.DataFrame) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
+    def score(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
         """-> (scores for kept rows, rejected rows with a ``reason`` column, counts)."""
         return self.finish(self.prepare(frame))
 
@@ -126,14 +133,16 @@ class CTRScorer:
                     ids[column][mask] = 0
             batch = ctr_batch(values, lengths) if kept.height else None
         bad = reasons != ""
-        pieces = [frame.filter(pl.Series(bad)).with_columns(pl.Series("reason", reasons[bad], dtype=pl.String)),
-                  rejected_unseen.with_columns(pl.lit("unseen_id", dtype=pl.String).alias("reason"))]
+        pieces = [
+            frame.filter(pl.Series(bad)).with_columns(pl.Series("reason", reasons[bad], dtype=pl.String)),
+            rejected_unseen.with_columns(pl.lit("unseen_id", dtype=pl.String).alias("reason")),
+        ]
         rejected = pl.concat(pieces, how="vertical_relaxed")
         for reason, n in Counter(rejected["reason"].to_list()).items():
             stats.rows_rejected[reason] += n
         return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
 
-    def _mapped_ids(self, kept: pl.DataFrame) -> Tuple[np.ndarray, Dict[str, np.ndarray], np.ndarray]:
+    def _mapped_ids(self, kept: pl.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """Map raw ids to table rows (-1 = unseen) straight into one buffer in the CTR KJT's value order.
 
         Returns ``values [2 N + 2 n]`` (``N`` history ids, ``n`` rows), its views by column (``hist_item,
@@ -144,8 +153,9 @@ class CTRScorer:
         hist_cat, _ = list_column_arrays(kept, "hist_cat")
         total, n = len(hist_item), kept.height
         values = np.empty(2 * total + 2 * n, dtype=np.int64)
-        ids = dict(zip(("hist_item", "hist_cat", "item", "category"),
-                       np.split(values, [total, 2 * total, 2 * total + n])))
+        ids = dict(
+            zip(("hist_item", "hist_cat", "item", "category"), np.split(values, [total, 2 * total, 2 * total + n]))
+        )
         m["item"](hist_item, out=ids["hist_item"])
         m["category"](hist_cat, out=ids["hist_cat"])
         m["item"](kept["item"].cast(pl.Int64).to_numpy(), out=ids["item"])
@@ -153,7 +163,7 @@ class CTRScorer:
         return values, ids, np.diff(offsets)
 
     @staticmethod
-    def _unseen_rows(unseen: Dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
+    def _unseen_rows(unseen: dict[str, np.ndarray], lengths: np.ndarray) -> np.ndarray:
         """``[n]`` rows with any unseen id, from per-column unseen masks (histories flat, ``lengths [n]``)."""
         rows = unseen["item"] | unseen["category"]
         if unseen["hist_item"].any() or unseen["hist_cat"].any():
@@ -162,7 +172,7 @@ class CTRScorer:
                 rows |= np.bincount(row_of_value[unseen[column]], minlength=len(lengths)) > 0
         return rows
 
-    def finish(self, prepared: PreparedBatch) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
+    def finish(self, prepared: PreparedBatch) -> tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
         """Run the model on a prepared batch -> (scores for kept rows, rejected rows, counts)."""
         if prepared.batch is None:
             scores = {t.name: np.zeros(0, np.float32) for t in self.tasks}
@@ -175,13 +185,13 @@ class CTRScorer:
         return out, prepared.rejected, prepared.stats
 
     @staticmethod
-    def _model_input(ids: Dict[str, np.ndarray], lengths: np.ndarray) -> CTRBatch:
+    def _model_input(ids: dict[str, np.ndarray], lengths: np.ndarray) -> CTRBatch:
         """Mapped ids (flat histories ``[sum(L)]``, targets ``[n]``) and ``lengths [n]`` -> the CTR batch."""
         values = np.concatenate([ids["hist_item"], ids["hist_cat"], ids["item"], ids["category"]])
         return ctr_batch(values, lengths)
 
     @torch.inference_mode()
-    def _forward(self, batch: CTRBatch) -> Dict[str, np.ndarray]:
+    def _forward(self, batch: CTRBatch) -> dict[str, np.ndarray]:
         """Model forward -> probability (binary) or value (regression) per task, ``[n]`` each."""
         out = self.bundle.model(batch)
         result = {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -67,7 +68,7 @@ def run_ahead(items: Iterable[T], fn: Callable[[T], U], depth: int = 1) -> Itera
     model forward of the current one. Exceptions are re-raised in the consumer; a consumer that stops early
     stops the thread.
     """
-    results: "queue.Queue" = queue.Queue(maxsize=depth)
+    results: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 

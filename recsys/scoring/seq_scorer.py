@@ -8,7 +8,7 @@ columns, ``top_items`` (``List(Int64)``, the N best items not in the history, be
 from __future__ import annotations
 
 from collections import Counter
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
@@ -38,8 +38,9 @@ class SeqScorer:
 
     required_columns = SEQ_SCORING_COLUMNS
 
-    def __init__(self, bundle: LoadedBundle, top_n: int = 10, unseen: str = "map",
-                 keep_columns: Sequence[str] = ("user",)) -> None:
+    def __init__(
+        self, bundle: LoadedBundle, top_n: int = 10, unseen: str = "map", keep_columns: Sequence[str] = ("user",)
+    ) -> None:
         if unseen not in POLICIES:
             raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.num_items = int(bundle.model.num_items)
@@ -53,7 +54,7 @@ class SeqScorer:
             self.raw_of_row = np.zeros(self.num_items + 1, dtype=np.int64)
             self.raw_of_row[mapper.rows] = mapper.raw
 
-    def output_schema(self, input_schema: Dict[str, pl.DataType]) -> Dict[str, pl.DataType]:
+    def output_schema(self, input_schema: dict[str, pl.DataType]) -> dict[str, pl.DataType]:
         schema = {c: input_schema[c] for c in self.keep_columns if c in input_schema}
         schema.update({"top_items": pl.List(pl.Int64), "top_scores": pl.List(pl.Float32)})
         return schema
@@ -61,8 +62,9 @@ class SeqScorer:
     def prepare(self, frame: pl.DataFrame) -> PreparedBatch:
         """Reject bad rows, map ids, keep the newest ``max_len`` items, build the :class:`SeqBatch`."""
         stats = ScoreStats(rows_in=frame.height)
-        reasons = np.where(frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy(),
-                           "null", "")
+        reasons = np.where(
+            frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy(), "null", ""
+        )
         values, offsets = list_column_arrays(frame.with_columns(pl.col("history").fill_null([])), "history")
         rows = self.bundle.mappers["item"](values)
         lengths = np.diff(offsets)
@@ -85,7 +87,7 @@ class SeqScorer:
         batch = self._batch(*self._newest(rows, lengths), exclude=(rows, lengths)) if kept.height else None
         return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
 
-    def _newest(self, rows: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def _newest(self, rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The newest ``max_len`` ids of each history (flat ``rows``, ``lengths [n]``), as in training."""
         if not len(lengths) or lengths.max() <= self.max_len:
             return rows, lengths
@@ -94,8 +96,7 @@ class SeqScorer:
         return newest.values, kept
 
     @staticmethod
-    def _batch(rows: np.ndarray, lengths: np.ndarray,
-               exclude: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> SeqBatch:
+    def _batch(rows: np.ndarray, lengths: np.ndarray, exclude: tuple[np.ndarray, np.ndarray] | None = None) -> SeqBatch:
         """Input = the (newest) history ``rows`` with ``lengths [n]``; removed from the ranking = ``exclude``
         (the whole known history; default the input); no targets."""
         as_torch = lambda v, n: (torch.from_numpy(v), torch.from_numpy(n.astype(np.int64)))  # noqa: E731
@@ -104,7 +105,7 @@ class SeqScorer:
         return SeqBatch(sparse=make_seq_kjt(seq, none, as_torch(*exclude) if exclude is not None else seq))
 
     @torch.inference_mode()
-    def finish(self, prepared: PreparedBatch) -> Tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
+    def finish(self, prepared: PreparedBatch) -> tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
         """Rank all items for each kept row -> (recommendations, rejected rows, counts)."""
         n = prepared.kept.height
         if prepared.batch is None:

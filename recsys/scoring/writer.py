@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import polars as pl
 import pyarrow as pa
@@ -18,12 +18,12 @@ class AtomicParquetWriter:
     Use as a context manager: an exception aborts, a clean exit commits.
     """
 
-    def __init__(self, path: Path, metadata: Optional[Mapping[str, str]] = None) -> None:
+    def __init__(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.metadata = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
-        self._writer: Optional[pq.ParquetWriter] = None
-        self._schema: Optional[pa.Schema] = None
+        self._writer: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
         self.rows = 0
 
     def write(self, frame: pl.DataFrame) -> None:
@@ -35,7 +35,7 @@ class AtomicParquetWriter:
         self._writer.write_table(table.cast(self._schema))
         self.rows += frame.height
 
-    def commit(self, empty_schema: Optional[Mapping[str, pl.DataType]] = None) -> None:
+    def commit(self, empty_schema: Mapping[str, pl.DataType] | None = None) -> None:
         if self._writer is None:  # nothing written: still produce a (valid, empty) file
             self.write(pl.DataFrame(schema=dict(empty_schema or {})))
         self._writer.close()
@@ -48,7 +48,7 @@ class AtomicParquetWriter:
             self._writer.close()
         self.tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "AtomicParquetWriter":
+    def __enter__(self) -> AtomicParquetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

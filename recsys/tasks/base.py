@@ -9,7 +9,8 @@ training step; a task supplies :meth:`SparseDenseTask.compute_losses`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -57,7 +58,7 @@ class SparseDenseTask(pl.LightningModule):
         self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
         self.automatic_optimization = False
 
-    def compute_losses(self, batch: Any, out: Any) -> Dict[str, torch.Tensor]:
+    def compute_losses(self, batch: Any, out: Any) -> dict[str, torch.Tensor]:
         """Named scalar losses of ``out = self.model(batch)``; ``total`` is the one optimised."""
         raise NotImplementedError
 
@@ -65,17 +66,20 @@ class SparseDenseTask(pl.LightningModule):
         """Hook: read diagnostics from the model output of a training step (default: nothing)."""
 
     # ---- optimisers ---------------------------------------------------------------------------
-    def configure_optimizers(self) -> List[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "shards_tables", False):
             # TorchRecStrategy: [DMP's fused table optimiser (updates during backward; its step() only
             # refreshes the lr), KeyedOptimizerWrapper(dense_optimizer) over the unsharded parameters]
             return strategy.sharded_optimizers(self.dense_optimizer)
         sparse, dense = split_sparse_dense(self.model)
-        return [factory(params) for factory, params in ((self.sparse_optimizer, sparse), (self.dense_optimizer, dense))
-                if params]
+        return [
+            factory(params)
+            for factory, params in ((self.sparse_optimizer, sparse), (self.dense_optimizer, dense))
+            if params
+        ]
 
-    def _optimizers(self) -> List[Any]:
+    def _optimizers(self) -> list[Any]:
         opts = self.optimizers()
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
@@ -95,8 +99,9 @@ class SparseDenseTask(pl.LightningModule):
         self.optimisation_step(losses["total"])
         bs = batch.batch_size
         # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
-        self.log("train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs,
-                 sync_dist=True)
+        self.log(
+            "train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
+        )
         for name, value in losses.items():
             if name != "total":
                 self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)

@@ -8,7 +8,8 @@ optimisers and the training step live in :class:`~recsys.tasks.base.SparseDenseT
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class RankingTask(SparseDenseTask):
     def __init__(
         self,
         model: RankingModel,
-        tasks: List[TaskSpec],
+        tasks: list[TaskSpec],
         sparse_optimizer: OptimizerFactory,
         dense_optimizer: OptimizerFactory,
         aux_loss_weight: float = 1.0,
@@ -64,15 +65,15 @@ class RankingTask(SparseDenseTask):
         self.model_builder = MODEL_BUILDER
         binary = [t for t in self.tasks if t.loss == "binary"]
         self.primary = binary[0].name if binary else None
-        self._eval: Dict[str, List[np.ndarray]] = defaultdict(list)
+        self._eval: dict[str, list[np.ndarray]] = defaultdict(list)
 
     def forward(self, batch: CTRBatch) -> RankingOutput:
         return self.model(batch)
 
     # ---- losses -------------------------------------------------------------------------------
-    def compute_losses(self, batch: CTRBatch, out: RankingOutput) -> Dict[str, torch.Tensor]:
+    def compute_losses(self, batch: CTRBatch, out: RankingOutput) -> dict[str, torch.Tensor]:
         """Per-task losses, aux-head and tower regularisers, L2; ``total`` is the weighted sum."""
-        losses: Dict[str, torch.Tensor] = {}
+        losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         for task in self.tasks:
             logit, label = out.logits[task.name], batch.labels[task.name].float()
@@ -116,7 +117,7 @@ class RankingTask(SparseDenseTask):
     def test_step(self, batch: CTRBatch, batch_idx: int) -> None:
         self._collect(batch)
 
-    def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
+    def evaluation_metrics(self, prefix: str) -> dict[str, float]:
         """Metrics over everything collected since the last call (then cleared); with several ranks,
         over all ranks' batches (every rank computes the same global values)."""
         identity = [k for k in self._eval if not k.startswith("pred/")]
@@ -124,7 +125,7 @@ class RankingTask(SparseDenseTask):
         self._eval.clear()
         if not cols:
             return {}
-        metrics: Dict[str, float] = {}
+        metrics: dict[str, float] = {}
         aucs, losses = [], []
         for task in self.tasks:
             pred, label = cols[f"pred/{task.name}"], cols[f"label/{task.name}"]
@@ -165,7 +166,7 @@ def build_ranking_task(
     datamodule: Any,
     backbone: Callable[..., nn.Module],
     tower: Callable[..., nn.Module],
-    init_std: Optional[float] = 0.01,
+    init_std: float | None = 0.01,
     **task_kwargs: Any,
 ) -> RankingTask:
     """Assemble :func:`build_ranking_model` -> :class:`RankingTask` (the ``task=ctr`` builder)."""

@@ -16,7 +16,6 @@ when unsharded, the sharded collection's lookup of every item under DistributedM
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,7 @@ class _LinearLogSumExp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         a, b, buffer, total = ctx.saved_tensors
         weights = buffer.mul_(grad.unsqueeze(1) / total)  # softmax · grad, in place
-        grads = (weights @ b if ctx.needs_input_grad[0] else None,
-                 weights.T @ a if ctx.needs_input_grad[1] else None)
+        grads = (weights @ b if ctx.needs_input_grad[0] else None, weights.T @ a if ctx.needs_input_grad[1] else None)
         WORKSPACE.give(ctx.flat)
         return grads
 
@@ -81,7 +79,9 @@ def linear_logsumexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         WORKSPACE.give(flat)
 
 
-def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, pad_class: bool = True) -> torch.Tensor:
+def next_item_loss(
+    hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, pad_class: bool = True
+) -> torch.Tensor:
     """Mean cross-entropy of ``hidden [N, d]`` against ``targets [N]`` (ids 1..I) over the items ``table[1:]``.
 
     ``CE = lse - ⟨h, e_target⟩``; ``pad_class`` adds the padding row as a class with constant logit 0
@@ -93,8 +93,14 @@ def next_item_loss(hidden: torch.Tensor, targets: torch.Tensor, table: torch.Ten
     return (lse - (hidden * table[targets]).sum(-1)).mean()
 
 
-def ted_loss(heads: torch.Tensor, table: torch.Tensor, graph: TransitionGraph, tau: float,
-             dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+def ted_loss(
+    heads: torch.Tensor,
+    table: torch.Tensor,
+    graph: TransitionGraph,
+    tau: float,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
     """TED: mean over ``heads [N]`` of ``CE(q_i, p_i)`` over the items 1..I.
 
     Teacher ``q_i = softmax_j(Ã_ij / τ)`` over *all* items (zero-count items included); student
@@ -127,8 +133,13 @@ def output_table(model: SASRec, out: SeqOutput) -> torch.Tensor:
     return table if table is not None else model.item_table()
 
 
-def sequential_losses(model: SASRec, batch: SeqBatch, graph: Optional[TransitionGraph] = None,
-                      pad_class: bool = True, out: Optional[SeqOutput] = None) -> Dict[str, torch.Tensor]:
+def sequential_losses(
+    model: SASRec,
+    batch: SeqBatch,
+    graph: TransitionGraph | None = None,
+    pad_class: bool = True,
+    out: SeqOutput | None = None,
+) -> dict[str, torch.Tensor]:
     """``rec`` (+ ``kd``) (+ the model's aux losses) and their weighted ``total`` for one training batch."""
     out = model(batch) if out is None else out
     table = output_table(model, out)
@@ -148,8 +159,9 @@ def sequential_losses(model: SASRec, batch: SeqBatch, graph: Optional[Transition
     return losses
 
 
-def masked_scores(hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def masked_scores(
+    hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); the row's
     ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional ``[B, I]`` buffer."""
     scores = torch.mm(hidden, table[1:].T, out=out)

@@ -7,7 +7,8 @@ under ``trainer=dmp`` DistributedModelParallel shards the item table and swaps i
 scores come from ``recsys/tasks/seq_losses.py`` (shared with the GPU benchmark's plain loop).
 
 Evaluation ranks every item at each user's newest position (history items removed), batched:
-``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names Lightning sees
+``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names
+Lightning sees
 (``checkpoint.monitor``, early stopping, ``trainer.test`` results, e.g. ``val/ndcg@20``). MLflow forbids
 ``@`` in metric names; Lightning's MLflow logger drops it, so the run stores ``val/ndcg20``, ``test/hr10``, ...
 (its warning about the rewrite is silenced here). With MoH attention the mean share of
@@ -19,8 +20,9 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,8 +55,15 @@ class SequentialTask(SparseDenseTask):
         pad_class: keep the padding id as an extra softmax class with logit 0 (the official code).
     """
 
-    def __init__(self, model: SASRec, graph: Optional[TransitionGraph], sparse_optimizer: OptimizerFactory,
-                 dense_optimizer: OptimizerFactory, ks: Sequence[int] = DEFAULT_KS, pad_class: bool = True) -> None:
+    def __init__(
+        self,
+        model: SASRec,
+        graph: TransitionGraph | None,
+        sparse_optimizer: OptimizerFactory,
+        dense_optimizer: OptimizerFactory,
+        ks: Sequence[int] = DEFAULT_KS,
+        pad_class: bool = True,
+    ) -> None:
         super().__init__(model, sparse_optimizer, dense_optimizer)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
         self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
@@ -62,12 +71,12 @@ class SequentialTask(SparseDenseTask):
         self.has_graph = graph is not None
         for part in _GRAPH_PARTS:
             self.register_buffer(f"graph_{part}", getattr(graph, part) if graph is not None else None, persistent=False)
-        self._eval: Dict[str, List[np.ndarray]] = defaultdict(list)
-        self._util: Dict[str, List[torch.Tensor]] = defaultdict(list)
-        self.util_history: List[Dict[str, List[float]]] = []
+        self._eval: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._util: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.util_history: list[dict[str, list[float]]] = []
 
     @property
-    def graph(self) -> Optional[TransitionGraph]:
+    def graph(self) -> TransitionGraph | None:
         if not self.has_graph:
             return None
         return TransitionGraph(*(getattr(self, f"graph_{p}") for p in _GRAPH_PARTS), num_items=self.num_items)
@@ -77,14 +86,14 @@ class SequentialTask(SparseDenseTask):
         return last_position_scores(self.model, batch)
 
     # ---- training (the step itself: SparseDenseTask.training_step) --------------------------------
-    def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> Dict[str, torch.Tensor]:
+    def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> dict[str, torch.Tensor]:
         """``rec`` (+ ``kd``) (+ MoH balance) and their ``total`` (:func:`sequential_losses`)."""
         return sequential_losses(self.model, batch, self.graph, self.pad_class, out=out)
 
     def on_train_output(self, out: SeqOutput) -> None:
         for key, value in out.extras.items():
             if key.startswith("moh_util/"):
-                self._util[key[len("moh_util/"):]].append(value)
+                self._util[key[len("moh_util/") :]].append(value)
 
     def on_train_epoch_end(self) -> None:
         if not self._util:
@@ -114,7 +123,7 @@ class SequentialTask(SparseDenseTask):
     def test_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._rank(batch)
 
-    def evaluation_metrics(self, prefix: str) -> Dict[str, float]:
+    def evaluation_metrics(self, prefix: str) -> dict[str, float]:
         """HR/NDCG over everything ranked since the last call (then cleared); with several ranks, over all
         ranks' rows (batches the sampler repeated are dropped), so every rank computes the same values."""
         identity = ["user"] if "user" in self._eval else ["rank"]
@@ -142,14 +151,16 @@ class SequentialTask(SparseDenseTask):
 def build_sequential_task(
     datamodule: Any,
     backbone: Callable[..., SASRec],
-    tower: Optional[Callable[..., Any]] = None,
-    init_std: Optional[float] = 0.01,
+    tower: Callable[..., Any] | None = None,
+    init_std: float | None = 0.01,
     **task_kwargs: Any,
 ) -> SequentialTask:
     """:func:`~recsys.models.sequential.build_sequential_model` (``mtl=single`` only) wrapped in
     :class:`SequentialTask`; TED's transition graph comes from the datamodule's training split."""
     if not hasattr(datamodule, "transition_graph"):
-        raise ValueError(f"task=seqrec needs sequence data (data=beauty|sports|yelp|seqrec), got {type(datamodule).__name__}")
+        raise ValueError(
+            f"task=seqrec needs sequence data (data=beauty|sports|yelp|seqrec), got {type(datamodule).__name__}"
+        )
     model = build_sequential_model(datamodule, backbone, tower, init_std)
     graph = datamodule.transition_graph(model.kd_span) if model.lambda_kd > 0 else None
     return SequentialTask(model, graph, **task_kwargs)

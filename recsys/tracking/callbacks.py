@@ -7,8 +7,9 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
@@ -19,21 +20,23 @@ from recsys.tracking.figures import pyplot, save_figure
 log = logging.getLogger(__name__)
 
 
-def _mlflow_logger(trainer: pl.Trainer) -> Optional[MLFlowLogger]:
+def _mlflow_logger(trainer: pl.Trainer) -> MLFlowLogger | None:
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             return logger
     return None
 
 
-def plot_curves(history: List[Dict[str, float]], path: Path, title: str) -> Optional[Path]:
+def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> Path | None:
     """One panel per metric family (loss, AUC, logloss) against epoch; written atomically as PNG."""
     plt = pyplot()
 
     keys = sorted({k for row in history for k in row if k != "epoch"})
-    panels = [("loss", [k for k in keys if k.startswith("train/") and "loss" in k and "/aux" not in k]),
-              ("AUC", [k for k in keys if k.endswith("auc") or "gauc" in k]),
-              ("logloss", [k for k in keys if k.endswith("logloss")])]
+    panels = [
+        ("loss", [k for k in keys if k.startswith("train/") and "loss" in k and "/aux" not in k]),
+        ("AUC", [k for k in keys if k.endswith("auc") or "gauc" in k]),
+        ("logloss", [k for k in keys if k.endswith("logloss")]),
+    ]
     panels = [(name, ks) for name, ks in panels if ks]
     if not panels:
         return None
@@ -64,9 +67,9 @@ class MLflowRunFiles(pl.Callback):
     def __init__(self, config: Mapping[str, Any], dataset_meta: Mapping[str, Any], output_dir: str) -> None:
         self.config, self.dataset_meta = dict(config), dict(dataset_meta)
         self.output_dir = Path(output_dir)
-        self.history: List[Dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
 
-    def _log_file(self, trainer: pl.Trainer, path: Path, artifact_path: Optional[str] = None) -> None:
+    def _log_file(self, trainer: pl.Trainer, path: Path, artifact_path: str | None = None) -> None:
         logger = _mlflow_logger(trainer)
         if logger is not None and trainer.is_global_zero:
             if path.is_dir():  # a sharded (DCP) checkpoint is a folder: keep its name under artifact_path
@@ -96,8 +99,9 @@ class MLflowRunFiles(pl.Callback):
             if key.startswith(("val/", "train/")) and key != "train/loss_step":
                 row[key.replace("_epoch", "")] = float(value)
         self.history.append(row)
-        plot = plot_curves(self.history, self.output_dir / "plots" / "training_curves.png",
-                           str(self.config.get("run_name", "")))
+        plot = plot_curves(
+            self.history, self.output_dir / "plots" / "training_curves.png", str(self.config.get("run_name", ""))
+        )
         if plot is not None:
             self._log_file(trainer, plot, "plots")
 
@@ -113,7 +117,7 @@ class EpochTimer(pl.Callback):
 
     def __init__(self) -> None:
         self._start = 0.0
-        self.epoch_seconds: List[float] = []
+        self.epoch_seconds: list[float] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 def pyplot() -> Any:
@@ -17,7 +17,7 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, title: Optional[str] = None, fontsize: Optional[float] = None) -> Path:
+def save_figure(fig: Any, path: Path, title: str | None = None, fontsize: float | None = None) -> Path:
     """Add ``title`` as the figure's suptitle, lay out, write ``path`` (PNG, dpi 100) via a temporary name,
     close the figure; returns ``path``."""
     if title is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,26 +27,31 @@ def split_gate_key(key: str) -> tuple[str, str]:
     return parts[1], "/".join(parts[2:])
 
 
-def plot_gate_usage(usage: Dict[str, List[float]], path: Path, title: str) -> Optional[Path]:
+def plot_gate_usage(usage: dict[str, list[float]], path: Path, title: str) -> Path | None:
     """One heat map per group (rows: tasks, columns: experts, colour: mean gate weight); atomic PNG write."""
     plt = pyplot()
 
-    groups: Dict[str, Dict[str, List[float]]] = defaultdict(dict)
+    groups: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for key, weights in usage.items():
         task, group = split_gate_key(key)
         groups[group][task] = weights
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(1.2 + 3.6 * len(groups), 0.9 + 0.45 * max(
-        len(t) for t in groups.values())), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(groups),
+        figsize=(1.2 + 3.6 * len(groups), 0.9 + 0.45 * max(len(t) for t in groups.values())),
+        squeeze=False,
+    )
     for ax, (group, rows) in zip(axes[0], sorted(groups.items())):
         tasks = list(rows)
         width = max(len(w) for w in rows.values())
         grid = torch.full((len(tasks), width), float("nan"))
         for i, task in enumerate(tasks):
             grid[i, : len(rows[task])] = torch.tensor(rows[task])
-        image = ax.imshow(grid.numpy(), vmin=0.0, vmax=max(1e-6, float(grid.nan_to_num(0).max())), cmap="viridis",
-                          aspect="auto")
+        image = ax.imshow(
+            grid.numpy(), vmin=0.0, vmax=max(1e-6, float(grid.nan_to_num(0).max())), cmap="viridis", aspect="auto"
+        )
         for (i, j), value in zip(((i, j) for i in range(len(tasks)) for j in range(width)), grid.flatten().tolist()):
             if value == value:
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
@@ -67,15 +72,22 @@ class GateUsage(pl.Callback):
 
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
-        self.history: List[Dict[str, Any]] = []
-        self._sums: Dict[str, torch.Tensor] = {}
-        self._rows: Dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, int] = {}
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sums, self._rows = {}, {}
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for key, value in (getattr(outputs, "extras", None) or {}).items():
             if key.startswith("gate/") and value.dim() == 2:
                 total = value.detach().float().sum(0).cpu()
@@ -88,7 +100,9 @@ class GateUsage(pl.Callback):
         usage = {k: (s / self._rows[k]).tolist() for k, s in sorted(self._sums.items())}
         self.history.append({"epoch": trainer.current_epoch, "usage": usage})
         folder = self.output_dir / "plots"
-        plot = plot_gate_usage(usage, folder / "gate_usage.png", f"mean validation gate weights, epoch {trainer.current_epoch}")
+        plot = plot_gate_usage(
+            usage, folder / "gate_usage.png", f"mean validation gate weights, epoch {trainer.current_epoch}"
+        )
         table = folder / "gate_usage.json"
         atomic_write_bytes(table, json.dumps(self.history, indent=1).encode())
         logger = _mlflow_logger(trainer)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 from recsys.tracking.figures import pyplot, save_figure
 
 
-def plot_head_utilisation(history: List[Dict[str, List[float]]], path: Path, title: str) -> Optional[Path]:
+def plot_head_utilisation(history: list[dict[str, list[float]]], path: Path, title: str) -> Path | None:
     """One panel per layer (``<branch>/block<i>``), one line per head against epoch; atomic PNG write.
 
     ``history[e]`` maps layer name -> ``[h]`` mean utilisation in [0, 1] of epoch ``e``.

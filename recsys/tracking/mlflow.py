@@ -6,16 +6,17 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
-from typing import Any, Dict, Mapping, Optional
 
 from pytorch_lightning.loggers import MLFlowLogger
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become JSON strings (MLflow params are flat strings)."""
-    flat: Dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
@@ -42,7 +43,7 @@ def experiment_hash(config: Mapping[str, Any]) -> str:
     return config_hash({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
 
 
-def run_name(recsys: str, mtl: Optional[str], data: str, config: Mapping[str, Any]) -> str:
+def run_name(recsys: str, mtl: str | None, data: str, config: Mapping[str, Any]) -> str:
     """``<recsys>[-<mtl>]-<data>-<short hash>``; the mtl part is left out for the single-task tower."""
     parts = [recsys] + ([mtl] if mtl and mtl != "single" else []) + [data, experiment_hash(config)]
     return "-".join(parts)
@@ -60,7 +61,7 @@ def git_commit(root: Path) -> str:
 def ensure_store_writable(tracking_uri: str) -> None:
     """For a local sqlite store, create its folder and fail early with a clear message if it is not writable."""
     if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        folder = Path(tracking_uri[len("sqlite:///") :]).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -73,9 +74,9 @@ def build_logger(
     tracking_uri: str,
     artifact_location: str,
     experiment_name: str,
-    run_name: Optional[str] = None,
-    tags: Optional[Dict[str, str]] = None,
-    run_id: Optional[str] = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
 ) -> MLFlowLogger:
     """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
     ensure_store_writable(tracking_uri)

@@ -7,7 +7,6 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytorch_lightning as pl
 
@@ -22,9 +21,9 @@ class ResumePoint:
     """``checkpoint``: file or DCP folder to load; ``run_id``: MLflow run to continue (None = new run);
     ``output_dir``: the interrupted run's folder (checkpoints keep going there)."""
 
-    checkpoint: Optional[str] = None
-    run_id: Optional[str] = None
-    output_dir: Optional[Path] = None
+    checkpoint: str | None = None
+    run_id: str | None = None
+    output_dir: Path | None = None
 
 
 def _from_run(run) -> ResumePoint:
@@ -35,7 +34,7 @@ def _from_run(run) -> ResumePoint:
     return ResumePoint(str(last), run.info.run_id, output_dir)
 
 
-def find_resume_point(resume: Optional[str], tracking_uri: str, experiment: str, config_hash: str) -> ResumePoint:
+def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, config_hash: str) -> ResumePoint:
     """Interpret the ``resume`` option.
 
     * ``None``: start fresh.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from typing import Any, Dict, List
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +31,7 @@ def _client_and_experiment(config: DictConfig):
     return client, exp_id
 
 
-def aggregate(values: Dict[str, List[float]]) -> Dict[str, float]:
+def aggregate(values: dict[str, list[float]]) -> dict[str, float]:
     """``{metric: [v1, v2, ...]}`` -> ``{metric/mean: .., metric/std: ..}`` (std 0 for a single run)."""
     out = {}
     for metric, vals in values.items():
@@ -49,8 +49,9 @@ class MLflowSweepParent(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         client, exp_id = _client_and_experiment(config)
         overrides = " ".join(config.hydra.overrides.task) if "hydra" in config else ""
-        run = client.create_run(exp_id, run_name=f"sweep-{config.data.name}",
-                                tags={"sweep_parent": "true", "sweep_overrides": overrides})
+        run = client.create_run(
+            exp_id, run_name=f"sweep-{config.data.name}", tags={"sweep_parent": "true", "sweep_overrides": overrides}
+        )
         self.parent_id = run.info.run_id
         os.environ[PARENT_ENV] = self.parent_id
         log.info("MLflow sweep parent run %s", self.parent_id)
@@ -60,7 +61,7 @@ class MLflowSweepParent(Callback):
             return
         client, exp_id = _client_and_experiment(config)
         children = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_id}'")
-        values: Dict[str, List[float]] = {}
+        values: dict[str, list[float]] = {}
         for child in children:
             for key, value in child.data.metrics.items():
                 if key.startswith("test/"):
