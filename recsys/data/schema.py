@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import polars as pl
 
 from recsys.data.vocab import Vocab  # noqa: F401  (re-exported: polars-free home)
+from recsys.errors import DataValidationError  # noqa: F401  (re-exported)
 
 LOG_SCHEMA: Mapping[str, pl.DataType] = {
     "user": pl.Int64(),
@@ -61,10 +62,6 @@ SAMPLE_SCHEMA: Mapping[str, pl.DataType] = {
 ID_COLUMNS = ("user", "item", "category")
 HISTORY_COLUMNS = ("hist_item", "hist_cat")
 SPLITS = ("train", "val", "test")
-
-
-class DataValidationError(ValueError):
-    """Raised when a table does not follow the documented schema; the message names file and column."""
 
 
 def _is_integer(dtype: pl.DataType) -> bool:

@@ -35,14 +35,7 @@ import numpy as np
 import torch
 
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
-
-try:  # schema.py needs polars, which the GPU benchmark environment does not have
-    from recsys.data.schema import DataValidationError
-except ImportError:  # pragma: no cover - exercised only without polars
-
-    class DataValidationError(ValueError):  # type: ignore[no-redef]
-        """Bad input data; the message names the file."""
-
+from recsys.errors import DataValidationError
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
 _INTEGER = re.compile(r"^[+-]?\d+$")
