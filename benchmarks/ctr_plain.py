@@ -13,7 +13,7 @@ Multi-task (``data=ml100k_mtl``'s click and like, a dataset folder with a ``like
 
 It runs exactly what ``pipelines.train`` trains: the backbone built from ``configs/recsys/<model>.yaml``
 (+ its ``twin`` base), the tower of ``configs/mtl/<tower>.yaml`` (default ``single``),
-``RankingTask.compute_losses`` (BCE + auxiliary head +
+``RankingModule.compute_losses`` (BCE + auxiliary head +
 1e-6 L2 + the tower's auxiliary losses), Adam lr 0.01 on tables and dense weights, N(0, 0.01) init, the same
 batch order (seeded by seed and epoch), model selection by the mean validation AUC over tasks, test metrics of
 the best epoch (per task under ``tasks`` when there are several).
@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from mtl.spec import TaskSpec
 from recsys.data.batch import CTRBatch, make_ctr_kjt
 from recsys.data.seqrec_format import take_segments
-from recsys.data.tasks import TaskSpec
 from recsys.data.vocab import Vocab
 from recsys.metrics.ranking import auc, gauc, logloss
 from recsys.models.ranking import RankingModel
@@ -139,7 +139,7 @@ def run(
     tower: str = "single",
     tasks: Sequence[TaskSpec] = (TaskSpec("click"),),
 ) -> dict:
-    from recsys.tasks.ranking import RankingTask  # compute_losses: the training objective of pipelines.train
+    from recsys.training.ranking import RankingModule  # compute_losses: the training objective of pipelines.train
 
     meta = json.loads((dataset / "meta.json").read_text())
     vocab = Vocab(meta["num_users"], meta["num_items"], meta["num_categories"])
@@ -152,7 +152,7 @@ def run(
     def adam(p):
         return torch.optim.Adam(p, lr=0.01)
 
-    task = RankingTask(model, tasks, adam, adam).to(device)
+    task = RankingModule(model, tasks, adam, adam).to(device)
     optimizers = task.configure_optimizers()
     best, epoch_seconds = None, []
     for epoch in range(epochs):

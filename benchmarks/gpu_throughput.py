@@ -10,7 +10,7 @@ is plain PyTorch. Batches are synthetic and generated on the GPU (a pool of ``--
 batches, cycled): Taobao vocabulary (4,068,791 items, 9,408 categories), histories of ``--seq-len``
 (uniform ids; every history ``--seq-len`` long unless ``--min-len`` is lower), K = ``--top-k``.
 
-Each step is what ``RankingTask.training_step`` does: forward, BCE + auxiliary-head BCE + 1e-6 L2 on
+Each step is what ``RankingModule.training_step`` does: forward, BCE + auxiliary-head BCE + 1e-6 L2 on
 dense weights, backward, optimiser steps (dense: Adam; tables: ``--table-optims``):
 
 * ``dense_adam``: ``torch.optim.Adam`` over the tables' dense gradients (the repository's default
@@ -65,7 +65,7 @@ def table_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def loss_fn(model: nn.Module, batch: CTRBatch, dense: list[nn.Parameter], l2_names: set) -> torch.Tensor:
-    """RankingTask.compute_losses for one binary task: BCE + aux BCE (weight 1) + 1e-6 * L2(dense weights)."""
+    """RankingModule.compute_losses for one binary task: BCE + aux BCE (weight 1) + 1e-6 * L2(dense weights)."""
     out = model(batch)
     label = batch.labels["click"]
     loss = F.binary_cross_entropy_with_logits(out.logits["click"], label)

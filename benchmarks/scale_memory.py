@@ -4,7 +4,7 @@
     .venv/bin/python -m benchmarks.scale_memory --dim 16 --dmp                          # DMP, 1 rank
     .venv/bin/torchrun --nproc_per_node 2 -m benchmarks.scale_memory --dim 16           # DMP, 2 ranks
 
-Each run trains ``--steps`` steps through the same Lightning path as ``pipelines.train`` (``RankingTask``,
+Each run trains ``--steps`` steps through the same Lightning path as ``pipelines.train`` (``RankingModule``,
 manual optimisation; ``TorchRecStrategy`` under DMP) on synthetic CTR samples in the Taobao schema
 (``recsys.data.schema.SAMPLE_SCHEMA``: histories of ``--seq-len`` behaviours, uniform item ids in
 [1, 4,068,791], category = f(item)), ``--batch-size`` rows per rank and step.
@@ -45,11 +45,11 @@ from benchmarks.taobao_scale import (
     build_dare,
     result_line,
 )
+from mtl.spec import TaskSpec
 from recsys.data.ctr_table import CTRTable, identity_collate
 from recsys.data.schema import SAMPLE_SCHEMA
-from recsys.data.tasks import TaskSpec
 from recsys.distributed.env import world_info
-from recsys.tasks.ranking import RankingTask
+from recsys.training.ranking import RankingModule
 
 LR_TABLES, LR_DENSE = 0.05, 0.001
 
@@ -124,7 +124,7 @@ def main() -> None:
     load = os.getloadavg()
     batches = taobao_batches(args.steps, args.batch_size, args.seq_len, seed=info.rank)
     model = build_dare(args.dim, args.seq_len, table_device=torch.device("meta") if sharded else None)
-    task = RankingTask(
+    task = RankingModule(
         model,
         [TaskSpec("click")],
         sparse_optimizer=functools.partial(torch.optim.SGD, lr=LR_TABLES),

@@ -6,7 +6,7 @@ on the S3-Rec files (Beauty, Sports_and_Outdoors, Yelp), seeds, early stopping o
 
 A plain training loop over the package's own pieces — the S3-Rec reader and leave-one-out split
 (``recsys.data.seqrec_format``), TED's graph (``recsys.data.transitions``), the models
-(``recsys.models``), the losses and full-ranking scores (``recsys.tasks.seq_losses``) and the metrics
+(``recsys.models``), the losses and full-ranking scores (``recsys.losses.sequential``) and the metrics
 (``recsys.metrics.topk``) — so it needs only torch, numpy and torchrec (no polars, Lightning, Hydra or
 MLflow, no FBGEMM CUDA kernels) and runs the same code as ``python -m pipelines.train recsys=...``.
 
@@ -38,10 +38,11 @@ import torch
 
 from recsys.data.seqrec_format import SeqTable, leave_one_out, read_sequences
 from recsys.data.transitions import TransitionGraph, build_transition_graph, transition_pairs
+from recsys.losses.sequential import sequential_losses
 from recsys.metrics.topk import rank_metrics
 from recsys.models.mqsa_ted import MQSATED
 from recsys.models.sasrec import SASRec
-from recsys.tasks.seq_losses import last_position_ranks, sequential_losses
+from recsys.models.sequential import last_position_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

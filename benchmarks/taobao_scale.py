@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mtl.single import SingleTower
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 from recsys.data.vocab import Vocab
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 
 @dataclass

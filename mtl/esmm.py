@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from mtl.base import Tower, TowerOutput
 from mtl.layers import TaskHeads
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 
 def product_logit(logit_a: torch.Tensor, logit_b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

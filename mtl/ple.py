@@ -14,7 +14,7 @@ from torch import nn
 
 from mtl.base import Tower, TowerOutput
 from mtl.layers import Gates, GroupedMLP, TaskHeads, gate_extras, mix
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 
 class CGCLevel(nn.Module):

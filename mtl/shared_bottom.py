@@ -8,7 +8,7 @@ import torch
 
 from mtl.base import Tower, TowerOutput
 from mtl.layers import GroupedMLP, TaskHeads
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 
 class SharedBottomTower(Tower):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from mtl.base import Tower, TowerOutput
-from recsys.data.tasks import TaskSpec
-from recsys.modules.mlp import MLP
+from mtl.layers import MLP
+from mtl.spec import TaskSpec
 
 
 class SingleTower(Tower):

@@ -23,7 +23,7 @@ from torch import nn
 
 from mtl.base import Tower, TowerOutput
 from mtl.layers import ACTIVATIONS, TaskHeads, gate_extras, keep_init
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 
 def window_prior(num_tasks: int, num_blocks: int, num_experts: int, top_k: int, alpha: float = 4.0) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from mtl.base import Tower, TowerOutput
 from mtl.layers import GroupedLinear, GroupedMLP, TaskHeads, gate_extras
 from mtl.mmoe import MixtureOfExperts
-from recsys.data.tasks import TaskSpec
+from mtl.spec import TaskSpec
 
 MEMORY_UPDATES = ("replace", "residual")
 MEMORY_INITS = ("zero", "project")

@@ -51,8 +51,8 @@ def choices(cfg: DictConfig) -> dict[str, str]:
 def build(
     cfg: DictConfig, table_device: torch.device | None = None
 ) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Data module (prepared, so its vocabulary is known), then the task builder assembles
-    backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``task``).
+    """Data module (prepared, so its vocabulary is known), then the objective's builder assembles
+    backbone (``recsys``) -> tower (``mtl``) -> LightningModule (``objective``).
 
     ``table_device``: passed to the backbone factory as ``device`` (``meta`` when DMP shards the tables).
     """
@@ -61,13 +61,13 @@ def build(
     backbone = instantiate(cfg.recsys)
     if table_device is not None:
         backbone = functools.partial(backbone, device=table_device)
-    task = instantiate(cfg.task)(
+    module = instantiate(cfg.objective)(
         datamodule=datamodule,
         backbone=backbone,
-        tower=instantiate(cfg.mtl),
+        tower=instantiate(cfg.mtl) if cfg.get("mtl") is not None else None,  # sequential models: no tower
         init_std=cfg.model.init_std,
     )
-    return datamodule, task
+    return datamodule, module
 
 
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -93,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = run.output_dir
 
     with run.rank_zero_first():  # rank 0 writes the data cache, the others then read it
-        datamodule, task = build(cfg, run.table_device)
+        datamodule, module = build(cfg, run.table_device)
     meta = datamodule.meta
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     tags = {
@@ -133,19 +133,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
-        check_checkpoint(resume.checkpoint, task)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
+        check_checkpoint(resume.checkpoint, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test_after_fit:
         ckpt = "best" if checkpoint.best_model_path else None
-        results = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
-    weights: Any = task.model
+    weights: Any = module.model
     if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0
-        weights = run.best_weights(task, task.model, checkpoint.best_model_path)
+        weights = run.best_weights(module, module.model, checkpoint.best_model_path)
     elif checkpoint.best_model_path:  # export the best weights, whatever ran last
         best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-        task.load_state_dict(best["state_dict"])
+        module.load_state_dict(best["state_dict"])
     if run.is_zero:
         bundle = export_bundle(
             output_dir / "model",
@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "run_name": name,
                 "run_id": logger.run_id,
                 "data_fingerprint": meta.fingerprint,
-                "model_builder": task.model_builder,
+                "model_builder": module.model_builder,
             },
         )
         logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")

@@ -28,9 +28,9 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from mtl.spec import TaskSpec, parse_tasks
 from recsys.data.cache import DatasetMeta, load_meta
 from recsys.data.schema import DataValidationError
-from recsys.data.tasks import TaskSpec, parse_tasks
 from recsys.io import atomic_write_bytes, write_json_atomic
 
 ID_COLUMNS = ("user", "item", "category")
@@ -148,7 +148,7 @@ def load_bundle(path: Path) -> LoadedBundle:
     tasks = parse_tasks(config["data"]["tasks"]) if config["data"].get("tasks") else []  # [] = sequential
     cfg = OmegaConf.create(config)
 
-    class _Inputs:  # what the task builder asks of a datamodule
+    class _Inputs:  # what the model builder asks of a datamodule
         def __init__(self) -> None:
             self.tasks = tasks
 
@@ -157,10 +157,11 @@ def load_bundle(path: Path) -> LoadedBundle:
             return {"vocab": meta.vocab(), "max_len": meta.max_len}
 
     identity = json.loads((path / "bundle.json").read_text())
-    # the builder the training task used, importable without Lightning
+    # the builder the training module used, importable without Lightning
     module_name, _, function = identity["model_builder"].rpartition(".")
     builder = getattr(importlib.import_module(module_name), function)
-    model = builder(_Inputs(), instantiate(cfg.recsys), instantiate(cfg.mtl), init_std=None)
+    tower = instantiate(cfg.mtl) if cfg.get("mtl") is not None else None
+    model = builder(_Inputs(), instantiate(cfg.recsys), tower, init_std=None)
     state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

@@ -40,19 +40,19 @@ def random_samples(
 
 
 def fit_one_batch(model, tasks, batch, steps: int, lr: float = 0.01) -> tuple[float, float]:
-    """Train ``model`` (a ``RankingModel``) on one batch with ``RankingTask``'s losses and Adam for ``steps``
+    """Train ``model`` (a ``RankingModel``) on one batch with ``RankingModule``'s losses and Adam for ``steps``
     steps; returns (first loss, last loss) so a test can assert that it learns."""
     import torch
 
-    from recsys.tasks.ranking import RankingTask
+    from recsys.training.ranking import RankingModule
 
     adam = lambda p: torch.optim.Adam(p, lr=lr)  # noqa: E731
-    task = RankingTask(model, tasks, adam, adam)
-    opts = task.configure_optimizers()
+    module = RankingModule(model, tasks, adam, adam)
+    opts = module.configure_optimizers()
     model.train()
     losses = []
     for _ in range(steps):
-        loss = task.compute_losses(batch, model(batch))["total"]
+        loss = module.compute_losses(batch, model(batch))["total"]
         losses.append(loss.item())
         for opt in opts:
             opt.zero_grad()

@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 import torch
 
+from mtl.spec import TaskSpec, parse_tasks
 from recsys.bundle import export_bundle, load_bundle
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import DataValidationError
-from recsys.data.tasks import TaskSpec, parse_tasks
 from recsys.data.vocab import Vocab
 from recsys.tracking.mlflow import build_logger
 from recsys.tracking.resume import check_checkpoint
@@ -188,7 +188,7 @@ def test_unwritable_tracking_store(tmp_path):
     [
         ("recsys=nope", "Could not find 'recsys/nope'"),
         ("recsys.nope=1", "Could not override 'recsys.nope'"),
-        ("mtl=mmoe data=beauty recsys=sasrec", "mtl=mmoe is not supported"),
+        ("mtl=mmoe data=beauty recsys=sasrec", "a task tower (MMoETower) is not supported with the sequential model"),
     ],
 )
 def test_bad_config_on_the_command_line(override, message, tmp_path):

@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 import torch
 
+from mtl.spec import TaskSpec
 from recsys.data.ctr_table import CTRTable, identity_collate
-from recsys.data.tasks import TaskSpec
 from recsys.data.vocab import Vocab
 from recsys.distributed.collectives import merge_batches
 from tests.helpers import random_samples
@@ -60,7 +60,7 @@ class Case:
     """A model under test.
 
     Attributes:
-        task: ``table_device -> LightningModule`` (``meta`` for the sharded build, ``None`` unsharded).
+        module: ``table_device -> LightningModule`` (``meta`` for the sharded build, ``None`` unsharded).
         batches: ``() -> (train batches in global step order, val batches)``; train batch ``s * WORLD + r``
             is rank r's batch at step s of every epoch.
         sharding: ``trainer.sharding`` for the strategy.
@@ -73,7 +73,7 @@ class Case:
             added to every key's score).
     """
 
-    task: Callable[[torch.device | None], torch.nn.Module]
+    module: Callable[[torch.device | None], torch.nn.Module]
     batches: Callable[[], tuple[list, list]]
     sharding: dict[str, str]
     expected: dict[str, str]
@@ -86,11 +86,11 @@ class Case:
 DARE_VOCAB, DARE_MAX_LEN = Vocab(40, 120, 10), 12
 
 
-def _dare_task(table_device: torch.device | None):
+def _dare_module(table_device: torch.device | None):
     from mtl.single import SingleTower
     from recsys.models.ranking import RankingModel
     from recsys.models.target_attention import TargetAttentionBackbone
-    from recsys.tasks.ranking import RankingTask
+    from recsys.training.ranking import RankingModule
 
     tasks = [TaskSpec("click")]
     backbone = TargetAttentionBackbone(
@@ -104,7 +104,7 @@ def _dare_task(table_device: torch.device | None):
         device=table_device,
     )
     tower = SingleTower(backbone.output_dim, tasks, hidden=(16, 8))
-    return RankingTask(
+    return RankingModule(
         RankingModel(backbone, tower, init_std=0.01),
         tasks,
         sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),  # unused under DMP
@@ -125,7 +125,7 @@ def dare_case() -> Case:
     """DARE: item tables row-wise, category tables table-wise (four tables: att/repr x item/category)."""
     rw, tw = "row_wise", "table_wise"
     return Case(
-        _dare_task,
+        _dare_module,
         _dare_batches,
         {"item": rw, "category": tw},
         {"att_item": rw, "repr_item": rw, "att_category": tw, "repr_category": tw},
@@ -169,12 +169,12 @@ def _seq_batches() -> tuple[list, list]:
     return out[:n_train], out[n_train:]
 
 
-def _seq_task(model_cls: type, table_device: torch.device | None):
+def _seq_module(model_cls: type, table_device: torch.device | None):
     """A tiny SASRec or MQSA-TED (TED on, graph from the training batches) without dropout (deterministic)."""
     from recsys.data.batch import TARGET_ITEM
     from recsys.data.seq_batch import SEQ_ITEM
     from recsys.data.transitions import build_transition_graph
-    from recsys.tasks.sequential import SequentialTask
+    from recsys.training.sequential import SequentialModule
 
     model = model_cls(SEQ_VOCAB, SEQ_MAX_LEN, dim=8, dropout=0.0, init_std=0.1, device=table_device)
     graph = None
@@ -183,7 +183,7 @@ def _seq_task(model_cls: type, table_device: torch.device | None):
         src = torch.cat([b.jagged(SEQ_ITEM)[0] for b in train])
         dst = torch.cat([b.jagged(TARGET_ITEM)[0] for b in train])
         graph = build_transition_graph(src, dst, SEQ_VOCAB.num_items)
-    return SequentialTask(
+    return SequentialModule(
         model,
         graph,
         sparse_optimizer=functools.partial(torch.optim.SGD, lr=0.0),
@@ -199,7 +199,7 @@ def seq_case(model: str, sharding: str) -> Case:
 
     model_cls = {"sasrec": SASRec, "mqsa_ted": MQSATED}[model]
     return Case(
-        functools.partial(_seq_task, model_cls),
+        functools.partial(_seq_module, model_cls),
         _seq_batches,
         {"item": sharding},
         {"item": sharding},
@@ -276,7 +276,7 @@ def _run_case(case_name: str, workdir: str) -> dict:
             self.losses.append(float(outputs["loss"]))
 
     def fit(ckpt_dir: str, resume: str | None = None):
-        task = case.task(torch.device("meta"))
+        module = case.module(torch.device("meta"))
         strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
         record = Record()
         saver = ModelCheckpoint(
@@ -300,9 +300,9 @@ def _run_case(case_name: str, workdir: str) -> dict:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(task, datamodule=Data(), ckpt_path=resume)
+        trainer.fit(module, datamodule=Data(), ckpt_path=resume)
         dense = {n: p.detach().clone() for n, p in in_backward_optimizer_filter(strategy.dmp.named_parameters())}
-        return trainer, strategy, record.losses, dense, gather_full_state_dict(task)
+        return trainer, strategy, record.losses, dense, gather_full_state_dict(module)
 
     trainer, strategy, losses_a, dense_a, full_a = fit("a")
     plan = {
@@ -318,7 +318,7 @@ def _run_case(case_name: str, workdir: str) -> dict:
     real_path = strategy_module.sharding_path
     strategy_module.sharding_path = lambda requested, device_type: FALLBACK
     try:
-        task = case.task(None)
+        module = case.module(None)
         strategy = TorchRecStrategy(sharding=case.sharding, fused_optimizer=FUSED, process_group_backend="gloo")
         record = Record()
         trainer = pl.Trainer(
@@ -334,11 +334,11 @@ def _run_case(case_name: str, workdir: str) -> dict:
             enable_progress_bar=False,
             enable_model_summary=False,
         )
-        trainer.fit(task, datamodule=Data())
+        trainer.fit(module, datamodule=Data())
         fallback = {
             "path": strategy.sharding_path,
             "wrapper": record.wrapper,
-            "state": {k: v.detach().clone() for k, v in task.state_dict().items()},
+            "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         }
     finally:
         strategy_module.sharding_path = real_path  # the group's next case shards again
@@ -375,19 +375,19 @@ def launch(case_names: tuple[str, ...], workdir: Path) -> dict[int, dict[str, di
 # ---- the single-process reference ------------------------------------------------------------------
 def reference(case: Case, init: dict[str, torch.Tensor], train: list) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Global loss per step and final state of the emulated 2-rank run (module docstring, point 3)."""
-    from recsys.tasks.ranking import split_sparse_dense
+    from recsys.training.ranking import split_sparse_dense
 
-    task = case.task(None)
-    task.load_state_dict(init)
-    task.train()
-    tables, dense = split_sparse_dense(task.model)
+    module = case.module(None)
+    module.load_state_dict(init)
+    module.train()
+    tables, dense = split_sparse_dense(module.model)
     adam = torch.optim.Adam(dense, lr=DENSE_LR)
     momentum = [torch.zeros(t.shape[0]) for t in tables]
     losses = []
     for _ in range(EPOCHS):
         for step in range(STEPS_PER_EPOCH):
             micro = train[step * WORLD : (step + 1) * WORLD]
-            loss = torch.stack([task.compute_losses(b, task.model(b))["total"] for b in micro]).mean()
+            loss = torch.stack([module.compute_losses(b, module.model(b))["total"] for b in micro]).mean()
             adam.zero_grad(set_to_none=True)
             for t in tables:
                 t.grad = None
@@ -399,7 +399,7 @@ def reference(case: Case, init: dict[str, torch.Tensor], train: list) -> tuple[l
                     t -= FUSED["lr"] * g / (m.sqrt() + FUSED["eps"]).unsqueeze(1)
             adam.step()
             losses.append(float(loss.detach()))
-    return losses, {k: v.detach().clone() for k, v in task.state_dict().items()}
+    return losses, {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 # ---- tests -----------------------------------------------------------------------------------------
@@ -415,7 +415,7 @@ def _launch_group(group: str, tmp_path_factory) -> tuple:
         torch.manual_seed(0)
         (workdir / name).mkdir()
         torch.save(
-            {k: v.detach().clone() for k, v in CASES[name]().task(None).state_dict().items()},
+            {k: v.detach().clone() for k, v in CASES[name]().module(None).state_dict().items()},
             workdir / name / "init.pt",
         )
     return workdir, launch(GROUPS[group], workdir)
@@ -498,22 +498,22 @@ def test_merge_batches_drops_sampler_repeats():
 def test_item_matrix_by_lookup_equals_the_weight(model):
     """The sharded models' path to the tied output layer (the collection's lookup of ids 0..I) gives the
     unsharded path's losses, gradients and rankings (single process, TED on for MQSA-TED)."""
-    from recsys.tasks.seq_losses import last_position_ranks
+    from recsys.models.sequential import last_position_ranks
 
     case = CASES[f"{model}_tw"]()
     train, val = case.batches()
     torch.manual_seed(0)
-    task = case.task(None)
+    module = case.module(None)
     results = []
     for by_lookup in (False, True):
-        task.model.table_by_lookup = by_lookup
-        task.model.train().zero_grad(set_to_none=True)
-        out = task.model(train[0])
-        assert (out.table is task.model.item_table()) != by_lookup
-        losses = task.compute_losses(train[0], out)
+        module.model.table_by_lookup = by_lookup
+        module.model.train().zero_grad(set_to_none=True)
+        out = module.model(train[0])
+        assert (out.table is module.model.item_table()) != by_lookup
+        losses = module.compute_losses(train[0], out)
         losses["total"].backward()
-        grads = {n: p.grad.clone() for n, p in task.model.named_parameters()}
-        results.append((losses, grads, last_position_ranks(task.model.eval(), val[0])))
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters()}
+        results.append((losses, grads, last_position_ranks(module.model.eval(), val[0])))
     (losses_w, grads_w, ranks_w), (losses_l, grads_l, ranks_l) = results
     assert set(losses_w) == set(losses_l) >= {"rec", "total"}
     for name, value in losses_w.items():
@@ -571,7 +571,7 @@ def test_fused_adam_on_cpu_names_the_option_and_the_choices():
 def test_sharding_keys_match_tables_and_fail_clearly(caplog):
     from recsys.distributed.planner import build_constraints
 
-    model = _dare_task(torch.device("meta"))
+    model = _dare_module(torch.device("meta"))
     got = build_constraints(model, {"item": "row_wise", "category": "table_wise"}, "cpu")
     assert {t: c.sharding_types for t, c in got.items()} == {
         "repr_item": ["row_wise"],

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mtl.single import SingleTower
+from mtl.spec import TaskSpec
 from recsys.bundle import IdMapper
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import Vocab
-from recsys.data.tasks import TaskSpec
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.modules.tokens import TokenEmbedding

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from mtl.single import SingleTower
+from mtl.spec import TaskSpec
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import Vocab
-from recsys.data.tasks import TaskSpec
 from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
-from recsys.tasks.ranking import split_sparse_dense
+from recsys.training.ranking import split_sparse_dense
 from tests.helpers import fit_one_batch, random_samples
 
 VOCAB = Vocab(20, 50, 6)

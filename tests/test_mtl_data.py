@@ -11,16 +11,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from mtl.spec import parse_tasks
 from recsys.data.cache import load_meta
 from recsys.data.census import prepare_census
 from recsys.data.movielens import prepare_ml100k
 from recsys.data.mtl_samples import prepare_ali_ccp, prepare_aliexpress, prepare_byterec
 from recsys.data.schema import DataValidationError, Vocab
 from recsys.data.tabular import TabularDataModule, encode_tabular, write_tabular
-from recsys.data.tasks import parse_tasks
 from recsys.models.fields import FieldsBackbone
 from recsys.models.ranking import build_ranking_model
-from recsys.tasks.ranking import RankingTask
+from recsys.training.ranking import RankingModule
 from tests.conftest import REPO, shared_data
 from tests.helpers import fit_one_batch
 
@@ -97,9 +97,9 @@ def test_fields_model_trains_on_census_batches(census_cache):
     )
     first, last = fit_one_batch(model, dm.tasks, dm.tables["train"].batch(np.arange(2048)), steps=15)
     assert last < 0.7 * first
-    task = RankingTask(model, dm.tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
-    task._collect(dm.tables["val"].batch(np.arange(3000)))
-    metrics = task.evaluation_metrics("val")
+    module = RankingModule(model, dm.tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
+    module._collect(dm.tables["val"].batch(np.arange(3000)))
+    metrics = module.evaluation_metrics("val")
     assert metrics["val/income/auc"] > 0.65 and metrics["val/marital/auc"] > 0.9
     assert "val/income/gauc_user" not in metrics and "val/auc" in metrics
 

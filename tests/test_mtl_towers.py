@@ -6,15 +6,14 @@ import pytest
 import torch
 
 from mtl.esmm import ESMMTower, product_logit
-from mtl.layers import GroupedLinear, GroupedMLP, mix
+from mtl.layers import GroupedLinear, GroupedMLP, mix, normal_init_
 from mtl.mmoe import MixtureOfExperts, MMoETower
 from mtl.ple import PLETower
 from mtl.shared_bottom import SharedBottomTower
 from mtl.single import SingleTower
+from mtl.spec import TaskSpec
 from mtl.switch import SwitchBlock, SwitchTower, js_divergence, match_prior, prior_loss, window_prior
 from mtl.taskexpert import TaskExpertTower
-from recsys.data.tasks import TaskSpec
-from recsys.modules.mlp import normal_init_
 
 IN = 12
 TASKS = [TaskSpec("click"), TaskSpec("like"), TaskSpec("watch", label="watch", loss="regression")]

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from mtl.base import Tower
 from recsys.models.sasrec import SASRec
-from recsys.tasks.sequential import build_sequential_task
+from recsys.training.sequential import build_sequential_module
 from tests.conftest import REPO
 
 
@@ -77,8 +77,8 @@ def check_top_n_scoring(tmp_path, bundle_dir):
 
     from pipelines.score import run as score
     from recsys.bundle import load_bundle
+    from recsys.models.sequential import last_position_scores
     from recsys.scoring.seq_scorer import SeqScorer
-    from recsys.tasks.seq_losses import last_position_scores
 
     logs = tmp_path / "seq_logs"
     logs.mkdir()
@@ -121,8 +121,8 @@ def test_builder_rejects_task_towers():
     class FakeData:
         transition_graph = None
 
-    with pytest.raises(ValueError, match=r"mtl=Tower is not supported with recsys=SASRec"):
-        build_sequential_task(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
+    with pytest.raises(ValueError, match=r"a task tower \(Tower\) is not supported with the sequential model SASRec"):
+        build_sequential_module(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
 
 
 BENCH = """

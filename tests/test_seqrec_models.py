@@ -12,18 +12,17 @@ from hydra.utils import instantiate
 
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.transitions import build_transition_graph
-from recsys.metrics.topk import rank_metrics, target_ranks
-from recsys.models.mqsa_ted import MQSATED
-from recsys.modules.moh import HeadRouter
-from recsys.modules.seq_blocks import Layout, SequenceEncoder
-from recsys.tasks.seq_losses import (
-    last_position_ranks,
-    last_position_scores,
+from recsys.losses.sequential import (
     linear_logsumexp,
     next_item_loss,
     sequential_losses,
     ted_loss,
 )
+from recsys.metrics.topk import rank_metrics, target_ranks
+from recsys.models.mqsa_ted import MQSATED
+from recsys.models.sequential import last_position_ranks, last_position_scores
+from recsys.modules.moh import HeadRouter
+from recsys.modules.seq_blocks import Layout, SequenceEncoder
 from tests.conftest import REPO
 
 VOCAB = SimpleNamespace(num_users=4, num_items=12, num_categories=0)

@@ -10,10 +10,10 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from mtl.spec import TaskSpec, parse_tasks
 from recsys.data.cache import DatasetMeta, load_meta
 from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
 from recsys.data.schema import SPLITS
-from recsys.data.tasks import TaskSpec, parse_tasks
 
 log = logging.getLogger(__name__)
 

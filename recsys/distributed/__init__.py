@@ -8,5 +8,5 @@
 - :mod:`~recsys.distributed.strategy`: ``TorchRecStrategy`` and ``build_trainer`` (``trainer=dmp``).
 
 Import the strategy from its module (``recsys.distributed.strategy``); this package stays light so the
-task and pipeline can use the helpers without pulling in Lightning's strategy machinery.
+LightningModule and pipeline can use the helpers without pulling in Lightning's strategy machinery.
 """

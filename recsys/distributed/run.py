@@ -89,13 +89,13 @@ class RunContext:
             if multi and self.is_zero:
                 dist.barrier()
 
-    def best_weights(self, task: nn.Module, model: nn.Module, best_path: str) -> StateDictView | None:
-        """Collective under DMP: load the best checkpoint folder into the sharded ``task`` in place and
+    def best_weights(self, module: nn.Module, model: nn.Module, best_path: str) -> StateDictView | None:
+        """Collective under DMP: load the best checkpoint folder into the sharded ``module`` in place and
         gather ``model``'s whole tensors on rank 0 (``None`` on other ranks)."""
         from recsys.distributed.checkpoint import gather_full_state_dict, load_sharded
 
         if best_path:
-            load_sharded(best_path, task.state_dict())
+            load_sharded(best_path, module.state_dict())
         full = gather_full_state_dict(model)
         return StateDictView(full) if full is not None else None
 

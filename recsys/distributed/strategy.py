@@ -13,7 +13,7 @@ What differs from :class:`~pytorch_lightning.strategies.DDPStrategy` (../shared/
   miss it, and dense weights then drift apart across ranks without any error.
 * checkpoints are DCP folders (:mod:`recsys.distributed.checkpoint`): each rank writes its shards and
   their fused optimiser state; loading happens after setup, in place.
-* the task asks :meth:`TorchRecStrategy.sharded_optimizers` for ``[fused, dense]`` optimisers.
+* the LightningModule asks :meth:`TorchRecStrategy.sharded_optimizers` for ``[fused, dense]`` optimisers.
 
 Manual optimisation is required: fused optimisers ignore Lightning's closure.
 
@@ -171,7 +171,7 @@ class TorchRecStrategy(DDPStrategy):
             if not any(opt is self._dmp.fused_optimizer for opt in self.optimizers):
                 raise ValueError(
                     f"{type(self.lightning_module).__name__} does not support trainer=dmp: its configure_optimizers "
-                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.tasks.base.SparseDenseTask)"
+                    "must return TorchRecStrategy.sharded_optimizers(...) (see recsys.training.base.SparseDenseModule)"
                 )
         self.setup_precision_plugin()
 

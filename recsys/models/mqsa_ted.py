@@ -5,7 +5,7 @@ Two full encoders read the same inputs ``x``: a short-query branch (query = the 
 SASRec) and a long-query branch whose query at position ``t`` is the causal mean of the last ``window``
 (L) inputs. Scores ``r_t(i) = α ⟨h_t^short, e_i⟩ + (1 - α) ⟨h_t^long, e_i⟩``, computed as one dot product
 with the mixed state. TED (``lambda_kd > 0``) distils the item-transition graph into the item table;
-its loss lives in ``recsys/tasks/seq_losses.py``. ``alpha = 1, lambda_kd = 0`` is exactly SASRec.
+its loss lives in ``recsys/losses/sequential.py``. ``alpha = 1, lambda_kd = 0`` is exactly SASRec.
 """
 
 from __future__ import annotations

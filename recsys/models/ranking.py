@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from mtl.base import Tower
+from mtl.layers import normal_init_
 from recsys.data.batch import CTRBatch
-from recsys.modules.mlp import normal_init_
+from recsys.errors import ConfigError
+from recsys.models.sequential import factory_name
 
 
 @dataclass
@@ -49,7 +51,7 @@ class RankingModel(nn.Module):
 def build_ranking_model(
     datamodule: Any,
     backbone: Callable[..., nn.Module],
-    tower: Callable[..., Tower],
+    tower: Callable[..., Tower] | None,
     init_std: float | None = 0.01,
 ) -> RankingModel:
     """backbone -> tower for a prepared datamodule (or anything with ``backbone_inputs()`` and ``tasks``).
@@ -60,12 +62,16 @@ def build_ranking_model(
     try:
         inspect.signature(backbone).bind(**inputs)
     except TypeError as err:  # e.g. recsys=fields on CTR samples, or a sequence backbone on tabular data
-        name = getattr(getattr(backbone, "func", backbone), "__name__", str(backbone))
-        raise ValueError(
+        name = factory_name(backbone)
+        raise ConfigError(
             f"backbone {name} cannot be built from this dataset's inputs {sorted(inputs)} ({err}): sequence "
             f"backbones (recsys=dare|twin|twin_4e|twin_proj|din) need CTR samples (data=synthetic|ml100k|"
             f"ml100k_mtl|taobao); recsys=fields needs tabular data (data=census|ali_ccp|aliexpress|byterec)"
         ) from err
+    if tower is None:
+        raise ConfigError(
+            f"backbone {factory_name(backbone)} needs a task tower: choose mtl=single|shared_bottom|mmoe|..."
+        )
     net = backbone(**inputs)
     head = tower(in_dim=net.output_dim, tasks=datamodule.tasks)
     return RankingModel(net, head, init_std=init_std)

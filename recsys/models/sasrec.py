@@ -13,7 +13,7 @@ KeyedJaggedTensor as one extra jagged row. One lookup per step keeps TorchRec's 
 row's gradients from input and output are summed before its one optimiser update).
 
 :class:`SASRec` also carries the TED settings (``lambda_kd``, ``tau``, ``kd_span``) so that SASRec + TED is
-a valid model; the task computes the losses (``recsys/tasks/seq_losses.py``).
+a valid model; the task computes the losses (``recsys/losses/sequential.py``).
 """
 
 from __future__ import annotations

@@ -1,24 +1,24 @@
-"""Builder of sequential models (SASRec, MQSA-TED) from the pipeline's factories; no Lightning needed,
-so a model bundle can be rebuilt from its config (``model_builder`` of the task)."""
+"""Sequential models (SASRec, MQSA-TED) as a whole: the builder from the pipeline's factories (no Lightning
+needed, so a model bundle can be rebuilt from its config) and full-ranking inference at the newest position,
+shared by evaluation and batch scoring:
+
+- :func:`last_position_scores`: ``[B, I]`` scores of the newest position with history items masked;
+- :func:`last_position_ranks`: the target's rank among them (batched, one reused buffer).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from mtl.single import SingleTower
-from recsys.models.sasrec import SASRec
+import torch
 
-
-def hydra_choice(group: str, fallback: str) -> str:
-    """The option picked for a config group in the running Hydra job (``fallback`` outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-    except ImportError:  # the GPU benchmark runs without Hydra
-        return fallback
-    if HydraConfig.initialized():
-        return str(HydraConfig.get().runtime.choices.get(group) or fallback)
-    return fallback
+from recsys.data.batch import TARGET_ITEM
+from recsys.data.seq_batch import EXCLUDE_ITEM, SeqBatch
+from recsys.errors import ConfigError
+from recsys.metrics.topk import target_ranks
+from recsys.models.sasrec import SASRec, SeqOutput
+from recsys.ops.workspace import WORKSPACE
 
 
 def factory_name(factory: Any) -> str:
@@ -33,16 +33,54 @@ def build_sequential_model(
     init_std: float | None = 0.01,
 ) -> SASRec:
     """``backbone(**datamodule.backbone_inputs(), init_std=...)``; ``init_std`` sizes the tables' N(0, σ)
-    init (None keeps the backbone's default). Sequential models score the shared item table, so only the
-    default single tower (``mtl=single``, unused) is accepted; another tower raises ``ValueError``.
+    init (None keeps the backbone's default). Sequential models score the shared item table and take no
+    task tower: ``tower`` must be None (the sequential ``recsys`` configs set ``mtl: null``).
     """
-    recsys = hydra_choice("recsys", factory_name(backbone))
-    if tower is not None and getattr(tower, "func", tower) is not SingleTower:
-        raise ValueError(
-            f"mtl={hydra_choice('mtl', factory_name(tower))} is not supported with recsys={recsys}: sequential "
-            f"models score the shared item table and have no task towers; use mtl=single"
+    if tower is not None:
+        raise ConfigError(
+            f"a task tower ({factory_name(tower)}) is not supported with the sequential model "
+            f"{factory_name(backbone)}: sequential models score the shared item table; drop the mtl= override"
         )
     model = backbone(**datamodule.backbone_inputs(), **({} if init_std is None else {"init_std": init_std}))
     if not isinstance(model, SASRec):
-        raise ValueError(f"task=seqrec needs a sequential model (recsys=sasrec|mqsa_ted), got recsys={recsys}")
+        raise ConfigError(
+            f"objective=sequential needs a sequential model (recsys=sasrec|mqsa_ted), got {factory_name(backbone)}"
+        )
     return model
+
+
+def output_table(model: SASRec, out: SeqOutput) -> torch.Tensor:
+    """``[I + 1, d]`` item matrix of the tied output layer: ``out.table``, else the (unsharded) weight."""
+    table = getattr(out, "table", None)
+    return table if table is not None else model.item_table()
+
+
+def masked_scores(
+    hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); the row's
+    ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional ``[B, I]`` buffer."""
+    scores = torch.mm(hidden, table[1:].T, out=out)
+    excluded, lengths = batch.jagged(EXCLUDE_ITEM)
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    scores[rows, excluded - 1] = float("-inf")
+    return scores
+
+
+@torch.no_grad()
+def last_position_scores(model: SASRec, batch: SeqBatch) -> torch.Tensor:
+    """``[B, I]`` scores of items 1..I at each row's newest position, history removed (:func:`masked_scores`)."""
+    out = model(batch, last_only=True)
+    return masked_scores(out.hidden, output_table(model, out), batch)
+
+
+@torch.no_grad()
+def last_position_ranks(model: SASRec, batch: SeqBatch) -> torch.Tensor:
+    """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed)."""
+    out = model(batch, last_only=True)
+    flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, out.hidden)
+    try:
+        scores = masked_scores(out.hidden, output_table(model, out), batch, out=buffer)
+        return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
+    finally:
+        WORKSPACE.give(flat)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mtl.layers import MLP
 from recsys.data.batch import CTRBatch
 from recsys.data.vocab import Vocab
-from recsys.modules.mlp import MLP
 from recsys.modules.tokens import HistoryIds, PartProjection, TokenEmbedding, Tokens
 
 PAD_SCORE = -(2.0**32 - 1)

@@ -18,8 +18,8 @@ from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.seqrec_format import take_segments
+from recsys.models.sequential import last_position_scores
 from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
-from recsys.tasks.seq_losses import last_position_scores
 
 SEQ_SCORING_COLUMNS = ("user", "history")
 

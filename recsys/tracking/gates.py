@@ -1,7 +1,7 @@
 """Gate / expert utilisation per task: mean gate weights over each validation epoch, plotted into MLflow.
 
 Towers put gate weights into ``TowerOutput.extras`` as ``gate/<task>[/<group>] -> [B, n_experts]``
-(group = PLE level, Switch block, TaskExpert layer); the ranking task's ``validation_step`` returns the
+(group = PLE level, Switch block, TaskExpert layer); the ranking LightningModule's ``validation_step`` returns the
 model output, so this callback sees them batch by batch. Per epoch it writes ``plots/gate_usage.png``
 (one heat map per group: tasks × experts, mean weight) and ``gates/gate_usage.json`` (every epoch so far).
 """

@@ -2,7 +2,7 @@
 
 Manual optimisation with a *sparse* optimiser (embedding tables) and a *dense* one (everything else), so
 TorchRec's DistributedModelParallel can replace the sparse one with its fused optimiser; both the
-optimisers and the training step live in :class:`~recsys.tasks.base.SparseDenseTask`.
+optimisers and the training step live in :class:`~recsys.training.base.SparseDenseModule`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl.spec import TaskSpec
 from recsys.data.batch import CTRBatch
-from recsys.data.tasks import TaskSpec
 from recsys.distributed.collectives import gather_batches
 from recsys.metrics.ranking import auc, gauc, logloss, rmse
 from recsys.models.ranking import RankingModel, RankingOutput, build_ranking_model
-from recsys.tasks.base import OptimizerFactory, SparseDenseTask, split_sparse_dense  # noqa: F401 (re-exported)
+from recsys.training.base import OptimizerFactory, SparseDenseModule, split_sparse_dense  # noqa: F401 (re-exported)
 
 # how scoring jobs rebuild the trained nn.Module without Lightning (stored in the model bundle)
 MODEL_BUILDER = "recsys.models.ranking.build_ranking_model"
@@ -35,7 +35,7 @@ def l2_penalty(module: nn.Module) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-class RankingTask(SparseDenseTask):
+class RankingModule(SparseDenseModule):
     """Trains a :class:`RankingModel` on :class:`CTRBatch` es.
 
     Args:
@@ -162,13 +162,13 @@ class RankingTask(SparseDenseTask):
         self._log_evaluation("test")
 
 
-def build_ranking_task(
+def build_ranking_module(
     datamodule: Any,
     backbone: Callable[..., nn.Module],
     tower: Callable[..., nn.Module],
     init_std: float | None = 0.01,
     **task_kwargs: Any,
-) -> RankingTask:
-    """Assemble :func:`build_ranking_model` -> :class:`RankingTask` (the ``task=ctr`` builder)."""
+) -> RankingModule:
+    """Assemble :func:`build_ranking_model` -> :class:`RankingModule` (the ``objective=ranking`` builder)."""
     model = build_ranking_model(datamodule, backbone, tower, init_std)
-    return RankingTask(model, datamodule.tasks, **task_kwargs)
+    return RankingModule(model, datamodule.tasks, **task_kwargs)

@@ -1,10 +1,10 @@
-"""What every training task shares: a *sparse* optimiser (TorchRec embedding tables) and a *dense* one
+"""What every training LightningModule shares: a *sparse* optimiser (TorchRec embedding tables) and a *dense* one
 (everything else) under manual optimisation, so TorchRec's DistributedModelParallel can replace the sparse
 one with its fused optimiser (../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
 
-:class:`SparseDenseTask` owns ``configure_optimizers`` (plain or through
+:class:`SparseDenseModule` owns ``configure_optimizers`` (plain or through
 :meth:`~recsys.distributed.strategy.TorchRecStrategy.sharded_optimizers` under ``trainer=dmp``) and the
-training step; a task supplies :meth:`SparseDenseTask.compute_losses`.
+training step; a task supplies :meth:`SparseDenseModule.compute_losses`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
     return sparse, dense
 
 
-class SparseDenseTask(pl.LightningModule):
+class SparseDenseModule(pl.LightningModule):
     """Base of the training tasks: ``self.model``, two optimisers, one manual training step.
 
     Args:

@@ -1,10 +1,10 @@
 """LightningModule for next-item prediction (SASRec, MQSA-TED): losses, manual optimisation, full ranking.
 
-Same base as :class:`~recsys.tasks.ranking.RankingTask` (:class:`~recsys.tasks.base.SparseDenseTask`):
+Same base as :class:`~recsys.training.ranking.RankingModule` (:class:`~recsys.training.base.SparseDenseModule`):
 manual optimisation with a sparse optimiser (the TorchRec item table) and a dense one (everything else);
 under ``trainer=dmp`` DistributedModelParallel shards the item table and swaps in its fused optimiser
 (the tied output layer then reads the table through the sharded lookup: ``SASRec.embed``). Losses and
-scores come from ``recsys/tasks/seq_losses.py`` (shared with the GPU benchmark's plain loop).
+scores come from ``recsys/losses/sequential.py`` (shared with the GPU benchmark's plain loop).
 
 Evaluation ranks every item at each user's newest position (history items removed), batched:
 ``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names
@@ -31,19 +31,20 @@ from pytorch_lightning.loggers import MLFlowLogger
 from recsys.data.seq_batch import SeqBatch
 from recsys.data.transitions import TransitionGraph
 from recsys.distributed.collectives import gather_batches
+from recsys.errors import ConfigError
+from recsys.losses.sequential import sequential_losses
 from recsys.metrics.topk import DEFAULT_KS, rank_metrics
 from recsys.models.sasrec import SASRec, SeqOutput
-from recsys.models.sequential import build_sequential_model
-from recsys.tasks.base import OptimizerFactory, SparseDenseTask
-from recsys.tasks.seq_losses import last_position_ranks, last_position_scores, sequential_losses
+from recsys.models.sequential import build_sequential_model, last_position_ranks, last_position_scores
 from recsys.tracking.head_plots import plot_head_utilisation
+from recsys.training.base import OptimizerFactory, SparseDenseModule
 
 _GRAPH_PARTS = ("crow", "col", "weight", "counts")
 MODEL_BUILDER = "recsys.models.sequential.build_sequential_model"
 warnings.filterwarnings("ignore", message="MLFlow only allows", category=RuntimeWarning)
 
 
-class SequentialTask(SparseDenseTask):
+class SequentialModule(SparseDenseModule):
     """Trains a sequential model (``SASRec`` or a subclass) on :class:`SeqBatch` es.
 
     Args:
@@ -85,7 +86,7 @@ class SequentialTask(SparseDenseTask):
         """``[B, I]`` scores at the newest position (history items at ``-inf``)."""
         return last_position_scores(self.model, batch)
 
-    # ---- training (the step itself: SparseDenseTask.training_step) --------------------------------
+    # ---- training (the step itself: SparseDenseModule.training_step) --------------------------------
     def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> dict[str, torch.Tensor]:
         """``rec`` (+ ``kd``) (+ MoH balance) and their ``total`` (:func:`sequential_losses`)."""
         return sequential_losses(self.model, batch, self.graph, self.pad_class, out=out)
@@ -148,19 +149,20 @@ class SequentialTask(SparseDenseTask):
         self._publish("test")
 
 
-def build_sequential_task(
+def build_sequential_module(
     datamodule: Any,
     backbone: Callable[..., SASRec],
     tower: Callable[..., Any] | None = None,
     init_std: float | None = 0.01,
     **task_kwargs: Any,
-) -> SequentialTask:
-    """:func:`~recsys.models.sequential.build_sequential_model` (``mtl=single`` only) wrapped in
-    :class:`SequentialTask`; TED's transition graph comes from the datamodule's training split."""
+) -> SequentialModule:
+    """:func:`~recsys.models.sequential.build_sequential_model` (no task tower) wrapped in
+    :class:`SequentialModule`; TED's transition graph comes from the datamodule's training split."""
     if not hasattr(datamodule, "transition_graph"):
-        raise ValueError(
-            f"task=seqrec needs sequence data (data=beauty|sports|yelp|seqrec), got {type(datamodule).__name__}"
+        raise ConfigError(
+            "objective=sequential needs sequence data (data=beauty|sports|yelp|seqrec), "
+            f"got {type(datamodule).__name__}"
         )
     model = build_sequential_model(datamodule, backbone, tower, init_std)
     graph = datamodule.transition_graph(model.kd_span) if model.lambda_kd > 0 else None
-    return SequentialTask(model, graph, **task_kwargs)
+    return SequentialModule(model, graph, **task_kwargs)

@@ -1,13 +1,10 @@
-"""Losses and evaluation scores of sequential models (torch only: the Lightning task and the GPU
-benchmark's plain loop both call these, so both train and score identically).
+"""Losses of sequential models (plain torch; the LightningModule calls them).
 
 - :func:`next_item_loss`: full-softmax cross-entropy over all items at every position that has a target
   (never on padding), the padding id kept as an extra class with logit 0 as in the official code.
 - :func:`ted_loss`: TED's distillation (../shared/specs/mqsa_ted.md §1.5), computed from the sparse graph
   rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
 - :func:`sequential_losses`: both plus the model's auxiliary losses, for one training batch.
-- :func:`last_position_scores`: ``[B, I]`` scores of the newest position with history items masked;
-  :func:`last_position_ranks`: the target's rank among them (batched, one reused buffer).
 
 All of them score against the item matrix the model returns (``SeqOutput.table``): the table's weight
 when unsharded, the sharded collection's lookup of every item under DistributedModelParallel.
@@ -21,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from recsys.data.batch import TARGET_ITEM
-from recsys.data.seq_batch import EXCLUDE_ITEM, SEQ_ITEM, SeqBatch
+from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.data.transitions import TransitionGraph
-from recsys.metrics.topk import target_ranks
 from recsys.models.sasrec import SASRec, SeqOutput
+from recsys.models.sequential import output_table
 from recsys.ops.workspace import WORKSPACE
 
 
@@ -127,12 +124,6 @@ def ted_loss(
     return (lse - expected / z).mean()
 
 
-def output_table(model: SASRec, out: SeqOutput) -> torch.Tensor:
-    """``[I + 1, d]`` item matrix of the tied output layer: ``out.table``, else the (unsharded) weight."""
-    table = getattr(out, "table", None)
-    return table if table is not None else model.item_table()
-
-
 def sequential_losses(
     model: SASRec,
     batch: SeqBatch,
@@ -157,34 +148,3 @@ def sequential_losses(
         total = total + value
     losses["total"] = total
     return losses
-
-
-def masked_scores(
-    hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); the row's
-    ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional ``[B, I]`` buffer."""
-    scores = torch.mm(hidden, table[1:].T, out=out)
-    excluded, lengths = batch.jagged(EXCLUDE_ITEM)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    scores[rows, excluded - 1] = float("-inf")
-    return scores
-
-
-@torch.no_grad()
-def last_position_scores(model: SASRec, batch: SeqBatch) -> torch.Tensor:
-    """``[B, I]`` scores of items 1..I at each row's newest position, history removed (:func:`masked_scores`)."""
-    out = model(batch, last_only=True)
-    return masked_scores(out.hidden, output_table(model, out), batch)
-
-
-@torch.no_grad()
-def last_position_ranks(model: SASRec, batch: SeqBatch) -> torch.Tensor:
-    """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed)."""
-    out = model(batch, last_only=True)
-    flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, out.hidden)
-    try:
-        scores = masked_scores(out.hidden, output_table(model, out), batch, out=buffer)
-        return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
-    finally:
-        WORKSPACE.give(flat)
