@@ -66,5 +66,5 @@ def test_fields_mmoe_census_logs_a_multitask_run(tmp_path):
 def test_sequence_backbone_on_tabular_data_fails_in_one_line(tmp_path):
     proc = run_train(tmp_path, "recsys=dare", "data=census", *TINY)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "error: ValueError: backbone TargetAttentionBackbone cannot be built" in proc.stderr
+    assert "error: ConfigError: backbone TargetAttentionBackbone cannot be built" in proc.stderr
     assert "Traceback" not in proc.stderr
