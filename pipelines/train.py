@@ -162,7 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")
     epochs = timer.epoch_seconds
     metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
+    metrics["time/train_samples_per_s"] = sum(timer.epoch_samples) / sum(epochs) if epochs else float("nan")
     metrics["system/peak_rss_mb"] = peak_rss_mb()
+    if torch.cuda.is_available() and device == "cuda":
+        metrics["system/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if run.is_zero:
         write_json_atomic(
             output_dir / "metrics.json",
