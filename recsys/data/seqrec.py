@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from torch.utils.data import DataLoader
 import pyarrow as pa
 import torch
 
@@ -107,6 +108,8 @@ class SeqDataModule(CachedDataModule):
         name: dataset name (MLflow experiment). source: ``source(cache_root=...) -> Path`` (a ``_partial_``
         of :func:`prepare_seqrec`). cache_dir: parquet cache root. path: the raw file (informational).
         batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
+        test_each_epoch: also rank the test split after every training epoch (a second validation loader),
+            so a benchmark can read when test NDCG crossed a level; model selection still reads validation only.
     """
 
     def __init__(
@@ -120,8 +123,15 @@ class SeqDataModule(CachedDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        test_each_epoch: bool = False,
     ) -> None:
         super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
+        self.test_each_epoch = test_each_epoch
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split; with ``test_each_epoch`` also the test split (dataloader index 1)."""
+        val = super().val_dataloader()
+        return [val, self.test_dataloader()] if self.test_each_epoch else val
 
     def backbone_inputs(self) -> dict[str, Any]:
         """``vocab`` (``num_items`` sizes the item table) and ``max_len``."""

@@ -73,6 +73,7 @@ class SequentialModule(SparseDenseModule):
         for part in _GRAPH_PARTS:
             self.register_buffer(f"graph_{part}", getattr(graph, part) if graph is not None else None, persistent=False)
         self._eval: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._epoch_test: dict[str, list[np.ndarray]] = defaultdict(list)  # test split ranked after each epoch
         self._util: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.util_history: list[dict[str, list[float]]] = []
 
@@ -113,29 +114,34 @@ class SequentialModule(SparseDenseModule):
                     logger.experiment.log_artifact(logger.run_id, str(plot), "plots")
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def _rank(self, batch: SeqBatch) -> None:
-        self._eval["rank"].append(last_position_ranks(self.model, batch).cpu().numpy())
+    def _rank(self, batch: SeqBatch, into: dict[str, list[np.ndarray]] | None = None) -> None:
+        into = self._eval if into is None else into
+        into["rank"].append(last_position_ranks(self.model, batch).cpu().numpy())
         if batch.user is not None:  # identifies a batch the distributed sampler repeated
-            self._eval["user"].append(batch.user.cpu().numpy())
+            into["user"].append(batch.user.cpu().numpy())
 
-    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
-        self._rank(batch)
+    def validation_step(self, batch: SeqBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._rank(batch)
+        else:  # the datamodule's test_each_epoch loader: ranked apart, published as epoch_test/*
+            self._rank(batch, self._epoch_test)
 
     def test_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._rank(batch)
 
-    def evaluation_metrics(self, prefix: str) -> dict[str, float]:
+    def evaluation_metrics(self, prefix: str, ranked: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
         """HR/NDCG over everything ranked since the last call (then cleared); with several ranks, over all
         ranks' rows (batches the sampler repeated are dropped), so every rank computes the same values."""
-        identity = ["user"] if "user" in self._eval else ["rank"]
-        cols = gather_batches(dict(self._eval), identity)
-        self._eval.clear()
+        ranked = self._eval if ranked is None else ranked
+        identity = ["user"] if "user" in ranked else ["rank"]
+        cols = gather_batches(dict(ranked), identity)
+        ranked.clear()
         if not cols.get("rank"):
             return {}
         return rank_metrics(torch.from_numpy(np.concatenate(cols["rank"])), self.ks, prefix=f"{prefix}/")
 
-    def _publish(self, prefix: str) -> None:
-        metrics = self.evaluation_metrics(prefix)
+    def _publish(self, prefix: str, ranked: dict[str, list[np.ndarray]] | None = None) -> None:
+        metrics = self.evaluation_metrics(prefix, ranked)
         if not metrics or self.trainer.sanity_checking:
             return
         headline = f"{prefix}/ndcg@{max(self.ks)}"
@@ -144,6 +150,8 @@ class SequentialModule(SparseDenseModule):
 
     def on_validation_epoch_end(self) -> None:
         self._publish("val")
+        if self._epoch_test:
+            self._publish("epoch_test", self._epoch_test)
 
     def on_test_epoch_end(self) -> None:
         self._publish("test")
