@@ -33,6 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.common import RESULTS, markdown_table, read_jsonl, run_entry, write_text_atomic
+
 # test metric read from metrics.json, in order of preference
 TEST_METRICS = ("test/auc", "test/ndcg@10", "test/click/auc", "test/mean_auc")
 
@@ -86,13 +88,10 @@ def _trainer(ctx: Context) -> list[str]:
     return ["trainer=gpu"] if ctx.device == "cuda" else ["trainer=default", "trainer.accelerator=cpu"]
 
 
-def execute(argv: list[str], cwd: Path | None = None, timeout: float = 1800) -> tuple[int, float, str]:
-    """Run ``python -m <argv>``; returns (exit code, seconds, last 2000 characters of stderr)."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    return proc.returncode, time.perf_counter() - start, proc.stderr[-2000:]
+def execute(argv: list[str]) -> tuple[int, float, str]:
+    """Run ``python -m <argv>`` (:func:`benchmarks.common.run_entry`); returns (exit code, seconds, stderr tail)."""
+    run = run_entry(argv[0], argv[1:])
+    return run.returncode, run.seconds, run.stderr_tail
 
 
 def train_result(run_dir: Path) -> dict:
@@ -276,15 +275,81 @@ def record(case: Case, ctx: Context, stack: dict[str, str]) -> dict:
     }
 
 
+RECIPE = """## Recipe (how these lines were made)
+
+On a machine with no CUDA FBGEMM wheel (docs/gpu.md): the missing packages travel as wheels (polars + runtime,
+hydra-core, omegaconf, antlr4-python3-runtime 4.9.3, mlflow-skinny and what its sqlite store needs, torchrec 1.6.1,
+fbgemm-gpu-cpu 1.6.0, tensordict, pyvers), are installed with `pip install --no-index --no-deps --target`, and the
+package runs from the checkout on `PYTHONPATH`. Then:
+
+    python -m benchmarks.gpu_pipeline --data-root <folder with ml-100k/ and seqrec/Beauty.txt> --out <file>
+"""
+
+
+def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> None:
+    """The table of ``lines`` (latest line per case), the side-by-side table and the recipe."""
+    latest = {line["case"]: line for line in lines}
+    cols = ["case", "entry", "model", "dataset", "device", "status", "seconds", "samples/s or rows/s", "s/epoch"]
+    cols += ["test metric", "peak GPU MB", "torch / torchrec / fbgemm"]
+
+    def num(value, digits=1):
+        return "–" if value is None else f"{value:,.{digits}f}"
+
+    body = [
+        [
+            case,
+            line["entry"],
+            line["model"],
+            line["dataset"],
+            line["device"],
+            line["status"],
+            num(line.get("seconds")),
+            num(line.get("samples_per_s") or line.get("rows_per_s"), 0),
+            num(line.get("sec_per_epoch"), 2),
+            f"{line['test_metric']} {line['test_value']:.4f}"
+            if line.get("test_value") is not None
+            else line.get("summary", "–"),
+            num(line.get("peak_gpu_mb"), 0),
+            f"{line['torch']} / {line['torchrec']} / {line['fbgemm']}",
+        ]
+        for case, line in latest.items()
+    ]
+    side = [
+        [r["path"], r["model"], r["dataset"], r["batch_size"], r["epochs"], f"{r['sec_per_epoch']:.2f}",
+         f"{r['test_metric']} {r['test_value']:.4f}", r["commit"]]
+        for r in side_by_side
+    ]  # fmt: skip
+    text = (
+        "# The real entry points on one GPU (`python -m benchmarks.gpu_pipeline`)\n\n"
+        "One line per command, run one after another on an NVIDIA H200 (nothing else running on it); "
+        "`seconds` = wall time of the whole command (start-up, data preparation, training, test, bundle export); "
+        "`samples/s` = training samples per second of epoch wall time (validation included).\n\n"
+        + markdown_table(cols, body)
+        + "\n## pipelines.train against the deleted plain-loop harnesses (same GPU, same data)\n\n"
+        "The plain loops (`benchmarks/ctr_plain.py`, the old `benchmarks/seqrec.py`) re-assembled model, losses and "
+        "metrics outside Lightning, Hydra and MLflow; they were measured side by side with the real command in one "
+        "device session before being deleted (`gpu_side_by_side.jsonl`).\n\n"
+        + markdown_table(["path", "model", "dataset", "batch", "epochs", "s/epoch", "test", "commit"], side)
+        + "\n"
+        + RECIPE
+    )
+    write_text_atomic(path, text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--data-root", type=Path, required=True, help="folder with ml-100k/ and seqrec/Beauty.txt")
+    parser.add_argument("--data-root", type=Path, default=Path("."), help="folder with ml-100k/ and seqrec/Beauty.txt")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu_pipeline"), help="run folders go here")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every training command")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the markdown table of --out, run nothing")
     args = parser.parse_args(argv)
+    if args.table_only:
+        side = read_jsonl(RESULTS / "gpu_side_by_side.jsonl")
+        write_markdown(read_jsonl(args.out), side, args.out.with_suffix(".md"))
+        return
     ctx = Context(args.data_root.resolve(), args.work.resolve(), args.device, args.extra)
     ctx.work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RECSYS_ROOT", str(ctx.work))  # logs/, .cache/ and the MLflow store of every run
