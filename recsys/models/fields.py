@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
-from recsys.data.tabular import TabularBatch
+from recsys.data.batch import TabularBatch
 from recsys.errors import ConfigError
 from recsys.models.target_attention import BackboneOutput
 
