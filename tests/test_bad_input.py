@@ -192,6 +192,8 @@ def test_unwritable_tracking_store(tmp_path):
         ("mtl=mmoe data=beauty recsys=sasrec", "a task tower (MMoETower) is not supported with the sequential model"),
     ],
 )
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_bad_config_on_the_command_line(override, message, tmp_path):
     sequences = tmp_path / "tiny.txt"
     sequences.write_text(

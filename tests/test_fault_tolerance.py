@@ -46,6 +46,8 @@ def _run(root: Path, *extra):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "k"
     _run(first)
@@ -79,11 +81,14 @@ def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     assert runs[0].data.metrics["test/auc"] == pytest.approx(a["test/auc"], abs=1e-6)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_resume_auto_without_an_unfinished_run_starts_fresh(tmp_path):
     _run(tmp_path, "resume=auto", "trainer.max_epochs=1")
     assert "test/auc" in _metrics(tmp_path)
 
 
+@pytest.mark.e2e
 def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         _cmd(tmp_path, f"resume={tmp_path}/nope.ckpt"),
@@ -96,6 +101,7 @@ def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     """The project's periodic ``last.ckpt`` (PeriodicCheckpoint -> trainer.save_checkpoint, the unsharded path):
     a disk-full error half-way through a write leaves the previous checkpoint readable and unchanged."""

@@ -45,6 +45,8 @@ def tiny_sequences(path, users=60, items=40, seed=0):
     return path
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     proc = run_train(
@@ -135,6 +137,8 @@ print(json.dumps(rows))
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
