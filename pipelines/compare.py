@@ -10,13 +10,13 @@ bars) and ``..._curves.png`` (``curve_metric`` against epoch, one line per run).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 import polars as pl
 from omegaconf import DictConfig
 
+from pipelines._cli import entry_point
+from recsys.errors import ConfigError
 from recsys.io import atomic_write_bytes
 from recsys.tracking.figures import pyplot, save_figure
 
@@ -29,7 +29,7 @@ def load_runs(tracking_uri: str, experiment: str, metric: str) -> pl.DataFrame:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"experiment={experiment!r} not found in {tracking_uri}; experiments: {names}")
+        raise ConfigError(f"experiment={experiment!r} not found in {tracking_uri}; experiments: {names}")
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=10_000):
         if metric not in run.data.metrics or run.data.tags.get("sweep_parent") == "true":
@@ -46,7 +46,7 @@ def load_runs(tracking_uri: str, experiment: str, metric: str) -> pl.DataFrame:
             }
         )
     if not rows:
-        raise ValueError(f"no run in experiment {experiment!r} has the metric {metric!r}")
+        raise ConfigError(f"no run in experiment {experiment!r} has the metric {metric!r}")
     return pl.DataFrame(rows).sort(["model", "seed", "run_name"])
 
 
@@ -129,14 +129,10 @@ def compare(tracking_uri: str, experiment: str, metric: str, curve_metric: str, 
     return files
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="compare")
+@entry_point("compare")
 def main(cfg: DictConfig) -> None:
-    try:
-        files = compare(cfg.tracking_uri, cfg.experiment, cfg.metric, cfg.curve_metric, Path(cfg.out))
-        print("wrote " + ", ".join(str(p) for p in files.values()))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    files = compare(cfg.tracking_uri, cfg.experiment, cfg.metric, cfg.curve_metric, Path(cfg.out))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
 if __name__ == "__main__":

@@ -18,17 +18,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import glob
 import logging
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipelines._cli import entry_point
 from recsys.bundle import load_bundle, resolve_bundle
-from recsys.data.schema import DataValidationError
+from recsys.errors import InputNotFound
 from recsys.io import write_json_atomic
 from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
 from recsys.scoring.reader import count_rows, iter_batches, log_schema, run_ahead
@@ -49,7 +48,7 @@ def input_files(spec: str) -> list[Path]:
     else:
         files = sorted(Path(p) for p in glob.glob(spec, recursive=True))
     if not files:
-        raise FileNotFoundError(f"input={spec}: no parquet files found")
+        raise InputNotFound(f"input={spec}: no parquet files found")
     return files
 
 
@@ -164,13 +163,9 @@ def run(cfg: DictConfig) -> ScoreStats:
     return stats
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="score")
+@entry_point("score")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (DataValidationError, FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

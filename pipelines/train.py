@@ -10,21 +10,18 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from pipelines._cli import entry_point
 from recsys.bundle import export_bundle
-from recsys.data.schema import DataValidationError
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
@@ -37,8 +34,6 @@ from recsys.tracking.sweep import PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
 register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
-
-USER_ERRORS = (DataValidationError, FileNotFoundError, PermissionError, ValueError)
 
 
 def choices(cfg: DictConfig) -> dict[str, str]:
@@ -175,23 +170,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@entry_point("train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, USER_ERRORS):
-            _fail(cause)
-        raise
-    except USER_ERRORS as err:
-        _fail(err)
-
-
-def _fail(err: BaseException) -> None:
-    """Bad input or config: one clear line on stderr and exit code 2, not a traceback."""
-    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-    sys.exit(2)
+    train(cfg)
 
 
 if __name__ == "__main__":

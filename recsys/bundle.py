@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from mtl.spec import TaskSpec, parse_tasks
 from recsys.data.cache import DatasetMeta, load_meta
-from recsys.data.schema import DataValidationError
+from recsys.errors import BundleError
 from recsys.io import atomic_write_bytes, write_json_atomic
 
 ID_COLUMNS = ("user", "item", "category")
@@ -130,7 +130,7 @@ def resolve_bundle(model: str, download_dir: Path) -> Path:
     if (path / "model" / "bundle.json").exists():
         path = path / "model"
     if not (path / "bundle.json").exists():
-        raise FileNotFoundError(
+        raise BundleError(
             f"{model}: not a model bundle (no bundle.json); pass a training run folder, "
             f"its model/ folder, or runs:/<mlflow run id>"
         )
@@ -166,7 +166,7 @@ def load_bundle(path: Path) -> LoadedBundle:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise DataValidationError(f"{path}/weights.pt does not match the model in its config.yaml: {err}") from err
+        raise BundleError(f"{path}/weights.pt does not match the model in its config.yaml: {err}") from err
     model.eval()
     vocab = meta.vocab()
     mappers = {}

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import pipelines._cli  # noqa: F401  (registers ${recsys_cwd:}, which configs/paths/default.yaml uses)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

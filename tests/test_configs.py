@@ -57,6 +57,7 @@ def test_unknown_group_option_is_rejected():
         _compose(["recsys=transformer"])
 
 
+@pytest.mark.e2e
 def test_cli_unknown_recsys_name_gives_clear_message(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.train", "recsys=nope", f"paths.root_dir={tmp_path}"],

@@ -46,6 +46,8 @@ def _run(root: Path, *extra):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     first, second, killed = tmp_path / "a", tmp_path / "b", tmp_path / "k"
     _run(first)
@@ -79,11 +81,14 @@ def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     assert runs[0].data.metrics["test/auc"] == pytest.approx(a["test/auc"], abs=1e-6)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_resume_auto_without_an_unfinished_run_starts_fresh(tmp_path):
     _run(tmp_path, "resume=auto", "trainer.max_epochs=1")
     assert "test/auc" in _metrics(tmp_path)
 
 
+@pytest.mark.e2e
 def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
     proc = subprocess.run(
         _cmd(tmp_path, f"resume={tmp_path}/nope.ckpt"),
@@ -96,22 +101,49 @@ def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "no such checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    """Lightning's checkpoint writes (what trainer.save_checkpoint uses unsharded) go through a temporary
-    file: a disk-full error half-way leaves the previous checkpoint readable and unchanged."""
+    """The project's periodic ``last.ckpt`` (PeriodicCheckpoint -> trainer.save_checkpoint, the unsharded path):
+    a disk-full error half-way through a write leaves the previous checkpoint readable and unchanged."""
+    import pytorch_lightning as pl
     from fsspec.implementations.local import LocalFileOpener
-    from lightning_fabric.utilities.cloud_io import _atomic_save
 
-    path = tmp_path / "last.ckpt"
-    _atomic_save({"step": 1, "w": torch.ones(1000)}, path)
+    from recsys.tracking.resume import PeriodicCheckpoint
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    periodic = PeriodicCheckpoint(str(tmp_path), every_n_steps=1)
+    trainer = pl.Trainer(
+        max_steps=2,
+        callbacks=[periodic],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer.fit(Tiny(), data)
+    path = Path(periodic.path)
     before = path.read_bytes()
+    assert torch.load(path, weights_only=True)["global_step"] == 2
 
     def full_disk(self, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(LocalFileOpener, "write", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        _atomic_save({"step": 2, "w": torch.zeros(1000)}, path)
+        periodic.on_train_batch_end(trainer, trainer.lightning_module, None, None, 0)
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert torch.load(path, weights_only=True)["step"] == 1
+    assert torch.load(path, weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt") == ["last.ckpt"]

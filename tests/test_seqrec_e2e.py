@@ -44,6 +44,8 @@ def tiny_sequences(path, users=60, items=40, seed=0):
     return path
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     proc = run_train(
@@ -129,6 +131,8 @@ def test_builder_rejects_task_towers():
         build_sequential_module(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_benchmark_goes_through_pipelines_train_and_reads_per_epoch_history(tmp_path):
     """benchmarks.seqrec runs the real command; per-epoch val/test NDCG and epoch times come from MLflow."""
     from benchmarks import seqrec

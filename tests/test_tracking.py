@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO
 from tests.test_train_e2e import TINY, TINY_SYNTHETIC
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def _train(tmp_path, env_uri, *args):
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONUNBUFFERED": "1"}

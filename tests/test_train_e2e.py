@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY_SYNTHETIC = [
     "data.source.generator.num_users=48",
@@ -73,5 +76,5 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
 def test_bad_data_path_gives_one_clear_line(tmp_path):
     proc = run_train(tmp_path, "data=ml100k", f"data.path={tmp_path}/nowhere", check=False)
     assert proc.returncode == 2
-    assert "error: FileNotFoundError" in proc.stderr and "nowhere" in proc.stderr
+    assert "error: InputNotFound" in proc.stderr and "nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -34,6 +34,7 @@ from recsys.data.datamodule import CachedDataModule
 from recsys.data.schema import DataValidationError, Vocab
 from recsys.data.seqrec_format import Jagged, SeqTable, leave_one_out, read_sequences
 from recsys.data.transitions import TransitionGraph, build_transition_graph, transition_pairs
+from recsys.errors import InputNotFound
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,14 @@ def frame_to_table(frame: pl.DataFrame, source: str) -> SeqTable:
 def prepare_seqrec(path: str | Path | None, cache_root: str | Path, name: str = "seqrec", max_len: int = 50) -> Path:
     """Read -> leave-one-out -> cache ``<cache_root>/<name>-<fingerprint>/``; returns the folder.
 
-    Raises FileNotFoundError (missing file) or DataValidationError (bad lines, empty or too short
+    Raises InputNotFound (missing file) or DataValidationError (bad lines, empty or too short
     sequences), naming the file.
     """
     if path is None:
-        raise FileNotFoundError("data.path is not set; give data.path=<file with 'user item item ...' lines>")
+        raise InputNotFound("data.path is not set; give data.path=<file with 'user item item ...' lines>")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; set data.path=<file with one 'user item item ...' line per user>.")
+        raise InputNotFound(f"{path}: not found; set data.path=<file with one 'user item item ...' line per user>.")
     params = {"format": "s3rec-lines", "split": "leave-one-out", "max_len": max_len}
     fp = fingerprint(name, params, [path])
     hit = cached_dataset(Path(cache_root), name, fp)
@@ -140,7 +141,7 @@ class SeqDataModule(CachedDataModule):
 
     def read_split(self, file: Path, meta: DatasetMeta) -> SeqTable:
         if not file.exists():
-            raise FileNotFoundError(f"{file}: no such parquet file")
+            raise InputNotFound(f"{file}: no such parquet file")
         return frame_to_table(pl.read_parquet(file), str(file))
 
     def transition_graph(self, span: int = 1) -> TransitionGraph:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
-from recsys.errors import DataValidationError
+from recsys.errors import ConfigError, DataValidationError, InputNotFound
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -99,7 +99,7 @@ class Sequences:
 def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
     """Line numbers (1-based) and whitespace tokens of every non-blank line."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{path}: not found; set data.path=<a sequence file with one 'user_id item_id item_id ...' line per user>."
         )
     try:
@@ -182,7 +182,7 @@ class SeqTable:
 def leave_one_out(seqs: Sequences, max_len: int = 50) -> dict[str, SeqTable]:
     """Train / val / test tables of ``seqs`` (the table in the module docstring)."""
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
     start, n = seqs.offsets[:-1], seqs.lengths
     train_len = n - 2
     s_len = np.minimum(train_len, max_len)

@@ -16,6 +16,7 @@ import polars as pl
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.protocol import CTRProtocol, build_ctr_samples, filter_behaviors, remap_ids
 from recsys.data.schema import LOG_SCHEMA, DataValidationError
+from recsys.errors import InputNotFound
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,10 @@ _RAW_COLUMNS = ("user", "item", "category", "behavior", "timestamp")
 
 
 def _require_file(path: Path) -> Path:
-    """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
+    """Return ``path`` if it is a file, else raise InputNotFound naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>.")
+        raise InputNotFound(f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>.")
     return path
 
 
@@ -50,7 +51,7 @@ def read_taobao_log(path: str | Path, time_window: tuple[int, int] | None = TAOB
     """Read the raw Taobao CSV into ``LOG_SCHEMA`` (raw ids, file order kept).
 
     ``time_window=None`` keeps every row; the default drops the few rows outside the official window.
-    Raises FileNotFoundError (missing file) or DataValidationError (malformed rows), naming the file.
+    Raises InputNotFound (missing file) or DataValidationError (malformed rows), naming the file.
     """
     try:
         return scan_taobao_log(Path(path), time_window).collect()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recsys.errors import ConfigError
 from recsys.ops.jagged import fbgemm_supports
 
 
@@ -25,7 +26,7 @@ def transition_pairs(
     Vectorised over rows and positions; the only loop is over ``d``. Returns two ``[P]`` int64 tensors.
     """
     if span < 1:
-        raise ValueError(f"span must be >= 1, got {span}")
+        raise ConfigError(f"span must be >= 1, got {span}")
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(history.numel(), device=history.device) - starts[rows]

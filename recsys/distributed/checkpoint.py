@@ -34,6 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from recsys.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 # TorchRec's sharded state is ShardedTensor, which torch marks as deprecated on every DCP call
 warnings.filterwarnings("ignore", message=".*deprecating ShardedTensor.*", category=FutureWarning)
@@ -109,7 +111,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     if (old / TRAINER_STATE).exists():
         log.warning("checkpoint %s is missing; using %s (a save was interrupted)", path, old)
         return old
-    raise FileNotFoundError(f"{path}: not a sharded checkpoint folder (no {TRAINER_STATE})")
+    raise CheckpointError(f"{path}: not a sharded checkpoint folder (no {TRAINER_STATE})")
 
 
 def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
@@ -149,18 +151,18 @@ def load_sharded(
     folder = resolve_checkpoint_dir(path)
     rest = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     if rest.pop("format", None) != FORMAT:
-        raise ValueError(f"{folder}: unknown checkpoint format (expected {FORMAT})")
+        raise CheckpointError(f"{folder}: unknown checkpoint format (expected {FORMAT})")
     template: dict[str, Any] = {"state_dict": split_tensors(model_state)[0]}
     if optimizer_states is not None:
         saved = len(rest.get("optimizer_states", []))
         if saved != len(optimizer_states):
-            raise ValueError(f"{folder}: holds {saved} optimiser states, the run has {len(optimizer_states)}")
+            raise CheckpointError(f"{folder}: holds {saved} optimiser states, the run has {len(optimizer_states)}")
         states = {str(i): s for i, s in enumerate(optimizer_states)}
         template["optimizer_states"] = split_tensors(states)[0]
     try:
         dcp.load(template, checkpoint_id=str(folder))
     except (Exception, CheckpointException) as err:  # missing keys, other shapes, unreadable shard files
-        raise ValueError(
+        raise CheckpointError(
             f"{folder}: cannot load this sharded checkpoint into the model ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r})"
         ) from err

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from recsys.data.batch import TARGET_ITEM
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.data.transitions import TransitionGraph
+from recsys.errors import ConfigError
 from recsys.models.sasrec import SASRec, SeqOutput
 from recsys.models.sequential import output_table
 from recsys.ops.workspace import WORKSPACE
@@ -139,7 +140,7 @@ def sequential_losses(
     total = losses["rec"]
     if model.lambda_kd > 0:
         if graph is None:
-            raise ValueError("lambda_kd > 0 needs the transition graph (TED); none was given")
+            raise ConfigError("lambda_kd > 0 needs the transition graph (TED); none was given")
         heads, _ = batch.jagged(SEQ_ITEM)
         losses["kd"] = ted_loss(heads, table, graph, model.tau, model.dropout, model.training)
         total = total + model.lambda_kd * losses["kd"]

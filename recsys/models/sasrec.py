@@ -30,6 +30,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
+from recsys.errors import ConfigError
 from recsys.modules.seq_blocks import Layout, SequenceEncoder
 
 if TYPE_CHECKING:  # schema.py imports polars, which the GPU benchmark does not have
@@ -98,7 +99,7 @@ class SASRec(nn.Module):
     ) -> None:
         super().__init__()
         if tau <= 0 or lambda_kd < 0:
-            raise ValueError(f"need tau > 0 and lambda_kd >= 0, got tau={tau}, lambda_kd={lambda_kd}")
+            raise ConfigError(f"need tau > 0 and lambda_kd >= 0, got tau={tau}, lambda_kd={lambda_kd}")
         self.num_items, self.max_len, self.dim, self.dropout = vocab.num_items, max_len, dim, dropout
         self.output_dim = dim
         self.lambda_kd, self.tau, self.kd_span = lambda_kd, tau, kd_span

@@ -25,6 +25,7 @@ from torch import nn
 from mtl.layers import MLP
 from recsys.data.batch import CTRBatch
 from recsys.data.vocab import Vocab
+from recsys.errors import ConfigError
 from recsys.modules.tokens import HistoryIds, PartProjection, TokenEmbedding, Tokens
 
 PAD_SCORE = -(2.0**32 - 1)
@@ -120,11 +121,11 @@ class TargetAttentionBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if attention_dim is not None and not decoupled and attention_dim != embedding_dim:
-            raise ValueError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
+            raise ConfigError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
         if scorer not in ("dot", "din"):
-            raise ValueError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
+            raise ConfigError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
         att_dim = attention_dim or embedding_dim
         pos = use_position
 

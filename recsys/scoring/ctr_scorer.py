@@ -13,6 +13,7 @@ import torch
 from recsys.bundle import LoadedBundle
 from recsys.data.batch import CTRBatch, ctr_kjt_from_values
 from recsys.data.ctr_table import list_column_arrays
+from recsys.errors import ConfigError
 from recsys.scoring.reader import SCORING_COLUMNS
 
 POLICIES = ("map", "reject")
@@ -72,7 +73,7 @@ class CTRScorer:
         self, bundle: LoadedBundle, unseen: str = "map", keep_columns: Sequence[str] = ("user", "item", "timestamp")
     ) -> None:
         if unseen not in POLICIES:
-            raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
+            raise ConfigError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.bundle, self.unseen, self.keep_columns = bundle, unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
         self.tasks = bundle.tasks

@@ -18,6 +18,7 @@ from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.seqrec_format import take_segments
+from recsys.errors import ConfigError
 from recsys.models.sequential import last_position_scores
 from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
 
@@ -42,10 +43,10 @@ class SeqScorer:
         self, bundle: LoadedBundle, top_n: int = 10, unseen: str = "map", keep_columns: Sequence[str] = ("user",)
     ) -> None:
         if unseen not in POLICIES:
-            raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
+            raise ConfigError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.num_items = int(bundle.model.num_items)
         if not 1 <= top_n <= self.num_items:
-            raise ValueError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
+            raise ConfigError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
         self.bundle, self.top_n, self.unseen, self.keep_columns = bundle, int(top_n), unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
         mapper = bundle.mappers["item"]

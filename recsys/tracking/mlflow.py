@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import MLFlowLogger
 
+from recsys.errors import ConfigError
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists become JSON strings (MLflow params are flat strings)."""
@@ -65,9 +67,9 @@ def ensure_store_writable(tracking_uri: str) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise PermissionError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
+            raise ConfigError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
         if not os.access(folder, os.W_OK):
-            raise PermissionError(f"MLflow tracking store folder {folder} is not writable")
+            raise ConfigError(f"MLflow tracking store folder {folder} is not writable")
 
 
 def build_logger(

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from recsys.errors import CheckpointError, ConfigError
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -30,7 +32,7 @@ def _from_run(run) -> ResumePoint:
     output_dir = Path(run.data.tags.get("output_dir", ""))
     last = output_dir / "checkpoints" / LAST
     if not last.exists():
-        raise FileNotFoundError(f"run {run.info.run_id} has no checkpoint at {last}; nothing to resume from")
+        raise CheckpointError(f"run {run.info.run_id} has no checkpoint at {last}; nothing to resume from")
     return ResumePoint(str(last), run.info.run_id, output_dir)
 
 
@@ -47,7 +49,7 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
         return ResumePoint()
     if resume != "auto" and not RUN_ID.match(str(resume)):
         if not Path(resume).exists():
-            raise FileNotFoundError(f"resume={resume}: no such checkpoint (give a path, an MLflow run id or 'auto')")
+            raise CheckpointError(f"resume={resume}: no such checkpoint (give a path, an MLflow run id or 'auto')")
         return ResumePoint(str(resume))
     from mlflow.tracking import MlflowClient
 
@@ -78,7 +80,7 @@ class PeriodicCheckpoint(pl.Callback):
 
     def __init__(self, dirpath: str, every_n_steps: int) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
         self.path = str(Path(dirpath) / LAST)
         self.every_n_steps = every_n_steps
 
@@ -99,16 +101,16 @@ def check_checkpoint(path: str, module) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, unsafe pickle
-        raise ValueError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
+        raise CheckpointError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
     saved = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
-        raise ValueError(f"resume={path}: not a training checkpoint (no state_dict)")
+        raise CheckpointError(f"resume={path}: not a training checkpoint (no state_dict)")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in saved.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointError(
             f"resume={path}: the checkpoint belongs to another model ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(mismatched)} differently shaped tensors; e.g. "
             f"{(missing + unexpected + mismatched)[:3]})"
