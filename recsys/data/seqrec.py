@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from torch.utils.data import DataLoader
 import pyarrow as pa
 import torch
+from torch.utils.data import DataLoader
 
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.ctr_table import list_column_arrays
