@@ -238,9 +238,9 @@ class _VerifiedFiles:
 
 
 def _read_meta(files: _VerifiedFiles) -> DatasetMeta:
-    where = files.path / META_PATH
+    where, data = files.path / META_PATH, files.read(META_PATH)
     try:
-        meta = DatasetMeta.from_json(files.read(META_PATH).decode(), source=str(where))
+        meta = DatasetMeta.from_json(data.decode(), source=str(where))
     except (UserError, UnicodeDecodeError, TypeError) as err:
         raise BundleError(f"{where}: not a dataset meta.json ({_first_line(err)})") from err
     for key in ("num_users", "num_items", "num_categories", "max_len"):
@@ -251,9 +251,9 @@ def _read_meta(files: _VerifiedFiles) -> DatasetMeta:
 
 
 def _read_config(files: _VerifiedFiles) -> tuple[dict[str, Any], list[TaskSpec]]:
-    where = files.path / CONFIG_FILE
+    where, data = files.path / CONFIG_FILE, files.read(CONFIG_FILE)
     try:
-        config = yaml.safe_load(files.read(CONFIG_FILE))
+        config = yaml.safe_load(data)
     except yaml.YAMLError as err:
         raise BundleError(f"{where}: not valid YAML ({_first_line(err)})") from err
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
@@ -267,11 +267,9 @@ def _read_config(files: _VerifiedFiles) -> tuple[dict[str, Any], list[TaskSpec]]
 
 
 def _read_weights(files: _VerifiedFiles) -> dict[str, torch.Tensor]:
-    where = files.path / WEIGHTS_FILE
+    where, data = files.path / WEIGHTS_FILE, files.read(WEIGHTS_FILE)
     try:
-        state = torch.load(io.BytesIO(files.read(WEIGHTS_FILE)), map_location="cpu", weights_only=True)
-    except BundleError:
-        raise
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # not a torch zip, truncated, or a pickle weights_only refuses
         raise BundleError(f"{where}: not a readable weights file ({_first_line(err)})") from err
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
@@ -337,11 +335,9 @@ def _read_mappers(files: _VerifiedFiles, meta: DatasetMeta) -> dict[str, IdMappe
         if not files.listed(name):
             mappers[column] = IdMapper(None, None, limit)
             continue
-        where = files.path / name
+        where, data = files.path / name, files.read(name)
         try:
-            frame = pl.read_parquet(io.BytesIO(files.read(name)))
-        except BundleError:
-            raise
+            frame = pl.read_parquet(io.BytesIO(data))
         except Exception as err:
             raise BundleError(f"{where}: not a readable id map ({_first_line(err)})") from err
         if set(frame.columns) != {"raw", "id"} or not all(frame[c].dtype.is_integer() for c in ("raw", "id")):

@@ -16,7 +16,6 @@ from recsys.bundle import export_bundle, load_bundle
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import DataValidationError
 from recsys.data.vocab import Vocab
-from recsys.errors import BundleError
 from recsys.tracking.mlflow import build_logger
 from recsys.tracking.resume import check_checkpoint
 from tests.conftest import REPO
@@ -173,7 +172,7 @@ def test_bundle_weights_of_another_model(tmp_path):
         _tiny_model(8),
         {"run_name": "x", "model_builder": "recsys.models.ranking.build_ranking_model"},
     )
-    with pytest.raises(BundleError, match=r"weights\.pt does not match the model in its config\.yaml"):
+    with pytest.raises(DataValidationError, match=r"weights\.pt does not match the model in its config\.yaml"):
         load_bundle(source)
 
 

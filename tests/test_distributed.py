@@ -41,6 +41,7 @@ from mtl.spec import TaskSpec
 from recsys.data.ctr_table import CTRTable, identity_collate
 from recsys.data.vocab import Vocab
 from recsys.distributed.collectives import merge_batches
+from recsys.errors import CheckpointError
 from tests.helpers import random_samples
 
 WORLD = 2
@@ -615,7 +616,7 @@ def test_checkpoint_folder_is_replaced_atomically(tmp_path):
     loaded = ckpt.load_sharded(path, model.state_dict(), [opt.state_dict()])
     assert loaded["epoch"] == 2 and torch.equal(model.weight, first["weight"] + 1.0)
     assert loaded["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-3
-    with pytest.raises(FileNotFoundError, match="not a sharded checkpoint folder"):
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint folder"):
         ckpt.load_sharded(tmp_path / "nothing", model.state_dict())
 
 
@@ -623,5 +624,5 @@ def test_loading_a_checkpoint_of_another_model_names_the_folder(tmp_path):
     from recsys.distributed import checkpoint as ckpt
 
     ckpt.save_sharded({"state_dict": torch.nn.Linear(3, 2).state_dict()}, tmp_path / "a.ckpt")
-    with pytest.raises(ValueError, match="a.ckpt: cannot load this sharded checkpoint"):
+    with pytest.raises(CheckpointError, match="a.ckpt: cannot load this sharded checkpoint"):
         ckpt.load_sharded(tmp_path / "a.ckpt", torch.nn.Linear(4, 2).state_dict())

@@ -8,6 +8,7 @@ test asserts the marker does not exist.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recsys import registry
-from recsys.bundle import export_bundle, load_bundle
-from recsys.errors import BundleError, ConfigError
+from recsys.bundle import export_bundle, load_bundle, resolve_bundle
+from recsys.errors import BundleError, CheckpointError, ConfigError
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 NUM_USERS, NUM_ITEMS, NUM_CATEGORIES, MAX_LEN = 20, 50, 6, 12
 RANKING_BUILDER = "recsys.models.ranking.build_ranking_model"
 
@@ -277,3 +279,251 @@ def test_sequential_bundles_round_trip(name, tmp_path):
     loaded = load_bundle(bundle)
     assert type(loaded.model) is type(model) and loaded.tasks == []
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+
+
+# ---- 2. every file checked against bundle.json before use ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "config.yaml", "dataset/meta.json", "dataset/id_map_item.parquet"])
+def test_a_changed_file_is_refused_by_its_hash(bundle, name):
+    data = (bundle / name).read_bytes()
+    (bundle / name).write_bytes(data[: len(data) // 2])  # truncated (a partial copy or download)
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert _one_line(err).startswith(f"{bundle / name}: sha256 {_sha(data[: len(data) // 2])} differs from")
+    assert "damaged, truncated or was replaced" in str(err.value)
+
+
+def test_an_id_map_bundle_json_does_not_list_is_refused(bundle):
+    frame = pl.DataFrame({"raw": [5, 6], "id": [1, 2]})
+    frame.write_parquet(bundle / "dataset" / "id_map_user.parquet")
+    with pytest.raises(BundleError, match=r"id_map_user\.parquet: an id map that bundle\.json does not list"):
+        load_bundle(bundle)
+
+
+def test_a_bundle_without_file_hashes_is_refused(bundle):
+    identity = json.loads((bundle / "bundle.json").read_text())
+    del identity["files_sha256"]
+    (bundle / "bundle.json").write_text(json.dumps(identity))
+    with pytest.raises(BundleError, match=r"bundle\.json: no 'files_sha256' record.*export the bundle again"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("listed", ["../../outside.txt", "weights.pt"])
+def test_files_sha256_may_list_only_bundle_files(bundle, listed):
+    identity = json.loads((bundle / "bundle.json").read_text())
+    identity["files_sha256"][listed] = "0" * 64
+    (bundle / "bundle.json").write_text(json.dumps(identity))
+    with pytest.raises(BundleError, match=r"files_sha256 lists \[.*\]; allowed: \['config\.yaml'"):
+        load_bundle(bundle)
+
+
+def test_the_recorded_weights_hash_must_be_a_sha256(bundle):
+    _edit_identity(bundle, weights_sha256=None)
+    with pytest.raises(BundleError, match=r"bundle\.json: no valid sha256 recorded for weights\.pt \(got None\)"):
+        load_bundle(bundle)
+
+
+# ---- 4. damaged bundles: one line each, never silent ------------------------------------------------------
+
+
+class _Payload:
+    """Pickles into a call that would create ``marker`` if anything unpickled it without restrictions."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_truncated_weights_with_a_matching_hash_are_refused(bundle):
+    _replace(bundle, "weights.pt", (bundle / "weights.pt").read_bytes()[:1000])
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert _one_line(err).startswith(f"{bundle / 'weights.pt'}: not a readable weights file")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["pickle", "torch-object", "not-a-state-dict", "text"])
+def test_a_weights_file_that_is_not_weights_is_refused_without_running(bundle, tmp_path, kind):
+    import pickle
+
+    marker = tmp_path / "marker.txt"
+    buffer = io.BytesIO()
+    if kind == "pickle":
+        pickle.dump({"w": _Payload(marker)}, buffer)
+    elif kind == "torch-object":
+        torch.save({"w": _Payload(marker)}, buffer)
+    elif kind == "not-a-state-dict":
+        torch.save([torch.zeros(2)], buffer)
+    else:
+        buffer.write(b"weights: none\n")
+    _replace(bundle, "weights.pt", buffer.getvalue())
+    with pytest.raises(BundleError, match=r"weights\.pt: (not a readable weights file|expected a state_dict)") as err:
+        load_bundle(bundle)
+    _one_line(err)
+    assert not marker.exists()
+
+
+def test_a_missing_id_map_is_refused_not_scored_as_raw_ids(bundle):
+    (bundle / "dataset" / "id_map_item.parquet").unlink()
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert _one_line(err).startswith(f"{bundle / 'dataset' / 'id_map_item.parquet'}: missing or unreadable")
+    assert "the bundle is incomplete" in str(err.value)
+
+
+def test_an_id_map_pointing_outside_the_tables_is_refused(bundle):
+    buffer = io.BytesIO()
+    pl.DataFrame({"raw": [1, 2], "id": [1, NUM_ITEMS + 5]}).write_parquet(buffer)
+    _replace(bundle, "dataset/id_map_item.parquet", buffer.getvalue())
+    with pytest.raises(BundleError, match=rf"id_map_item\.parquet: table rows in \[1, {NUM_ITEMS + 5}\], outside"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(bundle, value):
+    state = torch.load(bundle / "weights.pt", weights_only=True)
+    key = sorted(k for k, v in state.items() if v.is_floating_point())[0]
+    state[key].view(-1)[0] = value
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _replace(bundle, "weights.pt", buffer.getvalue())
+    with pytest.raises(BundleError) as err:
+        load_bundle(bundle)
+    assert _one_line(err) == (
+        f"{bundle / 'weights.pt'}: 1 tensors hold NaN or infinite values (e.g. ['{key}']); the run diverged"
+    )
+
+
+def test_a_huge_vocabulary_in_meta_json_allocates_nothing(bundle):
+    """Shapes are compared on the ``meta`` device first: 10^12 items would need terabytes."""
+    meta = json.loads((bundle / "dataset" / "meta.json").read_text())
+    _replace(bundle, "dataset/meta.json", json.dumps({**meta, "num_items": 10**12}).encode())
+    with pytest.raises(BundleError, match=r"weights\.pt does not match the model in its config\.yaml \(0 missing"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("value", [-1, "50", 1.5])
+def test_meta_json_sizes_must_be_non_negative_integers(bundle, value):
+    meta = json.loads((bundle / "dataset" / "meta.json").read_text())
+    _replace(bundle, "dataset/meta.json", json.dumps({**meta, "num_items": value}).encode())
+    with pytest.raises(BundleError, match=rf"meta\.json: num_items={value!r}; must be a non-negative integer"):
+        load_bundle(bundle)
+
+
+def test_an_unknown_mlflow_run_is_one_line(tmp_path):
+    with pytest.raises(BundleError) as err:
+        resolve_bundle("runs:/0123456789abcdef0123456789abcdef", tmp_path / "download")
+    message = _one_line(err)
+    assert message.startswith("model=runs:/0123456789abcdef0123456789abcdef: cannot download the run's model bundle")
+    assert "check the run id and MLFLOW_TRACKING_URI" in message
+
+
+def test_a_folder_that_is_not_a_bundle_is_one_line(tmp_path):
+    with pytest.raises(BundleError, match=r"not a model bundle \(no bundle\.json\)"):
+        resolve_bundle(str(tmp_path), tmp_path / "download")
+
+
+# ---- 3. sharded (DCP) checkpoint folders: metadata read with an allow-list ---------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path) -> tuple[Path, torch.nn.Module]:
+    from recsys.distributed import checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    ckpt.save_sharded({"state_dict": model.state_dict(), "epoch": 1}, tmp_path / "last.ckpt")
+    return tmp_path / "last.ckpt", model
+
+
+def _hostile_metadata(folder: Path, marker: Path, nested: bool) -> None:
+    import pickle
+
+    if nested:  # the real metadata object, with the payload hidden in one of its fields
+        with open(folder / ".metadata", "rb") as handle:
+            metadata = pickle.load(handle)
+        metadata.planner_data = {"x": _Payload(marker)}
+    else:
+        metadata = _Payload(marker)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["payload", "payload-inside-metadata"])
+def test_a_hostile_dcp_metadata_does_not_run(sharded, tmp_path, nested):
+    import pickle
+
+    from recsys.distributed import checkpoint as ckpt
+
+    folder, model = sharded
+    marker = tmp_path / "marker.txt"
+    _hostile_metadata(folder, marker, nested)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_sharded(folder, model.state_dict())
+    assert _one_line(err) == (
+        f"{folder}: refusing to read .metadata: it names pathlib.Path.write_text, which is not DCP metadata "
+        f"(a checkpoint folder holds DCP metadata and tensors only)"
+    )
+    assert not marker.exists()
+    pickle.loads((folder / ".metadata").read_bytes())  # control: plain pickle (torch's own reader) runs it
+    assert marker.read_text() == "pwned"
+
+
+def test_the_safe_reader_is_what_dcp_uses(sharded, tmp_path, monkeypatch):
+    from recsys.distributed import checkpoint as ckpt
+    from recsys.distributed.dcp_reader import SafeFileSystemReader
+
+    folder, model = sharded
+    calls = []
+    read = SafeFileSystemReader.read_metadata
+    monkeypatch.setattr(SafeFileSystemReader, "read_metadata", lambda self, *a, **k: calls.append(1) or read(self))
+    ckpt.load_sharded(folder, model.state_dict())  # a clean folder loads, through the safe reader
+    assert calls
+    _hostile_metadata(folder, tmp_path / "marker.txt", nested=True)
+    with pytest.raises(CheckpointError, match="refusing to read .metadata"):
+        SafeFileSystemReader(folder).read_metadata()
+    assert not (tmp_path / "marker.txt").exists()
+
+
+def test_pickled_objects_in_a_dcp_folder_are_never_loaded(tmp_path):
+    """DCP stores non-tensors as pickles it loads with ``weights_only=False``: a folder that lists one for a
+    tensor the model has is refused before any data is read."""
+    import torch.distributed.checkpoint as dcp
+
+    from recsys.distributed import checkpoint as ckpt
+
+    model, marker, folder = torch.nn.Linear(3, 2), tmp_path / "marker.txt", tmp_path / "last.ckpt"
+    ckpt.save_sharded({"state_dict": model.state_dict()}, folder)
+    (folder / ".metadata").unlink()
+    dcp.save({"state_dict": {"weight": _Payload(marker), "bias": torch.zeros(2)}}, checkpoint_id=str(folder))
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_sharded(folder, model.state_dict())
+    assert "lists 1 non-tensor entries (e.g. ['state_dict.weight'])" in _one_line(err)
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("damage", ["truncated-metadata", "hostile-trainer-state", "truncated-trainer-state"])
+def test_damaged_dcp_folders_are_one_line(sharded, tmp_path, damage):
+    import pickle
+
+    from recsys.distributed import checkpoint as ckpt
+
+    folder, model = sharded
+    marker = tmp_path / "marker.txt"
+    if damage == "truncated-metadata":
+        data = (folder / ".metadata").read_bytes()
+        (folder / ".metadata").write_bytes(data[: len(data) // 2])
+        expected = f"{folder}: cannot read .metadata (truncated or corrupt?)"
+    elif damage == "hostile-trainer-state":
+        (folder / ckpt.TRAINER_STATE).write_bytes(pickle.dumps({"format": _Payload(marker)}))
+        expected = f"{folder / ckpt.TRAINER_STATE}: cannot read (truncated, corrupt or unsafe?)"
+    else:
+        data = (folder / ckpt.TRAINER_STATE).read_bytes()
+        (folder / ckpt.TRAINER_STATE).write_bytes(data[:100])
+        expected = f"{folder / ckpt.TRAINER_STATE}: cannot read (truncated, corrupt or unsafe?)"
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_sharded(folder, model.state_dict())
+    assert _one_line(err).startswith(expected)
+    assert not marker.exists()
