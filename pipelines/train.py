@@ -25,6 +25,7 @@ from recsys.bundle import export_bundle
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
+from recsys.registry import factory
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
 from recsys.tracking.gates import GateUsage
@@ -51,15 +52,17 @@ def build(
 
     ``table_device``: passed to the backbone factory as ``device`` (``meta`` when DMP shards the tables).
     """
+    # registered backbones and towers only (recsys.registry): what trains is what its bundle can rebuild
+    backbone = factory(OmegaConf.to_container(cfg.recsys, resolve=True), "recsys")
+    tower = factory(OmegaConf.to_container(cfg.mtl, resolve=True), "mtl") if cfg.get("mtl") else None  # seq: none
     datamodule = instantiate(cfg.data)
     datamodule.prepare()
-    backbone = instantiate(cfg.recsys)
     if table_device is not None:
         backbone = functools.partial(backbone, device=table_device)
     module = instantiate(cfg.objective)(
         datamodule=datamodule,
         backbone=backbone,
-        tower=instantiate(cfg.mtl) if cfg.get("mtl") is not None else None,  # sequential models: no tower
+        tower=tower,
         init_std=cfg.model.init_std,
     )
     return datamodule, module
