@@ -130,8 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if cfg.test_after_fit:
-        ckpt = "best" if best_path else None
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     weights: Any = module.model
     if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0

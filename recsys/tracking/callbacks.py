@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from recsys.system import peak_rss_mb
@@ -87,7 +88,7 @@ class MLflowRunFiles(pl.Callback):
             self._log_file(trainer, plot, "plots")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), "")
         if best and Path(best).exists():
             self._log_file(trainer, Path(best), "checkpoints")
 
