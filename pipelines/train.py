@@ -27,10 +27,9 @@ from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
 from recsys.registry import factory
 from recsys.system import peak_rss_mb
-from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
-from recsys.tracking.gates import GateUsage
-from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, run_name
-from recsys.tracking.resume import PeriodicCheckpoint, check_checkpoint, find_resume_point
+from recsys.tracking.callbacks import EpochTimer
+from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, log_config_files, run_name
+from recsys.tracking.resume import check_checkpoint, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
@@ -68,8 +67,9 @@ def build(
     return datamodule, module
 
 
-def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """The ``callbacks`` config section: name -> Hydra config of a Lightning callback (null = off)."""
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The ``callbacks`` config group (configs/callbacks/): name -> Hydra config of a Lightning callback
+    (null = off)."""
     return [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
 
 
@@ -115,34 +115,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if resume.run_id is None:  # MLflow params are immutable: a resumed run keeps its own
         logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
 
-    checkpoint = ModelCheckpoint(
-        dirpath=str(output_dir / "checkpoints"),
-        filename="best",
-        monitor=cfg.checkpoint.monitor,
-        mode=cfg.checkpoint.mode,
-        save_last=True,
-        auto_insert_metric_name=False,
-    )
-    files = MLflowRunFiles(resolved, dataclasses.asdict(meta), str(output_dir))
-    timer = EpochTimer()
-    gates = GateUsage(str(output_dir))  # per-task gate/expert utilisation plots (multi-task towers)
-    periodic = PeriodicCheckpoint(str(output_dir / "checkpoints"), cfg.checkpoint.every_n_steps)
-    callbacks = [checkpoint, periodic, files, timer, gates, *extra_callbacks(cfg)]
+    if run.is_zero:
+        log_config_files(logger, resolved, dataclasses.asdict(meta))
+    cfg.run_name, cfg.paths.output_dir = name, str(output_dir)  # what configs/callbacks/*.yaml interpolate
+    callbacks = build_callbacks(cfg)
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
         check_checkpoint(resume.checkpoint, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
     if cfg.test_after_fit:
-        ckpt = "best" if checkpoint.best_model_path else None
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     weights: Any = module.model
     if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0
-        weights = run.best_weights(module, module.model, checkpoint.best_model_path)
-    elif checkpoint.best_model_path:  # export the best weights, whatever ran last
-        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+        weights = run.best_weights(module, module.model, best_path)
+    elif best_path:  # export the best weights, whatever ran last
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(best["state_dict"])
     if run.is_zero:
         bundle = export_bundle(
@@ -158,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             },
         )
         logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")
-    epochs = timer.epoch_seconds
+    epochs = next((c.epoch_seconds for c in callbacks if isinstance(c, EpochTimer)), [])
     metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
     metrics["time/train_samples_per_s"] = sum(timer.epoch_samples) / sum(epochs) if epochs else float("nan")
     metrics["system/peak_rss_mb"] = peak_rss_mb()
@@ -167,7 +159,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run.is_zero:
         write_json_atomic(
             output_dir / "metrics.json",
-            {**metrics, "run_name": name, "run_id": logger.run_id, "best_model_path": checkpoint.best_model_path},
+            {**metrics, "run_name": name, "run_id": logger.run_id, "best_model_path": best_path},
         )
     log.info("finished %s: %s", name, {k: v for k, v in metrics.items() if k.startswith("test/")})
     return metrics

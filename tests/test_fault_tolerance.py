@@ -147,3 +147,16 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt") == ["last.ckpt"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_one_last_checkpoint_with_the_newest_state(tmp_path):
+    """23 batches per epoch, a periodic save every 5 steps: the last periodic save (step 20) must not be what
+    resume reads; the epoch end (step 23) overwrites the same file, and no second "last" file exists."""
+    _run(tmp_path, "trainer.max_epochs=1", "checkpoint.every_n_steps=5")
+    folder = next((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints"))
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == best["global_step"] > 20  # the epoch end, not the periodic save at step 20

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,3 +95,15 @@ def build_logger(
         run_id=run_id,
         log_model=False,
     )
+
+
+def log_config_files(logger: MLFlowLogger, config: Mapping[str, Any], dataset_meta: Mapping[str, Any]) -> None:
+    """The resolved run config and the dataset's ``meta.json`` as ``config/config.yaml`` and
+    ``config/dataset_meta.json`` artifacts of the logger's run (call on rank 0)."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        (folder / "dataset_meta.json").write_text(json.dumps(dict(dataset_meta), indent=2))
+        logger.experiment.log_artifacts(logger.run_id, str(folder), "config")

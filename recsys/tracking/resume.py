@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
 
 from recsys.errors import CheckpointError, ConfigError
 
@@ -72,11 +73,15 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
     return ResumePoint()
 
 
-class PeriodicCheckpoint(pl.Callback):
-    """Saves ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (and the best/last epoch
-    checkpoints come from ModelCheckpoint). Lightning writes checkpoint files atomically (a temporary file
-    moved into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full
-    disk leaves the previous ``last.ckpt`` intact."""
+class PeriodicCheckpoint(Checkpoint):
+    """The one ``<dirpath>/last.ckpt``: written every ``every_n_steps`` optimiser steps and at the end of every
+    training epoch (after its validation), so it always holds the newest state (ModelCheckpoint writes only
+    ``best.ckpt``; ``resume=`` reads this file).
+
+    A :class:`Checkpoint` subclass, so Lightning runs its epoch-end hook after the LightningModule's and after
+    early stopping, as for ModelCheckpoint. Lightning writes checkpoint files atomically (a temporary file moved
+    into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full disk
+    leaves the previous ``last.ckpt`` intact."""
 
     def __init__(self, dirpath: str, every_n_steps: int) -> None:
         if every_n_steps < 1:
@@ -84,9 +89,16 @@ class PeriodicCheckpoint(pl.Callback):
         self.path = str(Path(dirpath) / LAST)
         self.every_n_steps = every_n_steps
 
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimisers, loops, RNG
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimisers, loops, RNG
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer)
 
 
 def check_checkpoint(path: str, module) -> None:
