@@ -274,3 +274,32 @@ def test_sequential_history_beyond_int64_is_rejected():
     prepared = SeqScorer(bundle, top_n=3).prepare(frame)
     assert prepared.kept["user"].to_list() == [1]
     assert prepared.rejected["reason"].to_list() == ["id_out_of_range", "null"]
+
+
+# ------------------------------------------------------------------------------------------------ device
+
+
+def test_prefetch_depth_does_not_change_the_output(bundle_dir, tmp_path):
+    """Batches read ahead in a thread (any depth, or none) give byte-identical files."""
+    for depth in (0, 3):
+        run(score_cfg(bundle_dir, tmp_path / f"d{depth}", prefetch=depth))
+    for name in ("part-0000.parquet", "part-0001.parquet", "part-0002.parquet"):
+        assert (tmp_path / "d0" / name).read_bytes() == (tmp_path / "d3" / name).read_bytes(), name
+
+
+@pytest.mark.gpu
+def test_cuda_scores_equal_cpu(bundle_dir, tmp_path):
+    """device=cuda: pinned batches, non-blocking copies, same rows and scores as the CPU within float tolerance."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    run(score_cfg(bundle_dir, tmp_path / "cpu"))
+    run(score_cfg(bundle_dir, tmp_path / "cuda", device="cuda", prefetch=2))
+    cpu, cuda = _outputs(tmp_path / "cpu"), _outputs(tmp_path / "cuda")
+    assert sorted(cpu) == sorted(cuda)
+    for name in cpu:
+        assert cpu[name].drop("score_click").equals(cuda[name].drop("score_click")), name
+        np.testing.assert_allclose(cuda[name]["score_click"], cpu[name]["score_click"], rtol=1e-4, atol=1e-5)
+    summary = json.loads((tmp_path / "cuda" / "_summary.json").read_text())
+    assert summary["last_run"]["device"] == "cuda"
