@@ -150,9 +150,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             },
         )
         logger.experiment.log_artifacts(logger.run_id, str(bundle), "model")
-    epochs = next((c.epoch_seconds for c in callbacks if isinstance(c, EpochTimer)), [])
+    timer = next((c for c in callbacks if isinstance(c, EpochTimer)), None)
+    epochs, samples = (timer.epoch_seconds, timer.epoch_samples) if timer else ([], [])
     metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
-    metrics["time/train_samples_per_s"] = sum(timer.epoch_samples) / sum(epochs) if epochs else float("nan")
+    metrics["time/train_samples_per_s"] = sum(samples) / sum(epochs) if epochs else float("nan")
     metrics["system/peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available() and device == "cuda":
         metrics["system/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
