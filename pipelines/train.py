@@ -24,6 +24,7 @@ from pipelines._cli import entry_point
 from recsys.bundle import export_bundle
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
+from recsys.ops.backend import kernel_family
 from recsys.ops.jagged import kernel_backend
 from recsys.registry import factory
 from recsys.system import peak_rss_mb
@@ -103,6 +104,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "seed": str(cfg.seed),
         "device": device,
         "jagged_kernels": kernel_backend(torch.device(device)),
+        "kernels": kernel_family(device),  # fbgemm | triton | torch (recsys/ops/backend.py)
+        "precision": str(cfg.trainer.get("precision", "32-true")),
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
         "config_hash": experiment_hash(resolved),

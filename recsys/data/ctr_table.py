@@ -11,7 +11,7 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
 from recsys.data.seqrec_format import take_segments
 from recsys.errors import InputNotFound
@@ -33,6 +33,20 @@ def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> 
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     return take_segments(values, starts, lengths).values, lengths
+
+
+def gather_padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
+    """Select ``rows`` of a jagged array as ``[len(rows), width]``, right-padded with 0 (rows longer than
+    ``width`` raise: the width is the dataset's longest history)."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    if lengths.size and lengths.max() > width:
+        raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
+    slots = np.arange(width)
+    index = np.minimum(starts[:, None] + slots, max(values.size - 1, 0))
+    out = values[index] if values.size else np.zeros((rows.size, width), dtype=values.dtype)
+    out[slots >= lengths[:, None]] = 0
+    return out
 
 
 @dataclass
@@ -107,8 +121,9 @@ class CTRTable:
             raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
         return cls.from_frame(frame, str(path), label_columns, vocab, binary_labels)
 
-    def batch(self, rows: np.ndarray) -> CTRBatch:
-        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories)."""
+    def batch(self, rows: np.ndarray, pad_to: int | None = None) -> CTRBatch:
+        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories); ``pad_to`` also lays the ids
+        out at the fixed shape ``[B, pad_to]`` (``CTRBatch.padded``, the sync-free GPU path)."""
         rows = np.asarray(rows, dtype=np.int64)
         hist_item, lengths = gather_jagged(self.hist_item, self.hist_offsets, rows)
         hist_cat, _ = gather_jagged(self.hist_cat, self.hist_offsets, rows)
@@ -119,24 +134,37 @@ class CTRTable:
             torch.from_numpy(self.item[rows]),
             torch.from_numpy(self.category[rows]),
         )
+        padded = None
+        if pad_to is not None:
+            padded = PaddedHistory(
+                torch.from_numpy(gather_padded(self.hist_item, self.hist_offsets, rows, pad_to)),
+                torch.from_numpy(gather_padded(self.hist_cat, self.hist_offsets, rows, pad_to)),
+                torch.from_numpy(lengths),
+                torch.from_numpy(self.item[rows]),
+                torch.from_numpy(self.category[rows]),
+            )
         return CTRBatch(
             sparse=sparse,
             labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
             user=torch.from_numpy(self.user[rows]),
+            padded=padded,
         )
 
 
 class BatchedCTRDataset(torch.utils.data.Dataset):
-    """``dataset[list_of_rows] -> CTRBatch``; pair with a batch sampler and ``batch_size=None``."""
+    """``dataset[list_of_rows] -> CTRBatch``; pair with a batch sampler and ``batch_size=None``.
 
-    def __init__(self, table: CTRTable) -> None:
-        self.table = table
+    ``pad_to``: also build the fixed-shape ids ``[B, pad_to]`` (see :meth:`CTRTable.batch`).
+    """
+
+    def __init__(self, table: CTRTable, pad_to: int | None = None) -> None:
+        self.table, self.pad_to = table, pad_to
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, rows: Sequence[int]) -> CTRBatch:
-        return self.table.batch(np.asarray(rows))
+        return self.table.batch(np.asarray(rows), self.pad_to)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -202,8 +230,10 @@ def batch_loader(
     seed: int,
     drop_last: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> ResumableLoader:
-    """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch)."""
+    """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch);
+    ``pin_memory`` page-locks each batch so its copy to the GPU can be non-blocking."""
     sampler = EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
     return ResumableLoader(
         dataset,
@@ -212,4 +242,5 @@ def batch_loader(
         collate_fn=identity_collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

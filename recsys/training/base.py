@@ -92,6 +92,14 @@ class SparseDenseModule(pl.LightningModule):
         for opt in opts:
             opt.step()
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Batch dataclasses (``.to(device, non_blocking)``) are copied to a GPU without blocking the host
+        (the loader pins them on CUDA), so the next step is queued while the copy runs; Lightning's default
+        copies non-tensor objects blocking."""
+        if device.type == "cuda" and not isinstance(batch, torch.Tensor) and hasattr(batch, "to"):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # ---- training -----------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         out = self.model(batch)
