@@ -164,6 +164,8 @@ class BatchedCTRDataset(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, rows: Sequence[int]) -> CTRBatch:
+        if self.pad_to is None:  # every table's batch(rows); only history tables take pad_to
+            return self.table.batch(np.asarray(rows))
         return self.table.batch(np.asarray(rows), self.pad_to)
 
 
