@@ -65,6 +65,14 @@ def build(
     return datamodule, module
 
 
+def group_hash(cfg: DictConfig) -> str:
+    """:func:`experiment_hash` of the config with every ``${seed}`` set to one value: equal for runs that differ
+    only in the seed (``pipelines.compare`` and sweep parents average over those)."""
+    seedless = cfg.copy()
+    seedless.seed = 0
+    return experiment_hash(OmegaConf.to_container(seedless, resolve=True))
+
+
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     """The ``callbacks`` config section: name -> Hydra config of a Lightning callback (null = off)."""
     return [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values() if spec is not None]
@@ -103,6 +111,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
         "config_hash": experiment_hash(resolved),
+        "group_hash": group_hash(cfg),  # the config hash with the seed left out: runs that are seeds of one config
         "output_dir": str(output_dir),
     }
     if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
