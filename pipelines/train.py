@@ -1,7 +1,7 @@
 """Train, validate and test a model; everything is tracked in MLflow.
 
 python -m pipelines.train recsys=dare
-python -m pipelines.train recsys=twin data=ml100k data.path=../shared/data/ml-100k trainer.max_epochs=3
+python -m pipelines.train recsys=twin data=ml100k data.path=<folder with u.data and u.item> trainer.max_epochs=3
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ or when it equals the name. The longest matching key wins; two equally long matc
 that matches no table is logged as a warning (the default keys serve several models; check for typos).
 
 Pinning every table matters: left alone, the planner picks data-parallel for small tables, and
-data-parallel ``EmbeddingCollection`` s fail on CPU (../shared/specs/stack.md §2).
+data-parallel ``EmbeddingCollection`` s fail on CPU (TorchRec has no CPU kernel for them; docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``TorchRecStrategy``: Lightning's DDP strategy with TorchRec DistributedModelParallel inside.
 
-What differs from :class:`~pytorch_lightning.strategies.DDPStrategy` (../shared/specs/stack.md §1):
+What differs from :class:`~pytorch_lightning.strategies.DDPStrategy` (docs/distributed.md):
 
 * ``setup`` wraps the LightningModule in DMP in *every* stage (fit, validate, test, predict), so sharded
   checkpoints load anywhere; the wrapper is built once per module and reused by later stages. Before

@@ -1,4 +1,4 @@
-"""Mixture-of-Head (MoH) gates for multi-head attention (../shared/specs/moe_mtl.md §1).
+"""Mixture-of-Head (MoH) gates for multi-head attention (Jin et al. 2024; docs/seqrec.md).
 
 ``h`` heads = ``h_s`` shared heads (always on) + ``h_r = h - h_s`` routed heads, of which ``k`` are active
 per token. The gates multiply each head's output before the heads are concatenated; all heads are still
