@@ -5,8 +5,8 @@ or MLflow) reads the same files into the same splits; ``recsys.data.seqrec`` add
 and the Lightning data module on top.
 
 **File format** (the S3-Rec release of Amazon Beauty / Sports and Yelp): one line per user,
-``user_id item_1 ... item_n``, space-separated integers, items oldest first; item ids >= 1 (0 is the padding id). Blank lines are
-skipped.
+``user_id item_1 ... item_n``, space-separated integers, items oldest first; item ids >= 1 (0 is the padding
+id). Blank lines are skipped.
 
 **Split** (as the official MQSA-TED code splits): with ``n`` items per user,
 ``s`` = the training items ``item_1 .. item_{n-2}`` truncated to the last ``max_len``:
