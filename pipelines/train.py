@@ -28,7 +28,7 @@ from recsys.ops.jagged import kernel_backend
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
 from recsys.tracking.gates import GateUsage
-from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, run_name
+from recsys.tracking.mlflow import experiment_hash, git_commit, mark_model_training, params_and_path_tags, run_name
 from recsys.tracking.resume import PeriodicCheckpoint, check_checkpoint, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
@@ -114,12 +114,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "group_hash": group_hash(cfg),  # the config hash with the seed left out: runs that are seeds of one config
         "output_dir": str(output_dir),
     }
+    params, path_tags = params_and_path_tags(resolved)  # machine paths are tags, the rest params
+    tags.update(path_tags)
     if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
         logger = instantiate(cfg.logger, run_name=name, tags=tags, run_id=resume.run_id)
+    mark_model_training(logger.experiment, logger.experiment_id)  # the UI's model-training view, not GenAI's
     if resume.run_id is None:  # MLflow params are immutable: a resumed run keeps its own
-        logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
+        logger.log_hyperparams({**params, "data.fingerprint": meta.fingerprint})
 
     checkpoint = ModelCheckpoint(
         dirpath=str(output_dir / "checkpoints"),

@@ -89,3 +89,38 @@ def test_final_plot_title_and_labels_fit_in_the_figure(store, tmp_path):
     for text in [fig.axes[0].title, *fig.axes[0].get_xticklabels()]:
         box = text.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= width, (text.get_text(), box, width)
+
+
+def test_experiment_opens_in_the_model_training_view_and_paths_are_tags(tmp_path):
+    """The MLflow UI reads the experiment tag mlflow.experimentKind; machine paths go to tags, not params."""
+    from recsys.tracking.mlflow import build_logger, mark_model_training, params_and_path_tags
+
+    logger = build_logger(f"sqlite:///{tmp_path}/m.db", str(tmp_path / "art"), "synthetic", run_name="r")
+    mark_model_training(logger.experiment, logger.experiment_id)
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db").get_experiment(logger.experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    config = {
+        "seed": 0,
+        "paths": {"root_dir": "/home/u/repo", "log_dir": "/home/u/repo/logs"},
+        "data": {"name": "ml100k", "path": "/data/ml-100k", "cache_dir": "/c", "batch_size": 512},
+        "recsys": {"top_k": 20},
+        "trainer": {"max_epochs": 2},
+        "logger": {"tracking_uri": "sqlite:///x.db", "artifact_location": "/a"},
+    }
+    params, path_tags = params_and_path_tags(config)
+    assert params == {
+        "seed": 0,
+        "data.name": "ml100k",
+        "data.batch_size": 512,
+        "recsys.top_k": 20,
+        "trainer.max_epochs": 2,
+    }
+    assert path_tags["path.paths.root_dir"] == "/home/u/repo" and path_tags["path.data.path"] == "/data/ml-100k"
+    assert set(path_tags) == {
+        "path.paths.root_dir",
+        "path.paths.log_dir",
+        "path.data.path",
+        "path.data.cache_dir",
+        "path.logger.tracking_uri",
+        "path.logger.artifact_location",
+    }

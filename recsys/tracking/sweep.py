@@ -17,6 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.tracking.mlflow import mark_model_training
+
 log = logging.getLogger(__name__)
 
 PARENT_ENV = "RECSYS_SWEEP_PARENT_RUN_ID"
@@ -30,6 +32,7 @@ def _client_and_experiment(config: DictConfig):
     name = logger["experiment_name"]
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=logger["artifact_location"])
+    mark_model_training(client, exp_id)
     return client, exp_id
 
 
