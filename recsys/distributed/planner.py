@@ -143,12 +143,10 @@ def build_constraints(
     return constraints
 
 
-def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder]:
-    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``)."""
-    return [
-        EmbeddingCollectionSharder(fused_params=fused_params),
-        EmbeddingBagCollectionSharder(fused_params=fused_params),
-    ]
+def sharders() -> list[ModuleSharder]:
+    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``); the
+    fused optimiser reaches them through the tables' in-backward optimiser attributes (``recsys.distributed.optim``)."""
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
 
 
 def build_plan(

@@ -69,11 +69,6 @@ class HeadRouter(nn.Module):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
 
-    @property
-    def active_fraction(self) -> float:
-        """Share of heads active per token (the "X% heads" of MoH)."""
-        return (self.shared + (self.routed_topk if self.routed else 0)) / self.num_heads
-
     def forward(
         self, x: torch.Tensor, queries: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> HeadGates:
