@@ -29,6 +29,7 @@ from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer, MLflowRunFiles
 from recsys.tracking.gates import GateUsage
 from recsys.tracking.mlflow import experiment_hash, git_commit, mark_model_training, params_and_path_tags, run_name
+from recsys.tracking.progress import LineProgress, wants_line_progress
 from recsys.tracking.resume import PeriodicCheckpoint, check_checkpoint, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
@@ -137,6 +138,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     gates = GateUsage(str(output_dir))  # per-task gate/expert utilisation plots (multi-task towers)
     periodic = PeriodicCheckpoint(str(output_dir / "checkpoints"), cfg.checkpoint.every_n_steps)
     callbacks = [checkpoint, periodic, files, timer, gates, *extra_callbacks(cfg)]
+    if cfg.trainer.get("enable_progress_bar", True) and wants_line_progress():
+        callbacks.append(LineProgress())  # a log file gets plain lines, not tqdm's carriage returns
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
