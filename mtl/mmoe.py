@@ -1,6 +1,6 @@
 """MMoE (Ma et al., KDD 2018): n shared experts, one softmax gate per task over them, a head per task.
 
-``f^t(x) = Σ_i g^t(x)_i f_i(x)``, ``g^t(x) = softmax(W_t x)``, ``y_t = h_t(f^t(x))`` (specs/moe_mtl.md §4).
+``f^t(x) = Σ_i g^t(x)_i f_i(x)``, ``g^t(x) = softmax(W_t x)``, ``y_t = h_t(f^t(x))`` (Ma et al. 2018).
 """
 
 from __future__ import annotations

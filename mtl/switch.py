@@ -1,4 +1,4 @@
-"""Switch-DiT adapted to tasks (specs/moe_mtl.md §2.5): shared blocks whose input each task masks through
+"""Switch-DiT adapted to tasks (Park et al. 2024, docs/mtl.md): shared blocks whose input each task masks through
 a sparse MoE gated on a learned task embedding, plus the window task prior (Jensen–Shannon, Hungarian).
 
 Per block i and task t: ``p_i(e_t) = softmax(Linear(SiLU(e_t)))`` over M experts; ``g_i`` = the top-k

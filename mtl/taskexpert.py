@@ -1,4 +1,4 @@
-"""TaskExpert (Ye & Xu, ICCV 2023), the concrete reading of specs/moe_mtl.md §3.
+"""TaskExpert (Ye & Xu, ICCV 2023), as this package reads it (docs/mtl.md).
 
 For layers ℓ = 1..L over a shared representation x^ℓ (x^1 = backbone features, x^{ℓ+1} = trunk_ℓ(x^ℓ),
 a Linear -> LayerNorm -> activation layer): n experts ``e_i = E_i(x^ℓ)`` (Linear -> LayerNorm -> activation,

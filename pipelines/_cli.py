@@ -24,6 +24,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.errors import UserError
+from recsys.tracking.quiet import quiet_third_party_logs
 
 USER_ERROR_EXIT = 2
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -55,6 +56,7 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         def job(cfg: DictConfig) -> None:
             nonlocal started
             started = True
+            quiet_third_party_logs()  # after Hydra set up logging, before the job imports or logs anything
             try:
                 task(cfg)
             except Exception as err:

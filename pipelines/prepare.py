@@ -1,6 +1,6 @@
 """Prepare a dataset's cache, and optionally export a split as a scoring log with raw ids.
 
-    python -m pipelines.prepare data=ml100k data.path=../shared/data/ml-100k
+    python -m pipelines.prepare data=ml100k data.path=<folder with u.data and u.item>
     python -m pipelines.prepare data=synthetic export.split=test export.dir=logs/example_logs export.files=4
 
 The export maps table rows back to the raw ids of the source (through the stored id maps), so the

@@ -1,7 +1,7 @@
 """Train, validate and test a model; everything is tracked in MLflow.
 
 python -m pipelines.train recsys=dare
-python -m pipelines.train recsys=twin data=ml100k data.path=../shared/data/ml-100k trainer.max_epochs=3
+python -m pipelines.train recsys=twin data=ml100k data.path=<folder with u.data and u.item> trainer.max_epochs=3
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ from recsys.ops.jagged import kernel_backend
 from recsys.registry import factory
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer
-from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, log_config_files, run_name
+from recsys.tracking.mlflow import (
+    experiment_hash,
+    git_commit,
+    log_config_files,
+    mark_model_training,
+    params_and_path_tags,
+    run_name,
+)
+from recsys.tracking.progress import LineProgress, wants_line_progress
 from recsys.tracking.resume import check_checkpoint, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
@@ -66,6 +74,14 @@ def build(
         init_std=cfg.model.init_std,
     )
     return datamodule, module
+
+
+def group_hash(cfg: DictConfig) -> str:
+    """:func:`experiment_hash` of the config with every ``${seed}`` set to one value: equal for runs that differ
+    only in the seed (``pipelines.compare`` and sweep parents average over those)."""
+    seedless = cfg.copy()
+    seedless.seed = 0
+    return experiment_hash(OmegaConf.to_container(seedless, resolve=True))
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -109,20 +125,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
         "config_hash": experiment_hash(resolved),
+        "group_hash": group_hash(cfg),  # the config hash with the seed left out: runs that are seeds of one config
         "output_dir": str(output_dir),
     }
+    params, path_tags = params_and_path_tags(resolved)  # machine paths are tags, the rest params
+    tags.update(path_tags)
     if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
         logger = instantiate(cfg.logger, run_name=name, tags=tags, run_id=resume.run_id)
+    mark_model_training(logger.experiment, logger.experiment_id)  # the UI's model-training view, not GenAI's
     if resume.run_id is None:  # MLflow params are immutable: a resumed run keeps its own
-        logger.log_hyperparams({**flatten(resolved), "data.fingerprint": meta.fingerprint})
+        logger.log_hyperparams({**params, "data.fingerprint": meta.fingerprint})
 
     if run.is_zero:
         log_config_files(logger, resolved, dataclasses.asdict(meta))
     cfg.run_name, cfg.paths.output_dir = name, str(output_dir)  # what configs/callbacks/*.yaml interpolate
     callbacks = build_callbacks(cfg)
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    if cfg.trainer.get("enable_progress_bar", True) and wants_line_progress():
+        callbacks.append(LineProgress())  # a log file gets plain lines, not tqdm's carriage returns
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:

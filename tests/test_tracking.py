@@ -20,7 +20,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _train(tmp_path, env_uri, *args):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONUNBUFFERED": "1"}
+    """One training run as a subprocess whose working directory is a fresh folder under ``tmp_path`` (never the
+    repository: a relative artifact path must not land in the checkout)."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": env_uri,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -31,7 +40,7 @@ def _train(tmp_path, env_uri, *args):
         *TINY_SYNTHETIC,
         "trainer.max_epochs=1",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -159,6 +168,12 @@ def test_training_against_a_real_mlflow_server(tmp_path):
         run_id = runs[0]["info"]["run_id"]
         listed = _get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}")
         assert {"config", "model", "plots", "checkpoints"} <= {f["path"] for f in listed["files"]}
+        # the files went through the server into its artifact store, not into a local folder
+        stored = {p.relative_to(tmp_path / "art").as_posix() for p in (tmp_path / "art").rglob("*") if p.is_file()}
+        for name in ("config/config.yaml", "model/bundle.json", "model/weights.pt", "checkpoints/best.ckpt"):
+            assert any(s.endswith(f"{run_id}/artifacts/{name}") for s in stored), (name, sorted(stored)[:20])
+        for folder in (tmp_path / "work", REPO):
+            assert not list(folder.glob("mlflow-artifacts*")), folder
     finally:
         server.terminate()
         server.wait(timeout=30)

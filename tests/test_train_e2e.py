@@ -43,6 +43,9 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
     assert run.info.run_name.startswith("dare-synthetic-") and run.info.status == "FINISHED"
     assert run.data.params["recsys.attention_dim"] == "8"
     assert run.data.params["recsys.decoupled"] == "True"
+    assert not [k for k in run.data.params if k.startswith("paths.") or k.endswith(("_dir", ".path"))]
+    assert run.data.tags["path.paths.root_dir"] == str(tmp_path) and "group_hash" in run.data.tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(run.data.tags["data_fingerprint"]) == 16
     assert run.data.tags["jagged_kernels"] == "fbgemm"
     metrics = run.data.metrics

@@ -1,7 +1,7 @@
 """UCI Census-Income (KDD), official test file (99,762 rows), as tabular multi-task samples.
 
 ``census-income.test.gz``: headerless, ``", "``-separated, 42 fields (:data:`COLUMNS`, names as in
-keras-mmoe / DeepCTR; see ``shared/data/mtl/README.md``). Labels: ``income`` = ``income_50k == "50000+."``,
+keras-mmoe / DeepCTR; the UCI Census-Income (KDD) test file). Labels: ``income`` = ``income_50k == "50000+."``,
 ``never_married`` = ``marital_stat == "Never married"``. ``instance_weight`` (a survey weight) and the two
 label sources are not features; :data:`DENSE` are standardised numbers, the other 32 fields categorical.
 The split is the fixed one in ``split_seed2026/{train,val,test}_idx.npy`` (0-based row numbers), so

@@ -3,7 +3,7 @@
 ``u.data`` is tab-separated ``user item rating timestamp`` in random order; ``u.item`` is
 ``|``-separated latin-1 with 19 genre flags after 5 fields. The category of a movie is its first
 flagged genre index + 1 (1..19; a movie without any flag gets 1, the "unknown" genre).
-See ``shared/data/ml-100k/README.md``.
+The files come from files.grouplens.org/datasets/movielens/ml-100k.zip (``download=True`` fetches them).
 """
 
 from __future__ import annotations

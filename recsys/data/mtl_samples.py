@@ -1,5 +1,5 @@
-"""Loaders of the tiny public multi-task samples in ``shared/data/mtl`` (format checks and loader tests only:
-a few hundred rows cannot rank models). All write the tabular layout of :mod:`recsys.data.tabular`.
+"""Loaders of the tiny public multi-task samples (Ali-CCP, AliExpress; in ``data.path``): format checks and
+loader tests only, a few hundred rows cannot rank models. All write the tabular layout of :mod:`recsys.data.tabular`.
 
 * Ali-CCP (``ali_ccp_sample/ali_ccp_{train,val,test}_sample.csv``): labels ``click``, ``purchase`` and
   ``ctcvr`` = click·purchase (the entire-space label ESMM's second task reads); 23 id fields, 8 dense ``D*``.

@@ -1,6 +1,6 @@
 """The DARE CTR-sample protocol, generic over any interaction log in ``LOG_SCHEMA``.
 
-Follows thuml/DARE ``preprocess/taobao_v4.py`` (see ``shared/specs/dare.md`` §2.1):
+Follows thuml/DARE ``preprocess/taobao_v4.py`` (the reference code's Taobao preprocessing), step by step:
 
 * keep only the protocol's behaviours; per user, order rows by time (stable: file order breaks ties);
 * drop users with fewer than ``min_interactions`` rows;

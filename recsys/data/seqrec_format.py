@@ -4,11 +4,11 @@ Only numpy, torch and torchrec are imported here, so the GPU benchmark (no polar
 or MLflow) reads the same files into the same splits; ``recsys.data.seqrec`` adds the parquet cache
 and the Lightning data module on top.
 
-**File format** (``../shared/data/seqrec/README.md``): one line per user, ``user_id item_1 ... item_n``,
-space-separated integers, items oldest first; item ids >= 1 (0 is the padding id). Blank lines are
-skipped.
+**File format** (the S3-Rec release of Amazon Beauty / Sports and Yelp): one line per user,
+``user_id item_1 ... item_n``, space-separated integers, items oldest first; item ids >= 1 (0 is the padding
+id). Blank lines are skipped.
 
-**Split** (the official MQSA-TED code, ../shared/specs/mqsa_ted.md §1.6): with ``n`` items per user,
+**Split** (as the official MQSA-TED code splits): with ``n`` items per user,
 ``s`` = the training items ``item_1 .. item_{n-2}`` truncated to the last ``max_len``:
 
 ========  ==========================================  =================  =========================

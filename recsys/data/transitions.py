@@ -1,4 +1,4 @@
-"""The item-transition graph of TED (../shared/specs/mqsa_ted.md §1.5), built with sparse tensor ops.
+"""The item-transition graph of TED (docs/seqrec.md), built with sparse tensor ops.
 
 ``A[i, j]`` = how often item ``j`` follows item ``i`` within ``span`` steps in the *training* sequences
 (already truncated to the last ``max_len`` items); no reverse edges. The teacher reads each row scaled by

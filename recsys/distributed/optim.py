@@ -3,7 +3,7 @@
 FBGEMM's table-batched kernels update each table inside the backward pass, so tables never hold a
 ``.grad`` and need no optimiser step. TorchRec learns which update to fuse from attributes that
 :func:`torch.distributed.optim._apply_optimizer_in_backward` attaches to each table parameter before
-DistributedModelParallel shards it (../shared/specs/stack.md §1).
+DistributedModelParallel shards it (docs/distributed.md).
 
 Config (``trainer.fused_optimizer``)::
 

@@ -14,7 +14,7 @@ or when it equals the name. The longest matching key wins; two equally long matc
 that matches no table is logged as a warning (the default keys serve several models; check for typos).
 
 Pinning every table matters: left alone, the planner picks data-parallel for small tables, and
-data-parallel ``EmbeddingCollection`` s fail on CPU (../shared/specs/stack.md §2).
+data-parallel ``EmbeddingCollection`` s fail on CPU (TorchRec has no CPU kernel for them; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -143,12 +143,10 @@ def build_constraints(
     return constraints
 
 
-def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder]:
-    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``)."""
-    return [
-        EmbeddingCollectionSharder(fused_params=fused_params),
-        EmbeddingBagCollectionSharder(fused_params=fused_params),
-    ]
+def sharders() -> list[ModuleSharder]:
+    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``); the
+    fused optimiser reaches them through the tables' in-backward optimiser attributes (``recsys.distributed.optim``)."""
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
 
 
 def build_plan(

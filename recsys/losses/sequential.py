@@ -2,8 +2,8 @@
 
 - :func:`next_item_loss`: full-softmax cross-entropy over all items at every position that has a target
   (never on padding), the padding id kept as an extra class with logit 0 as in the official code.
-- :func:`ted_loss`: TED's distillation (../shared/specs/mqsa_ted.md §1.5), computed from the sparse graph
-  rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
+- :func:`ted_loss`: TED's distillation towards the item-transition graph (docs/seqrec.md), computed from the
+  sparse graph rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
 - :func:`sequential_losses`: both plus the model's auxiliary losses, for one training batch.
 
 All of them score against the item matrix the model returns (``SeqOutput.table``): the table's weight

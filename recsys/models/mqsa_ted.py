@@ -1,5 +1,5 @@
 """MQSA-TED: multi-query self-attention with transition-aware embedding distillation
-(Zhu et al., WSDM 2024; ../shared/specs/mqsa_ted.md §1.3-§1.5).
+(Zhu et al., WSDM 2024; the method as this package implements it: docs/seqrec.md).
 
 Two full encoders read the same inputs ``x``: a short-query branch (query = the item itself, exactly
 SASRec) and a long-query branch whose query at position ``t`` is the causal mean of the last ``window``

@@ -1,7 +1,7 @@
 """SASRec: causal self-attention over the item sequence, scored against the shared item table.
 
 The layout follows the official MQSA-TED code's SASRec setting (its α = 1, λ_kd = 0;
-../shared/specs/mqsa_ted.md §1.2): inputs ``x_t = Dropout(√d e_{s_t} + p_t)`` (jagged: no padding) with learned absolute
+docs/seqrec.md): inputs ``x_t = Dropout(√d e_{s_t} + p_t)`` (jagged: no padding) with learned absolute
 positions (the newest item always at position ``max_len - 1``), one query-pre-LN block per default,
 dropout 0.5, the item table (a TorchRec ``EmbeddingCollection``) shared by input and output.
 

@@ -1,7 +1,7 @@
 """Two-stage long-sequence CTR backbones: DIN, TWIN, TWIN-4E, TWIN w/ proj. and DARE.
 
-One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following
-../shared/specs/dare.md §1.3-§1.4 and §4:
+One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following the DARE paper
+(Feng et al. 2024) and its reference code (thuml/DARE); README "Models" lists the choices:
 
 1. Tokens = item ⊕ category ⊕ position embeddings (TorchRec EmbeddingCollection tables).
 2. Scores ``s_i = <q_sem, k_sem>/√d_sem + <q_pos, k_pos>/√d_pos`` (or DIN's attention MLP),

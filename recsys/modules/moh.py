@@ -1,4 +1,4 @@
-"""Mixture-of-Head (MoH) gates for multi-head attention (../shared/specs/moe_mtl.md §1).
+"""Mixture-of-Head (MoH) gates for multi-head attention (Jin et al. 2024; docs/seqrec.md).
 
 ``h`` heads = ``h_s`` shared heads (always on) + ``h_r = h - h_s`` routed heads, of which ``k`` are active
 per token. The gates multiply each head's output before the heads are concatenated; all heads are still
@@ -68,11 +68,6 @@ class HeadRouter(nn.Module):
         for layer in (self.w_routed, self.w_shared, self.w_group):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
-
-    @property
-    def active_fraction(self) -> float:
-        """Share of heads active per token (the "X% heads" of MoH)."""
-        return (self.shared + (self.routed_topk if self.routed else 0)) / self.num_heads
 
     def forward(
         self, x: torch.Tensor, queries: torch.Tensor | None = None, mask: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""Causal self-attention blocks of SASRec / MQSA-TED (../shared/specs/mqsa_ted.md §1.2-§1.3), on jagged tokens.
+"""Causal self-attention blocks of SASRec / MQSA-TED (docs/seqrec.md), on jagged tokens.
 
 Layout of one block (the official code): ``q = LN(query_in)``; keys and values from the un-normalised
 input ``x``; ``o = LN(Attn(q, x) + q)``; ``h = o + FFN(o)``; the encoder ends with a LayerNorm.

@@ -25,7 +25,8 @@ def _mlflow_logger(trainer: pl.Trainer) -> MLFlowLogger | None:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> Path | None:
-    """One panel per metric family (loss, AUC, logloss) against epoch; written atomically as PNG."""
+    """One panel per metric family (loss, AUC, logloss) against epoch (``history`` rows: ``epoch`` counted from 1,
+    metric name -> value); written atomically as PNG."""
     plt = pyplot()
 
     keys = sorted({k for row in history for k in row if k != "epoch"})
@@ -78,7 +79,7 @@ class MLflowRunFiles(pl.Callback):
         """Runs after the epoch's validation, so both train and val metrics of this epoch are known."""
         if not trainer.is_global_zero:
             return
-        row = {"epoch": float(trainer.current_epoch)}
+        row = {"epoch": float(trainer.current_epoch + 1)}  # 1 = the first epoch, as in pipelines.compare
         for key, value in trainer.callback_metrics.items():
             if key.startswith(("val/", "train/")) and key != "train/loss_step":
                 row[key.replace("_epoch", "")] = float(value)

@@ -31,6 +31,36 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# leaf keys whose values are locations on this machine: tags (``path.<key>``), not params, so the UI's compare
+# view (parallel coordinates) shows what was trained, not where its files went
+PATH_KEYS = ("path", "dir", "cache_dir", "output_dir", "root_dir", "log_dir", "tracking_uri", "artifact_location")
+
+
+def params_and_path_tags(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A resolved run config -> (MLflow params: model, data, trainer, ... settings a person compares,
+    tags ``path.<key>``: every machine path in it -- the ``paths`` section and ``*path`` / ``*_dir`` / store keys)."""
+    params, tags = {}, {}
+    for key, value in flatten(config).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if key.startswith("paths.") or leaf in PATH_KEYS or leaf.endswith("_dir"):
+            tags[f"path.{key}"] = str(value)
+        else:
+            params[key] = value
+    return params, tags
+
+
+# the experiment tag the MLflow UI (>= 3) reads to open an experiment in its model-training view; without it
+# the UI may infer a GenAI experiment and show runs as "Evaluations"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(client: Any, experiment_id: str | None) -> None:
+    """Tag the experiment as model training (idempotent); ``experiment_id`` None (a non-zero rank) does nothing."""
+    if experiment_id is not None:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
     """Short stable hash of a resolved config (run names, cache keys)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()

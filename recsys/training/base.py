@@ -1,6 +1,7 @@
 """What every training LightningModule shares: a *sparse* optimiser (TorchRec embedding tables) and a *dense* one
 (everything else) under manual optimisation, so TorchRec's DistributedModelParallel can replace the sparse
-one with its fused optimiser (../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
+one with its fused optimiser (fused optimisers update the tables inside the backward and ignore Lightning's closure,
+so automatic optimisation cannot drive them; docs/distributed.md).
 
 :class:`SparseDenseModule` owns ``configure_optimizers`` (plain or through
 :meth:`~recsys.distributed.strategy.TorchRecStrategy.sharded_optimizers` under ``trainer=dmp``) and the
