@@ -188,8 +188,12 @@ def test_tower_target_outside_the_registry_is_refused(bundle, tmp_path, target):
             lambda c, m: c["recsys"].update(path=m),
             r"recsys\.path: recsys\.models\.target_attention\.TargetAttentionBackbone takes no such parameter",
         ),
+        (  # YAML's non-plain scalars
+            lambda c, m: c["recsys"].update(top_k=__import__("datetime").date(2020, 1, 1)),
+            r"recsys\.top_k holds a date; allowed: str, int, float, bool, null, lists, mappings",
+        ),
     ],
-    ids=["nested-target", "args", "partial-false", "unknown-keyword"],
+    ids=["nested-target", "args", "partial-false", "unknown-keyword", "date"],
 )
 def test_only_plain_values_reach_a_registered_class(bundle, tmp_path, edit, message):
     marker = str(tmp_path / "marker.txt")
@@ -526,4 +530,16 @@ def test_damaged_dcp_folders_are_one_line(sharded, tmp_path, damage):
     with pytest.raises(CheckpointError) as err:
         ckpt.load_sharded(folder, model.state_dict())
     assert _one_line(err).startswith(expected)
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_hostile_lightning_checkpoint_does_not_run(tmp_path):
+    """``resume=<file>``: checked with ``weights_only=True`` before Lightning (also ``weights_only=True``) reads it."""
+    from recsys.tracking.resume import check_checkpoint
+
+    marker, path = tmp_path / "marker.txt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": _Payload(marker)}}, path)
+    with pytest.raises((ValueError, CheckpointError), match=rf"resume={path}: cannot read the checkpoint"):
+        check_checkpoint(str(path), torch.nn.Linear(3, 2))
     assert not marker.exists()
