@@ -543,3 +543,13 @@ def test_a_hostile_lightning_checkpoint_does_not_run(tmp_path):
     with pytest.raises((ValueError, CheckpointError), match=rf"resume={path}: cannot read the checkpoint"):
         check_checkpoint(str(path), torch.nn.Linear(3, 2))
     assert not marker.exists()
+
+
+def test_yaml_tags_in_config_yaml_are_not_constructed(bundle, tmp_path):
+    marker = tmp_path / "marker.txt"
+    text = f'recsys: !!python/object/apply:pathlib.Path.write_text ["{marker}", "pwned"]\ndata: {{}}\n'
+    _replace(bundle, "config.yaml", text.encode())
+    with pytest.raises(BundleError, match=r"config\.yaml: not valid YAML \(ConstructorError") as err:
+        load_bundle(bundle)
+    _one_line(err)
+    assert not marker.exists()
