@@ -553,3 +553,21 @@ def test_yaml_tags_in_config_yaml_are_not_constructed(bundle, tmp_path):
         load_bundle(bundle)
     _one_line(err)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("relative", ["../../outside.distcp", "/etc/hostname", ".."])
+def test_dcp_metadata_may_point_only_at_files_in_its_folder(sharded, relative):
+    import dataclasses
+    import pickle
+
+    from recsys.distributed import checkpoint as ckpt
+
+    folder, model = sharded
+    with open(folder / ".metadata", "rb") as handle:
+        metadata = pickle.load(handle)
+    storage = metadata.storage_data
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=relative) for k, v in storage.items()}
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_sharded(folder, model.state_dict())
+    assert f"points at data files outside the folder or of unknown form (e.g. ['{relative}'])" in _one_line(err)
