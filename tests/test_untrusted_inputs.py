@@ -188,8 +188,12 @@ def test_tower_target_outside_the_registry_is_refused(bundle, tmp_path, target):
             lambda c, m: c["recsys"].update(path=m),
             r"recsys\.path: recsys\.models\.target_attention\.TargetAttentionBackbone takes no such parameter",
         ),
+        (  # YAML's non-plain scalars
+            lambda c, m: c["recsys"].update(top_k=__import__("datetime").date(2020, 1, 1)),
+            r"recsys\.top_k holds a date; allowed: str, int, float, bool, null, lists, mappings",
+        ),
     ],
-    ids=["nested-target", "args", "partial-false", "unknown-keyword"],
+    ids=["nested-target", "args", "partial-false", "unknown-keyword", "date"],
 )
 def test_only_plain_values_reach_a_registered_class(bundle, tmp_path, edit, message):
     marker = str(tmp_path / "marker.txt")
@@ -527,3 +531,43 @@ def test_damaged_dcp_folders_are_one_line(sharded, tmp_path, damage):
         ckpt.load_sharded(folder, model.state_dict())
     assert _one_line(err).startswith(expected)
     assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_hostile_lightning_checkpoint_does_not_run(tmp_path):
+    """``resume=<file>``: checked with ``weights_only=True`` before Lightning (also ``weights_only=True``) reads it."""
+    from recsys.tracking.resume import check_checkpoint
+
+    marker, path = tmp_path / "marker.txt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": _Payload(marker)}}, path)
+    with pytest.raises((ValueError, CheckpointError), match=rf"resume={path}: cannot read the checkpoint"):
+        check_checkpoint(str(path), torch.nn.Linear(3, 2))
+    assert not marker.exists()
+
+
+def test_yaml_tags_in_config_yaml_are_not_constructed(bundle, tmp_path):
+    marker = tmp_path / "marker.txt"
+    text = f'recsys: !!python/object/apply:pathlib.Path.write_text ["{marker}", "pwned"]\ndata: {{}}\n'
+    _replace(bundle, "config.yaml", text.encode())
+    with pytest.raises(BundleError, match=r"config\.yaml: not valid YAML \(ConstructorError") as err:
+        load_bundle(bundle)
+    _one_line(err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("relative", ["../../outside.distcp", "/etc/hostname", ".."])
+def test_dcp_metadata_may_point_only_at_files_in_its_folder(sharded, relative):
+    import dataclasses
+    import pickle
+
+    from recsys.distributed import checkpoint as ckpt
+
+    folder, model = sharded
+    with open(folder / ".metadata", "rb") as handle:
+        metadata = pickle.load(handle)
+    storage = metadata.storage_data
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=relative) for k, v in storage.items()}
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load_sharded(folder, model.state_dict())
+    assert f"points at data files outside the folder or of unknown form (e.g. ['{relative}'])" in _one_line(err)

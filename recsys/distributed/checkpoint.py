@@ -117,21 +117,6 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: not a sharded checkpoint folder (no {TRAINER_STATE})")
 
 
-def _load_trainer_state(folder: Path) -> dict[str, Any]:
-    """``trainer_state.pt`` with ``weights_only=True``; CheckpointError names the file if it is not one."""
-    file = folder / TRAINER_STATE
-    try:
-        rest = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, a pickle weights_only refuses
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{file}: cannot read (truncated, corrupt or unsafe?): {type(err).__name__}: {first}"
-        ) from err
-    if not isinstance(rest, dict):
-        raise CheckpointError(f"{file}: expected a dict of trainer state, got {type(rest).__name__}")
-    return rest
-
-
 def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     """Collective: every rank calls it with its own ``checkpoint`` (local shards); see module docstring."""
     path = Path(path)
@@ -154,6 +139,21 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
         if old.exists():
             shutil.rmtree(old)
     _barrier()
+
+
+def _load_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` with ``weights_only=True``; CheckpointError names the file if it is not one."""
+    file = folder / TRAINER_STATE
+    try:
+        rest = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, a pickle weights_only refuses
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{file}: cannot read (truncated, corrupt or unsafe?): {type(err).__name__}: {first}"
+        ) from err
+    if not isinstance(rest, dict):
+        raise CheckpointError(f"{file}: expected a dict of trainer state, got {type(rest).__name__}")
+    return rest
 
 
 def load_sharded(

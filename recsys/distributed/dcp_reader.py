@@ -10,7 +10,8 @@ through :class:`SafeFileSystemReader`:
   memory formats, ``pathlib`` paths and builtin containers; any other name stops the load before anything
   is called;
 * the metadata must describe tensors only (this package's checkpoints never hold pickled objects: see
-  :mod:`recsys.distributed.checkpoint`), and a read plan with a byte (pickled object) item is refused;
+  :mod:`recsys.distributed.checkpoint`) stored in the folder's own shard files, and a read plan with a byte
+  (pickled object) item is refused;
 * tensor data is read as torch reads it, with ``torch.load(weights_only=True)``.
 
 Any refusal is a one-line :class:`~recsys.errors.CheckpointError` naming the folder.
@@ -100,7 +101,25 @@ def read_metadata_file(path: Path, folder: Path) -> dcp_metadata.Metadata:
             f"{folder}: {path.name} lists {len(objects)} non-tensor entries (e.g. {objects[:3]}); this package's "
             f"checkpoints hold tensors only and never load pickled objects"
         )
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    outside = sorted(
+        {
+            str(getattr(info, "relative_path", info))
+            for info in storage.values()
+            if not isinstance(info, dcp_filesystem._StorageInfo) or not _in_folder(info.relative_path)
+        }
+    )
+    if outside or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(
+            f"{folder}: {path.name} points at data files outside the folder or of unknown form (e.g. {outside[:3]}); "
+            f"a checkpoint reads only its own __<rank>_<n>.distcp files"
+        )
     return metadata
+
+
+def _in_folder(name: Any) -> bool:
+    """A plain file name (no folder part, not ``.``/``..``): DCP's shard files sit in the checkpoint folder."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 class SafeFileSystemReader(FileSystemReader):
