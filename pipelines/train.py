@@ -31,7 +31,7 @@ from recsys.ops.jagged import kernel_backend
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer
 from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, log_config_files, run_name
-from recsys.tracking.resume import check_checkpoint, find_resume_point
+from recsys.tracking.resume import check_checkpoint, exit_on_sigterm, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
@@ -126,12 +126,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
         check_checkpoint(resume.checkpoint, module)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    if cfg.test_after_fit:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    with exit_on_sigterm(logger, run.is_zero):  # SIGTERM: last.ckpt, MLflow run KILLED, exit 143
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        if cfg.test_after_fit:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     weights: Any = module.model
     if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0
         weights = run.best_weights(module, module.model, best_path)

@@ -160,3 +160,14 @@ def test_training_against_a_real_mlflow_server(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_experiment_hash_ignores_the_run_folder_but_not_settings():
+    from recsys.tracking.mlflow import experiment_hash
+
+    def config(folder: str, patience: int) -> dict:
+        callbacks = {"ckpt": {"dirpath": f"{folder}/checkpoints"}, "stop": {"patience": patience}}
+        return {"paths": {"output_dir": folder}, "callbacks": callbacks, "seed": 0}
+
+    assert experiment_hash(config("/runs/a", 3)) == experiment_hash(config("/runs/b", 3))
+    assert experiment_hash(config("/runs/a", 3)) != experiment_hash(config("/runs/a", 4))

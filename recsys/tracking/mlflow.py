@@ -40,8 +40,13 @@ VOLATILE_KEYS = ("paths", "resume", "run_name")
 
 
 def experiment_hash(config: Mapping[str, Any]) -> str:
-    """Hash of what defines a run's results (config without paths / resume / run name)."""
-    return config_hash({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
+    """Hash of what defines a run's results: the config without paths / resume / run name, and with the run's
+    own folder (``paths.output_dir``, which e.g. configs/callbacks/ interpolate) replaced by a placeholder."""
+    blob = json.dumps({k: v for k, v in config.items() if k not in VOLATILE_KEYS}, sort_keys=True, default=str)
+    output_dir = str((config.get("paths") or {}).get("output_dir") or "")
+    if output_dir:
+        blob = blob.replace(json.dumps(output_dir)[1:-1], "<output_dir>")
+    return config_hash(json.loads(blob))
 
 
 def run_name(recsys: str, mtl: str | None, data: str, config: Mapping[str, Any]) -> str:

@@ -3,13 +3,19 @@ id, or a checkpoint path; plus the periodic ``last.ckpt`` writer that makes resu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +103,32 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM: Lightning lets the running step finish, then raises :class:`SIGTERMException` between
+        steps (every rank together under DDP); the state there is saved as ``last.ckpt``."""
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            self._save(trainer)
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(logger, is_zero: bool) -> Iterator[None]:
+    """Around ``trainer.fit`` / ``trainer.test``: on SIGTERM (what schedulers and ``kubectl delete`` send) Lightning
+    finishes the running step and raises :class:`SIGTERMException` (a ``SystemExit`` with status 0), and
+    :class:`PeriodicCheckpoint` writes ``last.ckpt``. Here the MLflow run is marked KILLED, one line says how to
+    resume, and the process exits with 143 (128 + SIGTERM), so a scheduler sees an interrupted job."""
+    try:
+        yield
+    except SIGTERMException:
+        if is_zero:
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+            print(
+                f"stopped by SIGTERM; the state is in last.ckpt: rerun the same command with resume=auto "
+                f"(or resume={logger.run_id}) to continue MLflow run {logger.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 def check_checkpoint(path: str, module) -> None:
