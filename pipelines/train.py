@@ -30,7 +30,7 @@ from recsys.io import write_json_atomic
 from recsys.ops.jagged import kernel_backend
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer
-from recsys.tracking.mlflow import experiment_hash, flatten, git_commit, log_config_files, run_name
+from recsys.tracking.mlflow import check_tracking_uri, experiment_hash, flatten, git_commit, log_config_files, run_name
 from recsys.tracking.resume import check_checkpoint, exit_on_sigterm, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    check_tracking_uri(logger_cfg["tracking_uri"])  # a dead server: one line in seconds, before any data work
     resume = find_resume_point(
         cfg.resume, logger_cfg["tracking_uri"], logger_cfg["experiment_name"], experiment_hash(resolved)
     )

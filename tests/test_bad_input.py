@@ -16,6 +16,7 @@ from recsys.bundle import export_bundle, load_bundle
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import DataValidationError
 from recsys.data.vocab import Vocab
+from recsys.errors import ConfigError
 from recsys.tracking.mlflow import build_logger
 from recsys.tracking.resume import check_checkpoint
 from tests.conftest import REPO
@@ -179,7 +180,7 @@ def test_bundle_weights_of_another_model(tmp_path):
 def test_unwritable_tracking_store(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(PermissionError, match=r"MLflow tracking store folder .* cannot be created"):
+    with pytest.raises(ConfigError, match=r"MLflow tracking store folder .* cannot be created"):
         build_logger(f"sqlite:///{blocker}/sub/mlflow.db", str(tmp_path / "art"), "x")
 
 

@@ -7,12 +7,16 @@ import json
 import os
 import subprocess
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import MLFlowLogger
+
+from recsys.errors import ConfigError
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,9 +75,28 @@ def ensure_store_writable(tracking_uri: str) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise PermissionError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
+            raise ConfigError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
         if not os.access(folder, os.W_OK):
-            raise PermissionError(f"MLflow tracking store folder {folder} is not writable")
+            raise ConfigError(f"MLflow tracking store folder {folder} is not writable")
+
+
+def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the URI named, where MLflow itself would retry for minutes: an ``http(s)://``
+    tracking server must answer (any HTTP status) within ``timeout`` seconds; a sqlite store must be writable."""
+    ensure_store_writable(tracking_uri)
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered (an auth wall or a proxy's status page still means it is reachable)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"MLflow tracking server {tracking_uri} (logger.tracking_uri / MLFLOW_TRACKING_URI) does not answer "
+            f"within {timeout:g} s ({reason}); start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
 
 
 def build_logger(
@@ -85,7 +108,7 @@ def build_logger(
     run_id: str | None = None,
 ) -> MLFlowLogger:
     """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
-    ensure_store_writable(tracking_uri)
+    check_tracking_uri(tracking_uri)
     if urlparse(artifact_location).scheme in ("", "file"):  # a local folder (else e.g. mlflow-artifacts:/, s3://)
         artifact_location = str(Path(artifact_location.removeprefix("file://")).resolve())
         Path(artifact_location).mkdir(parents=True, exist_ok=True)

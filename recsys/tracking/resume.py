@@ -58,6 +58,9 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
         return ResumePoint(str(resume))
     from mlflow.tracking import MlflowClient
 
+    from recsys.tracking.mlflow import check_tracking_uri
+
+    check_tracking_uri(tracking_uri)  # seconds, not MLflow's minutes of retries
     client = MlflowClient(tracking_uri=tracking_uri)
     if resume != "auto":
         return _from_run(client.get_run(resume))
