@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from recsys.bundle import load_bundle, resolve_bundle
+from recsys.config_schema import validate_score
 from recsys.data.schema import DataValidationError
 from recsys.io import write_json_atomic
 from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
@@ -109,6 +110,7 @@ def make_scorer(bundle, cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> ScoreStats:
+    validate_score({k: cfg.get(k) for k in ("threads", "batch_size", "top_n")})  # before any file is read
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     output = Path(cfg.output)

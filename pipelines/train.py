@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from recsys.bundle import export_bundle
+from recsys.config_schema import validate_train
 from recsys.data.schema import DataValidationError
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
@@ -77,9 +78,10 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the final metrics."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    validate_train(resolved)  # types and ranges (recsys/config_schema.py), before any data is touched
     pl.seed_everything(cfg.seed, workers=True)
     picked = choices(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
