@@ -110,7 +110,7 @@ def make_scorer(bundle, cfg: DictConfig):
 
 
 def run(cfg: DictConfig) -> ScoreStats:
-    validate_score({k: cfg.get(k) for k in ("threads", "batch_size", "top_n")})  # before any file is read
+    validate_score({k: cfg[k] for k in ("threads", "batch_size", "top_n") if k in cfg})  # before any file is read
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     output = Path(cfg.output)

@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from recsys.data.seqrec_format import read_sequences
 from recsys.errors import DataValidationError
 from tests.conftest import REPO
+from tests.test_scoring import _one_log, score_cfg
+from tests.test_scoring import bundle_dir as bundle_dir  # a module fixture, reused
 
 
 def test_seqrec_id_beyond_int64_names_file_line_value_and_range(tmp_path):
@@ -60,9 +62,9 @@ def test_sparse_huge_item_ids_are_remapped_and_scored_back_in_raw_ids(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     history = [int(catalogue[3]), int(catalogue[17])]
-    pl.DataFrame(
-        {"user": [1], "history": [history]}, schema={"user": pl.Int64, "history": pl.List(pl.Int64)}
-    ).write_parquet(logs / "part.parquet")
+    histories = [history, [history[0], None]]  # the second: a null id inside the list
+    schema = {"user": pl.Int64, "history": pl.List(pl.Int64)}
+    pl.DataFrame({"user": [1, 2], "history": histories}, schema=schema).write_parquet(logs / "part.parquet")
     cfg_score = {"input": str(logs), "model": str(tmp_path / "model"), "output": str(tmp_path / "out"), "batch_size": 8}
     extra = {
         "unseen": "map",
@@ -74,5 +76,43 @@ def test_sparse_huge_item_ids_are_remapped_and_scored_back_in_raw_ids(tmp_path):
     }
     stats = score(OmegaConf.create({**cfg_score, **extra}))
     assert stats.unseen_ids_mapped == 0  # the raw ids were found in the map
+    assert dict(stats.rows_rejected) == {"null": 1}  # a null inside a history is rejected, not counted as unseen
     (items,) = pl.read_parquet(tmp_path / "out" / "part.parquet")["top_items"].to_list()
     assert len(items) == 5 and set(items) <= set(catalogue.tolist()) and not set(items) & set(history)
+
+
+def test_null_inside_a_history_is_rejected_not_unseen(tmp_path):
+    from recsys.data.schema import validate_samples
+    from tests.helpers import random_samples
+
+    frame = random_samples(rows=16).with_columns(
+        pl.when(pl.int_range(pl.len()) == 3)
+        .then(pl.col("hist_cat").list.eval(pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.element())))
+        .otherwise(pl.col("hist_cat"))
+        .alias("hist_cat")
+    )
+    with pytest.raises(DataValidationError) as err:
+        validate_samples(frame, "train.parquet")
+    assert str(err.value) == (
+        "train.parquet: column 'hist_cat' holds null ids inside 1 histories (first at row 3); null ids are not allowed."
+    )
+
+
+def test_ctr_scoring_rejects_a_null_inside_a_history(bundle_dir, tmp_path):
+    from pipelines.score import run as score
+
+    frame = (
+        _one_log(bundle_dir)
+        .head(6)
+        .with_columns(
+            pl.when(pl.int_range(pl.len()) == 2)
+            .then(
+                pl.col("hist_item").list.eval(pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.element()))
+            )
+            .otherwise(pl.col("hist_item"))
+            .alias("hist_item")
+        )
+    )
+    frame.write_parquet(tmp_path / "in.parquet")
+    stats = score(score_cfg(bundle_dir, tmp_path / "out", inputs=tmp_path / "in.parquet"))
+    assert dict(stats.rows_rejected) == {"null": 1} and stats.unseen_ids_mapped == 0 and stats.rows_scored == 5

@@ -16,6 +16,7 @@ import torch
 
 from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
+from recsys.data.schema import null_inside
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.seqrec_format import take_segments
 from recsys.models.sequential import last_position_scores
@@ -63,9 +64,14 @@ class SeqScorer:
         """Reject bad rows, map ids, keep the newest ``max_len`` items, build the :class:`SeqBatch`."""
         stats = ScoreStats(rows_in=frame.height)
         reasons = np.where(
-            frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy(), "null", ""
+            frame.select(pl.col("user").is_null() | pl.col("history").is_null() | null_inside("history"))
+            .to_series()
+            .to_numpy(),
+            "null",
+            "",
         )
-        values, offsets = list_column_arrays(frame.with_columns(pl.col("history").fill_null([])), "history")
+        filled = pl.col("history").fill_null([]).list.eval(pl.element().fill_null(0))  # rejected rows: any id
+        values, offsets = list_column_arrays(frame.with_columns(filled), "history")
         rows = self.bundle.mappers["item"](values)
         lengths = np.diff(offsets)
         row_of_value = np.repeat(np.arange(frame.height), lengths)
