@@ -116,3 +116,38 @@ def test_ctr_scoring_rejects_a_null_inside_a_history(bundle_dir, tmp_path):
     frame.write_parquet(tmp_path / "in.parquet")
     stats = score(score_cfg(bundle_dir, tmp_path / "out", inputs=tmp_path / "in.parquet"))
     assert dict(stats.rows_rejected) == {"null": 1} and stats.unseen_ids_mapped == 0 and stats.rows_scored == 5
+
+
+GOOD = "1,2,3,pv,1511539300\n2,2,3,cart,1511539400\n"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (GOOD + "1,5,3\n", r"t\.csv: line\(s\) \[3\] have missing fields; every line needs user,item,category,"),
+        (
+            GOOD + "2,2,3,click,1511539400\n",
+            r"line\(s\) \[3\] have behavior_type 'click'; allowed: \['pv', 'buy', 'cart', 'fav'\]\.$",
+        ),
+        (
+            GOOD + "2,2,3,pv,15115",
+            r"line 3 has timestamp 15115, outside \[1511539200, 1512316799\] \(line 3, the last, ",
+        ),
+        (GOOD + "2,2", r"line\(s\) \[3\] have missing fields; .* the file looks cut off\)\.$"),
+    ],
+)
+def test_taobao_short_or_cut_rows_name_file_and_line(tmp_path, text, message):
+    from recsys.data.taobao import read_taobao_log
+
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(DataValidationError, match=message):
+        read_taobao_log(tmp_path / "t.csv")
+
+
+def test_taobao_rows_outside_the_window_are_a_counted_drop(tmp_path, caplog):
+    from recsys.data.taobao import read_taobao_log
+
+    (tmp_path / "t.csv").write_text(GOOD + "2,2,3,pv,1505117799\n")
+    with caplog.at_level("INFO", logger="recsys.data.taobao"):
+        assert read_taobao_log(tmp_path / "t.csv").height == 2
+    assert "left out 1 rows outside the time window" in caplog.text
