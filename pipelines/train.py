@@ -128,7 +128,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
-        check_checkpoint(resume.checkpoint, module)
+        check_checkpoint(resume.checkpoint, module, sharded=run.sharded)
     with exit_on_sigterm(logger, run.is_zero):  # SIGTERM: last.ckpt, MLflow run KILLED, exit 143
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

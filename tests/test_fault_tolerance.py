@@ -171,3 +171,19 @@ def test_sigterm_saves_marks_killed_exits_nonzero_and_resumes(tmp_path):
         assert abs(resumed[key] - expected[key]) <= 1e-6, (key, resumed[key], expected[key])
     (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
     assert run.info.status == "FINISHED"
+
+
+def test_resume_from_a_folder_without_sharding_is_one_line(tmp_path):
+    from recsys.errors import CheckpointError
+    from recsys.tracking.resume import check_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        check_checkpoint(str(folder), torch.nn.Linear(1, 1))
+    assert str(err.value) == (
+        f"resume={folder}: a folder is a sharded (DCP) checkpoint, which only trainer=dmp reads; "
+        f"give a file, e.g. resume={folder / 'last.ckpt'}"
+    )
+    check_checkpoint(str(folder), torch.nn.Linear(1, 1), sharded=True)  # trainer=dmp: the strategy reads it

@@ -17,6 +17,8 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from recsys.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -134,14 +136,21 @@ def exit_on_sigterm(logger, is_zero: bool) -> Iterator[None]:
         raise SystemExit(128 + signal.SIGTERM) from None
 
 
-def check_checkpoint(path: str, module) -> None:
+def check_checkpoint(path: str, module, sharded: bool = False) -> None:
     """Fail early, with the file named, on a truncated file or a checkpoint of another model.
 
-    Sharded (DCP folder) checkpoints are checked by the strategy when it loads them.
+    Sharded (DCP folder) checkpoints are checked by the strategy when it loads them; a folder is refused
+    where training is not sharded (``sharded=False``), as only ``trainer=dmp`` reads one.
     """
     import torch
 
     if Path(path).is_dir():
+        if not sharded:
+            inside = sorted(p.name for p in Path(path).glob("*.ckpt") if p.is_file())
+            hint = f"; give a file, e.g. resume={Path(path) / inside[0]}" if inside else "; give a .ckpt file"
+            raise CheckpointError(
+                f"resume={path}: a folder is a sharded (DCP) checkpoint, which only trainer=dmp reads{hint}"
+            )
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
