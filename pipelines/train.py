@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pipelines._cli import entry_point
 from recsys.bundle import export_bundle
+from recsys.config_schema import validate_train
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
 from recsys.ops.backend import kernel_family
@@ -30,6 +31,7 @@ from recsys.registry import factory
 from recsys.system import peak_rss_mb
 from recsys.tracking.callbacks import EpochTimer
 from recsys.tracking.mlflow import (
+    check_tracking_uri,
     experiment_hash,
     git_commit,
     log_config_files,
@@ -38,7 +40,7 @@ from recsys.tracking.mlflow import (
     run_name,
 )
 from recsys.tracking.progress import LineProgress, wants_line_progress
-from recsys.tracking.resume import check_checkpoint, find_resume_point
+from recsys.tracking.resume import check_checkpoint, exit_on_sigterm, find_resume_point
 from recsys.tracking.sweep import PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
@@ -92,12 +94,14 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; returns the final metrics."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    validate_train(resolved)  # types and ranges (recsys/config_schema.py), before any data is touched
     pl.seed_everything(cfg.seed, workers=True)
     picked = choices(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     name = cfg.run_name or run_name(picked.get("recsys", "model"), picked.get("mtl"), cfg.data.name, resolved)
     resolved["run_name"] = name
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    check_tracking_uri(logger_cfg["tracking_uri"])  # a dead server: one line in seconds, before any data work
     resume = find_resume_point(
         cfg.resume, logger_cfg["tracking_uri"], logger_cfg["experiment_name"], experiment_hash(resolved)
     )
@@ -148,13 +152,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, default_root_dir=str(output_dir))
     log.info("run %s -> %s (jagged kernels: %s)", name, output_dir, tags["jagged_kernels"])
     if resume.checkpoint is not None:
-        check_checkpoint(resume.checkpoint, module)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    if cfg.test_after_fit:
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+        check_checkpoint(resume.checkpoint, module, sharded=run.sharded)
+    with exit_on_sigterm(logger, run.is_zero):  # SIGTERM: last.ckpt, MLflow run KILLED, exit 143
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        if cfg.test_after_fit:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     weights: Any = module.model
     if run.sharded:  # collective: best DCP folder into the shards, whole tensors gathered on rank 0
         weights = run.best_weights(module, module.model, best_path)

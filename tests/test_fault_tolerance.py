@@ -160,3 +160,62 @@ def test_one_last_checkpoint_with_the_newest_state(tmp_path):
     last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
     best = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == best["global_step"] > 20  # the epoch end, not the periodic save at step 20
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_saves_marks_killed_exits_nonzero_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's stop) mid-epoch: the step finishes, last.ckpt is written after the signal, the MLflow
+    run is KILLED, the exit status is 143 with one line on how to resume; resume=auto then ends where an
+    uninterrupted run ends."""
+    plain, stopped = tmp_path / "plain", tmp_path / "stopped"
+    proc = subprocess.Popen(
+        _cmd(stopped, "trainer.max_epochs=1"),
+        cwd=REPO,
+        env=_env(stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    runs = stopped / "logs" / "train" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    hint = [line for line in stderr.splitlines() if "SIGTERM" in line and "resume=auto" in line]
+    assert len(hint) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    last = next(runs.glob("*/checkpoints/last.ckpt"))
+    assert last.stat().st_mtime >= signalled - 0.05  # written at the signal, not the periodic save before it
+    progress = torch.load(last, map_location="cpu", weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["total"]["completed"] == progress["total"]["processed"] < 23  # a whole step, mid-epoch
+    client = MlflowClient(tracking_uri=f"sqlite:///{stopped}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "KILLED" and run.info.run_id in hint[0]
+
+    _run(stopped, "trainer.max_epochs=1", "resume=auto")
+    _run(plain, "trainer.max_epochs=1")
+    resumed, expected = _metrics(stopped), _metrics(plain)
+    for key in ("val/auc", "test/auc", "test/logloss"):
+        assert abs(resumed[key] - expected[key]) <= 1e-6, (key, resumed[key], expected[key])
+    (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "FINISHED"
+
+
+def test_resume_from_a_folder_without_sharding_is_one_line(tmp_path):
+    from recsys.errors import CheckpointError
+    from recsys.tracking.resume import check_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        check_checkpoint(str(folder), torch.nn.Linear(1, 1))
+    assert str(err.value) == (
+        f"resume={folder}: a folder is a sharded (DCP) checkpoint, which only trainer=dmp reads; "
+        f"give a file, e.g. resume={folder / 'last.ckpt'}"
+    )
+    check_checkpoint(str(folder), torch.nn.Linear(1, 1), sharded=True)  # trainer=dmp: the strategy reads it
