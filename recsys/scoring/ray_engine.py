@@ -126,12 +126,11 @@ def connect(ray, ray_cfg) -> bool:
     a Ray this process already joined. -> whether this call started it (and so must shut it down)."""
     if ray.is_initialized():
         return False
-    options: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
     if ray_cfg.get("address"):
-        ray.init(address=str(ray_cfg.address), **options)
+        ray.init(address=str(ray_cfg.address))
     else:
         num_cpus = ray_cfg.get("num_cpus")
-        ray.init(num_cpus=int(num_cpus) if num_cpus else None, **options)
+        ray.init(num_cpus=int(num_cpus) if num_cpus else None, include_dashboard=False, configure_logging=False)
     return True
 
 
