@@ -303,3 +303,38 @@ def test_cuda_scores_equal_cpu(bundle_dir, tmp_path):
         np.testing.assert_allclose(cuda[name]["score_click"], cpu[name]["score_click"], rtol=1e-4, atol=1e-5)
     summary = json.loads((tmp_path / "cuda" / "_summary.json").read_text())
     assert summary["last_run"]["device"] == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------ without Ray
+
+BLOCKED = """
+import sys
+sys.modules["ray"] = None  # any `import ray` now raises ImportError, as if Ray were not installed
+from omegaconf import OmegaConf
+from pipelines.score import run
+from recsys.errors import ConfigError
+cfg = OmegaConf.create(json.loads(sys.argv[1]))
+stats = run(cfg)
+assert stats.rows_scored > 0
+try:
+    run(OmegaConf.merge(cfg, {"output": cfg.output + "_ray", "engine": "ray"}))
+except ConfigError as err:
+    print("RAY:", err)
+"""
+
+
+def test_local_engine_runs_with_ray_not_installed(bundle_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    cfg = json.dumps(OmegaConf.to_container(score_cfg(bundle_dir, tmp_path / "out")))
+    done = subprocess.run(
+        [sys.executable, "-c", "import json\n" + BLOCKED, cfg], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RAY: engine=ray needs Ray, which is not installed here: pip install -e '.[ray]'" in done.stdout
+    assert len(_outputs(tmp_path / "out")) == 3
