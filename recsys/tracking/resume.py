@@ -71,7 +71,8 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
 
 
 class PeriodicCheckpoint(pl.Callback):
-    """Saves ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (and the best/last epoch
+    """Saves ``<dirpath>/last.ckpt`` every ``every_n_steps`` steps (one step = one training batch, whatever the
+    number of optimisers: :meth:`recsys.training.base.SparseDenseModule.optimisation_step`; the best/last epoch
     checkpoints come from ModelCheckpoint). Lightning writes checkpoint files atomically (a temporary file
     moved into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full
     disk leaves the previous ``last.ckpt`` intact."""
