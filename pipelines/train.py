@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from recsys.bundle import export_bundle
+from recsys.compat import versions
 from recsys.data.schema import DataValidationError
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
@@ -105,6 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "seed": str(cfg.seed),
         "device": device,
         "jagged_kernels": kernel_backend(torch.device(device)),
+        # python, torch, cuda, torchrec, fbgemm, fbgemm_dist (fbgemm-gpu | fbgemm-gpu-cpu): docs/gpu.md
+        **{f"version.{k}": v for k, v in versions().items()},
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
         "config_hash": experiment_hash(resolved),
