@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from pipelines._cli import entry_point
 from recsys.bundle import export_bundle
+from recsys.compat import versions
 from recsys.config_schema import validate_train
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
@@ -126,6 +127,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "jagged_kernels": kernel_backend(torch.device(device)),
         "kernels": kernel_family(device),  # fbgemm | triton | torch (recsys/ops/backend.py)
         "precision": str(cfg.trainer.get("precision", "32-true")),
+        # python, torch, cuda, torchrec, fbgemm, fbgemm_dist (fbgemm-gpu | fbgemm-gpu-cpu): docs/gpu.md
+        **{f"version.{k}": v for k, v in versions().items()},
         "sharding": run.path,  # dmp | unsharded_fallback | unsharded (recsys.distributed.env)
         "world_size": str(run.world.world_size),
         "config_hash": experiment_hash(resolved),

@@ -69,7 +69,7 @@ def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     proc.wait()
     last = next((killed / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] < 2 * 23  # killed before the end (23 batches per epoch here)
+    assert state["global_step"] < 2 * 23  # killed before the end (2 epochs x 23 batches; one step = one batch)
 
     _run(killed, "resume=auto")
     c = _metrics(killed)

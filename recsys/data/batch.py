@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.compat import KeyedJaggedTensor
 
 HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT = "hist_item", "hist_cat", "target_item", "target_cat"
 CTR_KEYS = (HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT)

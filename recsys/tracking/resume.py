@@ -83,7 +83,9 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
 
 
 class PeriodicCheckpoint(Checkpoint):
-    """The one ``<dirpath>/last.ckpt``: written every ``every_n_steps`` optimiser steps and at the end of every
+    """The one ``<dirpath>/last.ckpt``: written every ``every_n_steps`` steps (one step = one training batch,
+    whatever the number of optimisers: :meth:`recsys.training.base.SparseDenseModule.optimisation_step`) and at
+    the end of every
     training epoch (after its validation), so it always holds the newest state (ModelCheckpoint writes only
     ``best.ckpt``; ``resume=`` reads this file).
 
