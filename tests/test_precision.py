@@ -64,3 +64,43 @@ def test_precision_casts_the_forward_only(tmp_path, precision, sparse_optimizer,
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     assert value.dtype == torch.float32
     assert np.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+class _Recorder(pl.loggers.Logger):
+    name, version = "recorder", "0"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_throughput_callback_logs_windows_and_the_steady_rate(tmp_path):
+    from recsys.tracking.throughput import Throughput
+
+    table = CTRTable.from_frame(random_samples(rows=64, vocab=VOCAB, seed=5), "mem", {"click": "label"}, VOCAB)
+    backbone = TargetAttentionBackbone(VOCAB, 12, embedding_dim=4, top_k=3)
+    model = RankingModel(backbone, SingleTower(backbone.output_dim, TASKS, hidden=(8,)))
+    module = RankingModule(model, TASKS, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
+    recorder, meter = _Recorder(), Throughput(every_n_steps=2, warmup_steps=1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=14,  # two optimisers: Lightning counts each one's step, 7 batches
+        logger=recorder,
+        callbacks=[meter],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, train_dataloaders=batch_loader(BatchedCTRDataset(table), 64, 8, shuffle=False, seed=0))
+    windows = [m for _, m in recorder.metrics if "perf/samples_per_s" in m]
+    assert len(windows) == 3 and all(m["perf/samples_per_s"] > 0 and m["perf/step_ms"] > 0 for m in windows)
+    assert meter.samples == 6 * 8  # the 6 steps after the warm-up step
+    steady = [m["perf/steady_samples_per_s"] for _, m in recorder.metrics if "perf/steady_samples_per_s" in m]
+    assert steady == [meter.steady] and meter.steady > 0
