@@ -28,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def jagged_case(seed: int, device: str = "cpu", top_k: int | None = 5):
+def jagged_case(seed: int, device: str = "cpu", top_k: int | None = 5, wide: bool = False):
     """Random scores ``[B, L]``, values ``[B, L, D]`` (D not a power of two), a jagged mask with rows shorter
-    than K, and (``top_k``) each row's top-K slots as the search stage picks them."""
+    than K, and (``top_k``) each row's top-K slots as the search stage picks them. ``wide``: DARE-sized rows
+    (L = 200, D = 200..400: several value tiles per row in the Triton kernel)."""
     g = torch.Generator().manual_seed(seed)
-    batch, width, dim = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 40), (1, 30), (1, 40)))
+    sizes = ((1, 6), (200, 201), (200, 400)) if wide else ((1, 40), (1, 30), (1, 40))
+    batch, width, dim = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in sizes)
     lengths = torch.randint(1, width + 1, (batch,), generator=g)
     mask = torch.arange(width) < lengths.unsqueeze(1)
     scores = torch.randn(batch, width, generator=g) * 3
@@ -43,9 +45,11 @@ def jagged_case(seed: int, device: str = "cpu", top_k: int | None = 5):
     return [t.to(device) if t is not None else None for t in (scores, mask, values, index)]
 
 
-def compare_backends(seed: int, backend: str | None, device: str = "cpu", top_k: int | None = 5) -> None:
+def compare_backends(
+    seed: int, backend: str | None, device: str = "cpu", top_k: int | None = 5, wide: bool = False
+) -> None:
     """``backend`` (None = automatic) against the reference: outputs and gradients of scores and values."""
-    scores, mask, values, index = jagged_case(seed, device, top_k)
+    scores, mask, values, index = jagged_case(seed, device, top_k, wide)
     results = []
     probe = torch.randn(index.shape if index is not None else scores.shape, generator=torch.Generator().manual_seed(9))
     for which in (backend, "torch"):
@@ -79,6 +83,8 @@ def check_triton_cases() -> None:
     for seed in range(8):
         for top_k in (5, 1, None):
             compare_backends(seed, None, "cpu", top_k)
+    for top_k in (20, None):
+        compare_backends(0, None, "cpu", top_k, wide=True)
     print("triton cases ok")
 
 
@@ -101,11 +107,12 @@ def test_cpu_without_the_interpreter_uses_the_reference(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("top_k", [20, 5, None])
 @pytest.mark.parametrize("seed", range(4))
-def test_triton_kernel_on_cuda_matches_the_reference(seed, top_k):
+def test_triton_kernel_on_cuda_matches_the_reference(seed, top_k, wide):
     assert use_triton("cuda"), "triton should be importable on the GPU machine"
-    compare_backends(seed, "triton", "cuda", top_k)
+    compare_backends(seed, "triton", "cuda", top_k, wide)
 
 
 # ---- sparse table updates -----------------------------------------------------------------------------

@@ -26,7 +26,8 @@ class PaddedHistory:
     """The CTR ids at a fixed shape (the sync-free GPU path; built by the loader, not in the step).
 
     Shapes: ``hist_item, hist_cat [B, L]`` (oldest first, right-padded with id 0; ``L`` is the dataset's
-    ``max_len``, the same for every batch), ``lengths [B]`` (real slots per row), ``target_item, target_cat [B]``.
+    ``max_len``, the same for every batch; int32 when the ids fit, to halve the copy), ``lengths [B]`` (real
+    slots per row), ``target_item, target_cat [B]``.
     """
 
     hist_item: torch.Tensor
@@ -48,15 +49,17 @@ class CTRBatch:
 
     Attributes:
         sparse: KJT with keys ``hist_item, hist_cat`` (jagged, oldest first, lengths ``[B]``)
-            and ``target_item, target_cat`` (one id per row).
+            and ``target_item, target_cat`` (one id per row); ``None`` in fixed-shape batches.
         labels: task name -> ``[B]`` float tensor of 0/1 (or real-valued for regression tasks).
         user: ``[B]`` int64 user ids (for GAUC and scoring output).
         dense: optional ``[B, F]`` float features (tabular backbones).
-        padded: the same ids at a fixed shape (:class:`PaddedHistory`), when the loader builds them
-            (``data.fixed_shape``); backbones with local tables then read them instead of ``sparse``.
+        padded: the ids at a fixed shape (:class:`PaddedHistory`), when the loader builds them
+            (``data.fixed_shape``); backbones with local tables read them instead of ``sparse``.
+
+    A batch has ``sparse``, ``padded`` or both.
     """
 
-    sparse: KeyedJaggedTensor
+    sparse: KeyedJaggedTensor | None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     user: torch.Tensor | None = None
     dense: torch.Tensor | None = None
@@ -64,18 +67,20 @@ class CTRBatch:
 
     @property
     def batch_size(self) -> int:
-        return self.sparse.stride()
+        return self.sparse.stride() if self.sparse is not None else self.padded.lengths.shape[0]
 
     @property
     def target_category(self) -> torch.Tensor:
         """``[B]`` category id of each target (for GAUC by category)."""
-        return self.sparse[TARGET_CAT].values()
+        return self.sparse[TARGET_CAT].values() if self.sparse is not None else self.padded.target_cat
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CTRBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
         return replace(
             self,
-            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            sparse=None
+            if self.sparse is None
+            else self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             user=_move(self.user, device, non_blocking),
             dense=_move(self.dense, device, non_blocking),
@@ -85,7 +90,7 @@ class CTRBatch:
     def pin_memory(self) -> CTRBatch:
         return replace(
             self,
-            sparse=self.sparse.pin_memory(),
+            sparse=None if self.sparse is None else self.sparse.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             user=_pin(self.user),
             dense=_pin(self.dense),

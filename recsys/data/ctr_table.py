@@ -35,17 +35,19 @@ def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> 
     return take_segments(values, starts, lengths).values, lengths
 
 
-def gather_padded(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, width: int) -> np.ndarray:
-    """Select ``rows`` of a jagged array as ``[len(rows), width]``, right-padded with 0 (rows longer than
-    ``width`` raise: the width is the dataset's longest history)."""
-    starts = offsets[rows]
-    lengths = offsets[rows + 1] - starts
+def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int = 65536) -> np.ndarray:
+    """A jagged array ``[N]`` rows -> ``[N, width]`` right-padded with 0, int32 when the values fit (rows
+    longer than ``width`` raise: the width is the dataset's longest history). Built ``chunk`` rows at a time."""
+    lengths = np.diff(offsets)
     if lengths.size and lengths.max() > width:
         raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
+    small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
+    out = np.zeros((lengths.size, width), dtype=np.int32 if small else np.int64)
     slots = np.arange(width)
-    index = np.minimum(starts[:, None] + slots, max(values.size - 1, 0))
-    out = values[index] if values.size else np.zeros((rows.size, width), dtype=values.dtype)
-    out[slots >= lengths[:, None]] = 0
+    for lo in range(0, lengths.size, chunk):
+        hi = min(lo + chunk, lengths.size)
+        real = slots < lengths[lo:hi, None]
+        out[lo:hi][real] = values[offsets[lo] : offsets[hi]]  # row-major order = the jagged order
     return out
 
 
@@ -121,9 +123,40 @@ class CTRTable:
             raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
         return cls.from_frame(frame, str(path), label_columns, vocab, binary_labels)
 
+    def padded(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(hist_item, hist_cat)`` as ``[N, width]`` matrices (:func:`pad_jagged`), built once per width."""
+        cache = self.__dict__.setdefault("_padded", {})
+        if width not in cache:
+            cache[width] = (
+                pad_jagged(self.hist_item, self.hist_offsets, width),
+                pad_jagged(self.hist_cat, self.hist_offsets, width),
+            )
+        return cache[width]
+
+    def padded_batch(self, rows: np.ndarray, width: int) -> CTRBatch:
+        """Rows -> a fixed-shape :class:`CTRBatch` (``padded`` ids ``[B, width]``, no KJT): two row gathers of
+        the :meth:`padded` matrices, the cheapest batch to build and to copy."""
+        rows = np.asarray(rows, dtype=np.int64)
+        hist_item, hist_cat = self.padded(width)
+        padded = PaddedHistory(
+            torch.from_numpy(hist_item[rows]),
+            torch.from_numpy(hist_cat[rows]),
+            torch.from_numpy(self.hist_offsets[rows + 1] - self.hist_offsets[rows]),
+            torch.from_numpy(self.item[rows]),
+            torch.from_numpy(self.category[rows]),
+        )
+        return CTRBatch(
+            sparse=None,
+            labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
+            user=torch.from_numpy(self.user[rows]),
+            padded=padded,
+        )
+
     def batch(self, rows: np.ndarray, pad_to: int | None = None) -> CTRBatch:
-        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories); ``pad_to`` also lays the ids
-        out at the fixed shape ``[B, pad_to]`` (``CTRBatch.padded``, the sync-free GPU path)."""
+        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories into a KJT); with ``pad_to``,
+        the fixed-shape batch of :meth:`padded_batch` instead."""
+        if pad_to is not None:
+            return self.padded_batch(rows, pad_to)
         rows = np.asarray(rows, dtype=np.int64)
         hist_item, lengths = gather_jagged(self.hist_item, self.hist_offsets, rows)
         hist_cat, _ = gather_jagged(self.hist_cat, self.hist_offsets, rows)
@@ -134,20 +167,10 @@ class CTRTable:
             torch.from_numpy(self.item[rows]),
             torch.from_numpy(self.category[rows]),
         )
-        padded = None
-        if pad_to is not None:
-            padded = PaddedHistory(
-                torch.from_numpy(gather_padded(self.hist_item, self.hist_offsets, rows, pad_to)),
-                torch.from_numpy(gather_padded(self.hist_cat, self.hist_offsets, rows, pad_to)),
-                torch.from_numpy(lengths),
-                torch.from_numpy(self.item[rows]),
-                torch.from_numpy(self.category[rows]),
-            )
         return CTRBatch(
             sparse=sparse,
             labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
             user=torch.from_numpy(self.user[rows]),
-            padded=padded,
         )
 
 
@@ -159,6 +182,8 @@ class BatchedCTRDataset(torch.utils.data.Dataset):
 
     def __init__(self, table: CTRTable, pad_to: int | None = None) -> None:
         self.table, self.pad_to = table, pad_to
+        if pad_to is not None:
+            table.padded(pad_to)  # built here, before loader workers fork (they share it)
 
     def __len__(self) -> int:
         return len(self.table)

@@ -35,8 +35,9 @@ class CachedDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: rows per training / evaluation batch.
         seed: shuffling seed (the order is a function of seed and epoch, so resumes replay it).
         drop_last: drop the last incomplete training batch.
-        fixed_shape: CTR batches also carry their ids at the fixed shape ``[B, max_len]``
-            (``CTRBatch.padded``), which the sync-free GPU step reads; ``None`` = when training on CUDA.
+        fixed_shape: CTR batches carry their ids at the fixed shape ``[B, max_len]`` (``CTRBatch.padded``,
+            no KJT), which the sync-free GPU step reads; ``None`` = when training on CUDA with local (unsharded)
+            tables.
         pin_memory: page-locked batches (non-blocking copies to the GPU); ``None`` = when training on CUDA.
     """
 
@@ -161,7 +162,9 @@ class CTRDataModule(CachedDataModule):
     def dataset(self, split: str) -> BatchedCTRDataset:
         """CTR batches; with ``fixed_shape`` (or on CUDA when it is None) also padded to ``max_len``."""
         table = self.tables[split]
-        fixed = self.on_cuda() if self.fixed_shape is None else self.fixed_shape
+        fixed = self.fixed_shape
+        if fixed is None:  # sharded tables (trainer=dmp) read the KJT
+            fixed = self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)
         if not isinstance(table, CTRTable):  # tabular batches have no histories
             return BatchedCTRDataset(table)
         return BatchedCTRDataset(table, self.prepare().max_len if fixed else None)

@@ -166,6 +166,10 @@ class TargetAttentionBackbone(nn.Module):
             ids = HistoryIds.of(batch)
             embed = lambda tokens: tokens.lookup(ids)  # noqa: E731
         else:
+            if batch.sparse is None:
+                raise ValueError(
+                    "sharded tables read the batch's KJT; fixed-shape batches have none (data.fixed_shape)"
+                )
             embed = lambda tokens: tokens(batch.sparse)  # noqa: E731
         repr_tokens = embed(self.repr_tokens)
         return (embed(self.att_tokens) if self.att_tokens is not None else repr_tokens), repr_tokens

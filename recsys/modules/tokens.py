@@ -90,8 +90,8 @@ class HistoryIds:
         """Shape-static (no host sync): positions and mask computed from ``lengths`` on the device."""
         width = padded.hist_item.shape[1]
         return cls(
-            padded.hist_item,
-            padded.hist_cat,
+            padded.hist_item.long(),  # the loader sends int32 ids when they fit (half the copy)
+            padded.hist_cat.long(),
             history_positions(padded.lengths, width),
             padding_mask(padded.lengths, width),
             padded.target_item,

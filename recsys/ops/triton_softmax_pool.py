@@ -1,7 +1,8 @@
 """Triton backend of :func:`recsys.ops.softmax_pool.softmax_pool` (forward only; see that module).
 
 One program per batch row: load the row's ``K`` selected scores and mask bits, softmax them in float32,
-then read the ``K`` selected value rows as one ``[K, D]`` tile and reduce it to ``[D]``. Imported lazily
+then read the ``K`` selected value rows in ``[K, BLOCK_D]`` tiles (``BLOCK_D`` sized so a tile holds about
+8k elements, so wide tokens do not spill registers) and reduce each to ``BLOCK_D`` outputs. Imported lazily
 (Triton is optional); under ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors.
 """
 
@@ -12,6 +13,8 @@ import triton
 import triton.language as tl
 
 from recsys.ops.softmax_pool import PAD_SCORE
+
+TILE = 8192  # elements of one [BLOCK_K, BLOCK_D] value tile
 
 
 @triton.jit
@@ -48,15 +51,13 @@ def _softmax_pool_kernel(
     e = tl.exp(s - tl.max(s, axis=0))
     w = e / tl.sum(e, axis=0)
     tl.store(weights + row * num_k + k, w, mask=in_k)
-    d = tl.arange(0, BLOCK_D)
-    in_d = d < dim
-    v = tl.load(
-        values + row * stride_vb + slot[:, None] * stride_vl + d[None, :],
-        mask=in_k[:, None] & in_d[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    out = tl.sum(w[:, None] * v, axis=0)
-    tl.store(pooled + row * dim + d, out.to(pooled.dtype.element_ty), mask=in_d)
+    rows = values + row * stride_vb + slot[:, None] * stride_vl
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        in_d = d < dim
+        v = tl.load(rows + d[None, :], mask=in_k[:, None] & in_d[None, :], other=0.0).to(tl.float32)
+        out = tl.sum(w[:, None] * v, axis=0)
+        tl.store(pooled + row * dim + d, out.to(pooled.dtype.element_ty), mask=in_d)
 
 
 def softmax_pool_triton(
@@ -75,6 +76,7 @@ def softmax_pool_triton(
     weights = torch.empty(batch, num_k, dtype=torch.float32, device=values.device)
     if batch == 0 or num_k == 0:
         return pooled.zero_(), weights
+    block_k = triton.next_power_of_2(num_k)
     _softmax_pool_kernel[(batch,)](
         scores,
         mask,
@@ -91,7 +93,7 @@ def softmax_pool_triton(
         index_arg.stride(0) if index_arg is not None else 0,
         PAD_SCORE,
         HAS_INDEX=index_arg is not None,
-        BLOCK_K=triton.next_power_of_2(num_k),
-        BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_K=block_k,
+        BLOCK_D=min(triton.next_power_of_2(dim), max(16, TILE // block_k)),
     )
     return pooled, weights.to(scores.dtype) if scores.dtype != torch.float32 else weights

@@ -10,6 +10,7 @@ training step; a task supplies :meth:`SparseDenseModule.compute_losses`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +20,9 @@ import torch
 from torch import nn
 
 from recsys.compat import EmbeddingBagCollection, EmbeddingCollection, ShardedModule
+
+# the module's non-blocking batch copy below is meant to replace the datamodule's default
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
