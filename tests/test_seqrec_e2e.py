@@ -61,6 +61,7 @@ def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("beauty").experiment_id])[0]
     assert run.info.run_name.startswith("sasrec-beauty-") and run.info.status == "FINISHED"
     assert run.data.params["checkpoint.monitor"] == "val/ndcg@20"
+    assert run.data.params["eval.exclude_history"] == "True"  # the protocol, an MLflow param
     metrics = run.data.metrics
     # MLflow forbids '@' in metric names: val/ndcg@20 is stored as val/ndcg20
     for key in ("test/ndcg10", "test/hr10", "test/ndcg20", "val/ndcg20", "train/rec", "train/loss_epoch"):

@@ -6,7 +6,9 @@ under ``trainer=dmp`` DistributedModelParallel shards the item table and swaps i
 (the tied output layer then reads the table through the sharded lookup: ``SASRec.embed``). Losses and
 scores come from ``recsys/losses/sequential.py`` (shared with the GPU benchmark's plain loop).
 
-Evaluation ranks every item at each user's newest position (history items removed), batched:
+Evaluation ranks every item at each user's newest position, batched, with the user's history items removed
+(``exclude_history=True``, config ``eval.exclude_history``: the official MQSA-TED / S3-Rec protocol) or kept
+rankable (``False``: RecBole's):
 ``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names
 Lightning sees
 (``checkpoint.monitor``, early stopping, ``trainer.test`` results, e.g. ``val/ndcg@20``). MLflow forbids
@@ -54,6 +56,8 @@ class SequentialModule(SparseDenseModule):
             official L2 (1e-4 · ½Σθ² on all weights) is Adam's ``weight_decay`` (the same gradient).
         ks: cut-offs of HR@K / NDCG@K.
         pad_class: keep the padding id as an extra softmax class with logit 0 (the official code).
+        exclude_history: evaluation protocol: remove each user's history items from the full ranking (True,
+            the official MQSA-TED / S3-Rec protocol) or keep them rankable (False, RecBole's).
     """
 
     def __init__(
@@ -64,9 +68,11 @@ class SequentialModule(SparseDenseModule):
         dense_optimizer: OptimizerFactory,
         ks: Sequence[int] = DEFAULT_KS,
         pad_class: bool = True,
+        exclude_history: bool = True,
     ) -> None:
         super().__init__(model, sparse_optimizer, dense_optimizer)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
+        self.exclude_history = bool(exclude_history)
         self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
         self.num_items = model.num_items
         self.has_graph = graph is not None
@@ -84,8 +90,8 @@ class SequentialModule(SparseDenseModule):
         return TransitionGraph(*(getattr(self, f"graph_{p}") for p in _GRAPH_PARTS), num_items=self.num_items)
 
     def forward(self, batch: SeqBatch) -> torch.Tensor:
-        """``[B, I]`` scores at the newest position (history items at ``-inf``)."""
-        return last_position_scores(self.model, batch)
+        """``[B, I]`` scores at the newest position (history items at ``-inf`` under ``exclude_history``)."""
+        return last_position_scores(self.model, batch, self.exclude_history)
 
     # ---- training (the step itself: SparseDenseModule.training_step) --------------------------------
     def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> dict[str, torch.Tensor]:
@@ -116,7 +122,7 @@ class SequentialModule(SparseDenseModule):
     # ---- evaluation ---------------------------------------------------------------------------
     def _rank(self, batch: SeqBatch, into: dict[str, list[np.ndarray]] | None = None) -> None:
         into = self._eval if into is None else into
-        into["rank"].append(last_position_ranks(self.model, batch).cpu().numpy())
+        into["rank"].append(last_position_ranks(self.model, batch, self.exclude_history).cpu().numpy())
         if batch.user is not None:  # identifies a batch the distributed sampler repeated
             into["user"].append(batch.user.cpu().numpy())
 
