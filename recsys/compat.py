@@ -32,6 +32,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+class _DropFbgemmCompatWarning(logging.Filter):
+    """FBGEMM 1.6 warns on the root logger, once per kernel library (a dozen 5-line blocks), that its own
+    compatibility table has no entry for itself; :func:`check_matrix` is this package's check, so drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_fbgemm_torch_compat_table has no entry" not in str(record.msg)
+
+
+if not any(isinstance(f, _DropFbgemmCompatWarning) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(_DropFbgemmCompatWarning())  # before anything here imports fbgemm_gpu
+
 #: torchrec minor -> (fbgemm minor, torch minor); torchrec/fbgemm are 1.x, torch is 2.y
 MATRIX: dict[int, tuple[int, int]] = {6: (6, 11), 7: (7, 12), 8: (8, 13)}
 FBGEMM_DISTRIBUTIONS = ("fbgemm-gpu", "fbgemm-gpu-cpu")

@@ -36,7 +36,8 @@ def fbgemm_supports(device_type: str) -> bool:
         offsets = torch.tensor([0, 1, 3], device=device_type)
         torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [2], 0.0)
     except Exception as err:  # any failure (no module, no kernel for the backend) means fallback
-        log.info("FBGEMM jagged kernels unavailable on %s (%s); using torch ops", device_type, err)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.info("FBGEMM jagged kernels unavailable on %s (%s); using torch ops", device_type, reason)
         return False
     return True
 
