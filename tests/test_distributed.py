@@ -239,8 +239,8 @@ def _run_case(case_name: str, workdir: str) -> dict:
     import torch.distributed as dist
     from pytorch_lightning.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+    from recsys.compat import in_backward_optimizer_filter
     from recsys.distributed.checkpoint import gather_full_state_dict, load_full_state_dict
     from recsys.distributed.strategy import TorchRecStrategy
 

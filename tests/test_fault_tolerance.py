@@ -69,7 +69,7 @@ def test_same_seed_same_metrics_and_sigkill_resume(tmp_path):
     proc.wait()
     last = next((killed / "logs" / "train" / "runs").glob("*/checkpoints/last.ckpt"))
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] < 2 * 23  # killed before the end (23 batches per epoch here)
+    assert state["global_step"] < 2 * 23  # killed before the end (2 epochs x 23 batches; one step = one batch)
 
     _run(killed, "resume=auto")
     c = _metrics(killed)
@@ -147,3 +147,75 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".ckpt") == ["last.ckpt"]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_one_last_checkpoint_with_the_newest_state(tmp_path):
+    """23 batches per epoch, a periodic save every 5 steps: the last periodic save (step 20) must not be what
+    resume reads; the epoch end (step 23) overwrites the same file, and no second "last" file exists."""
+    _run(tmp_path, "trainer.max_epochs=1", "checkpoint.every_n_steps=5")
+    folder = next((tmp_path / "logs" / "train" / "runs").glob("*/checkpoints"))
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(folder / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == best["global_step"] > 20  # the epoch end, not the periodic save at step 20
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sigterm_saves_marks_killed_exits_nonzero_and_resumes(tmp_path):
+    """SIGTERM (a scheduler's stop) mid-epoch: the step finishes, last.ckpt is written after the signal, the MLflow
+    run is KILLED, the exit status is 143 with one line on how to resume; resume=auto then ends where an
+    uninterrupted run ends."""
+    plain, stopped = tmp_path / "plain", tmp_path / "stopped"
+    proc = subprocess.Popen(
+        _cmd(stopped, "trainer.max_epochs=1"),
+        cwd=REPO,
+        env=_env(stopped),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    runs = stopped / "logs" / "train" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(runs.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be stopped"
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    hint = [line for line in stderr.splitlines() if "SIGTERM" in line and "resume=auto" in line]
+    assert len(hint) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    last = next(runs.glob("*/checkpoints/last.ckpt"))
+    assert last.stat().st_mtime >= signalled - 0.05  # written at the signal, not the periodic save before it
+    progress = torch.load(last, map_location="cpu", weights_only=True)["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["total"]["completed"] == progress["total"]["processed"] < 23  # a whole step, mid-epoch
+    client = MlflowClient(tracking_uri=f"sqlite:///{stopped}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "KILLED" and run.info.run_id in hint[0]
+
+    _run(stopped, "trainer.max_epochs=1", "resume=auto")
+    _run(plain, "trainer.max_epochs=1")
+    resumed, expected = _metrics(stopped), _metrics(plain)
+    for key in ("val/auc", "test/auc", "test/logloss"):
+        assert abs(resumed[key] - expected[key]) <= 1e-6, (key, resumed[key], expected[key])
+    (run,) = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    assert run.info.status == "FINISHED"
+
+
+def test_resume_from_a_folder_without_sharding_is_one_line(tmp_path):
+    from recsys.errors import CheckpointError
+    from recsys.tracking.resume import check_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        check_checkpoint(str(folder), torch.nn.Linear(1, 1))
+    assert str(err.value) == (
+        f"resume={folder}: a folder is a sharded (DCP) checkpoint, which only trainer=dmp reads; "
+        f"give a file, e.g. resume={folder / 'last.ckpt'}"
+    )
+    check_checkpoint(str(folder), torch.nn.Linear(1, 1), sharded=True)  # trainer=dmp: the strategy reads it

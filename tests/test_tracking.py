@@ -181,3 +181,36 @@ def test_training_against_a_real_mlflow_server(tmp_path):
         except subprocess.TimeoutExpired:  # a loaded machine: gunicorn may not stop in time
             server.kill()
             server.wait(timeout=30)
+
+
+def test_experiment_hash_ignores_the_run_folder_but_not_settings():
+    from recsys.tracking.mlflow import experiment_hash
+
+    def config(folder: str, patience: int) -> dict:
+        callbacks = {"ckpt": {"dirpath": f"{folder}/checkpoints"}, "stop": {"patience": patience}}
+        return {"paths": {"output_dir": folder}, "callbacks": callbacks, "seed": 0}
+
+    assert experiment_hash(config("/runs/a", 3)) == experiment_hash(config("/runs/b", 3))
+    assert experiment_hash(config("/runs/a", 3)) != experiment_hash(config("/runs/a", 4))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_a_dead_tracking_server_is_one_line_in_seconds(tmp_path):
+    """MLflow alone retries a closed port for minutes and then prints a long traceback."""
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", *TINY]
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert f"MLflow tracking server {uri}" in line and "does not answer within 5 s" in line
+    assert not (tmp_path / ".cache").exists()  # stopped before any data was prepared

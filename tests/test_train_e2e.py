@@ -48,6 +48,7 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(run.data.tags["data_fingerprint"]) == 16
     assert run.data.tags["jagged_kernels"] == "fbgemm"
+    assert run.data.tags["version.fbgemm_dist"] == "fbgemm-gpu-cpu" and run.data.tags["version.torchrec"] != "none"
     metrics = run.data.metrics
     for key in (
         "val/auc",

@@ -24,6 +24,7 @@ Every column is a contiguous slice of the user's line, so the split is pure offs
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,10 @@ from recsys.errors import ConfigError, DataValidationError, InputNotFound
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
 _INTEGER = re.compile(r"^[+-]?\d+$")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# item ids are kept as table rows while the largest id is at most this many times the number of distinct ids
+# (the public datasets number their items 1..n); sparser ids are remapped to 1..n (see dense_item_ids)
+MAX_ID_SPARSITY = 2
 
 
 def _show(lines: Sequence[int], limit: int = 5) -> str:
@@ -112,6 +117,22 @@ def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
     return [n for n, _ in numbered], [tokens for _, tokens in numbered]
 
 
+def _token_error(path: Path, line_no: Sequence[int], tokens: Sequence[list[str]]) -> DataValidationError:
+    """The error for tokens that are not integers, or integers outside int64, naming the lines and a value."""
+    bad = [n for n, toks in zip(line_no, tokens) if not all(_INTEGER.match(t) for t in toks)]
+    if bad:
+        return DataValidationError(
+            f"{path}: line(s) {_show(bad)} hold non-integer tokens; expected 'user_id item_id item_id ...'."
+        )
+    for n, toks in zip(line_no, tokens):
+        big = next((t for t in toks if not INT64_MIN <= int(t) <= INT64_MAX), None)
+        if big is not None:
+            return DataValidationError(
+                f"{path}: line {n} holds id {big}, outside the allowed range [1, {INT64_MAX}] (64-bit integer ids)."
+            )
+    raise AssertionError("no bad token found")  # unreachable: int() and int64 accept everything else
+
+
 def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
     """Parse an S3-Rec style file; every problem raises :class:`DataValidationError` naming the file and lines.
 
@@ -123,10 +144,7 @@ def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
     try:
         flat = np.fromiter(map(int, itertools.chain.from_iterable(tokens)), dtype=np.int64)
     except (ValueError, OverflowError):
-        bad = [n for n, toks in zip(line_no, tokens) if not all(_INTEGER.match(t) for t in toks)]
-        raise DataValidationError(
-            f"{path}: line(s) {_show(bad)} hold non-integer tokens; expected 'user_id item_id item_id ...'."
-        ) from None
+        raise _token_error(path, line_no, tokens) from None
     counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
     line_no_arr = np.asarray(line_no)
     empty = line_no_arr[counts == 1]
@@ -155,6 +173,21 @@ def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
         lines = line_no_arr[users == dup].tolist()
         raise DataValidationError(f"{path}: user {dup} appears on several lines {_show(lines)}; one line per user.")
     return Sequences(users=users, items=items, offsets=offsets, source=str(path))
+
+
+def dense_item_ids(seqs: Sequences) -> tuple[Sequences, np.ndarray | None]:
+    """Item ids -> item-table rows, so the table is sized by the number of items, never by the largest raw id.
+
+    Ids numbered (nearly) densely from 1, as in the public S3-Rec files (largest id at most
+    ``MAX_ID_SPARSITY`` times the number of distinct ids), are the rows already: returns ``(seqs, None)``.
+    Sparser ids (e.g. 10^15-scale catalogue ids) become rows ``1..n`` in raw-id order: returns the remapped
+    sequences and ``raw [n]``, the raw id of rows ``1..n`` (scoring maps raw ids in and out with it).
+    """
+    raw = np.unique(seqs.items)
+    if int(raw[-1]) <= MAX_ID_SPARSITY * len(raw):
+        return seqs, None
+    rows = np.searchsorted(raw, seqs.items).astype(np.int64) + 1
+    return dataclasses.replace(seqs, items=rows), raw
 
 
 @dataclass

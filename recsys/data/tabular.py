@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import KeyedJaggedTensor
 from recsys.data.batch import TabularBatch
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.datamodule import CTRDataModule

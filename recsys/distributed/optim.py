@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec.optim import optimizers as trec
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from recsys.compat import RowWiseAdagrad
+from recsys.compat import trec_optimizers as trec
 from recsys.errors import ConfigError
 
 # name -> (placeholder class TorchRec maps to an FBGEMM optimiser, accepted kwargs, runs on CPU)

@@ -25,13 +25,18 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from recsys.compat import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionSharder,
+    EmbeddingCollection,
+    EmbeddingCollectionSharder,
+    EmbeddingShardingPlanner,
+    ModuleSharder,
+    ParameterConstraints,
+    ShardingPlan,
+    Topology,
+)
 from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -34,12 +34,17 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.types import ShardedModule
-from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys.compat import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    KeyedOptimizer,
+    KeyedOptimizerWrapper,
+    ShardedModule,
+    in_backward_optimizer_filter,
+)
 from recsys.distributed import checkpoint as ckpt
 from recsys.distributed.env import DMP, sharding_path, trainer_device_type, world_info
 from recsys.distributed.lightning_private import (

@@ -11,8 +11,8 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
+from recsys.compat import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from recsys.data.batch import TabularBatch
 from recsys.errors import ConfigError
 from recsys.models.target_attention import BackboneOutput

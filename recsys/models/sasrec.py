@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.errors import ConfigError
 from recsys.modules.seq_blocks import Layout, SequenceEncoder

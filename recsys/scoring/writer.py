@@ -36,9 +36,14 @@ class AtomicParquetWriter:
         self._writer.write_table(table.cast(self._schema))
         self.rows += frame.height
 
-    def commit(self, empty_schema: Mapping[str, pl.DataType] | None = None) -> None:
+    def commit(
+        self, empty_schema: Mapping[str, pl.DataType] | None = None, footer: Mapping[str, str] | None = None
+    ) -> None:
+        """Close, fsync and rename into place; ``footer`` adds key-values known only at the end (counts)."""
         if self._writer is None:  # nothing written: still produce a (valid, empty) file
             self.write(pl.DataFrame(schema=dict(empty_schema or {})))
+        if footer:
+            self._writer.add_key_value_metadata(dict(footer))
         self._writer.close()
         with open(self.tmp, "rb") as handle:
             os.fsync(handle.fileno())

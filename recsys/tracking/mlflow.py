@@ -6,6 +6,9 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,8 +74,13 @@ VOLATILE_KEYS = ("paths", "resume", "run_name")
 
 
 def experiment_hash(config: Mapping[str, Any]) -> str:
-    """Hash of what defines a run's results (config without paths / resume / run name)."""
-    return config_hash({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
+    """Hash of what defines a run's results: the config without paths / resume / run name, and with the run's
+    own folder (``paths.output_dir``, which e.g. configs/callbacks/ interpolate) replaced by a placeholder."""
+    blob = json.dumps({k: v for k, v in config.items() if k not in VOLATILE_KEYS}, sort_keys=True, default=str)
+    output_dir = str((config.get("paths") or {}).get("output_dir") or "")
+    if output_dir:
+        blob = blob.replace(json.dumps(output_dir)[1:-1], "<output_dir>")
+    return config_hash(json.loads(blob))
 
 
 def run_name(recsys: str, mtl: str | None, data: str, config: Mapping[str, Any]) -> str:
@@ -102,6 +110,25 @@ def ensure_store_writable(tracking_uri: str) -> None:
             raise ConfigError(f"MLflow tracking store folder {folder} is not writable")
 
 
+def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the URI named, where MLflow itself would retry for minutes: an ``http(s)://``
+    tracking server must answer (any HTTP status) within ``timeout`` seconds; a sqlite store must be writable."""
+    ensure_store_writable(tracking_uri)
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered (an auth wall or a proxy's status page still means it is reachable)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"MLflow tracking server {tracking_uri} (logger.tracking_uri / MLFLOW_TRACKING_URI) does not answer "
+            f"within {timeout:g} s ({reason}); start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
+
+
 def build_logger(
     tracking_uri: str,
     artifact_location: str,
@@ -111,7 +138,7 @@ def build_logger(
     run_id: str | None = None,
 ) -> MLFlowLogger:
     """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
-    ensure_store_writable(tracking_uri)
+    check_tracking_uri(tracking_uri)
     if urlparse(artifact_location).scheme in ("", "file"):  # a local folder (else e.g. mlflow-artifacts:/, s3://)
         artifact_location = str(Path(artifact_location.removeprefix("file://")).resolve())
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
@@ -124,3 +151,15 @@ def build_logger(
         run_id=run_id,
         log_model=False,
     )
+
+
+def log_config_files(logger: MLFlowLogger, config: Mapping[str, Any], dataset_meta: Mapping[str, Any]) -> None:
+    """The resolved run config and the dataset's ``meta.json`` as ``config/config.yaml`` and
+    ``config/dataset_meta.json`` artifacts of the logger's run (call on rank 0)."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        (folder / "dataset_meta.json").write_text(json.dumps(dict(dataset_meta), indent=2))
+        logger.experiment.log_artifacts(logger.run_id, str(folder), "config")

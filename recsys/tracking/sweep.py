@@ -27,7 +27,10 @@ PARENT_ENV = "RECSYS_SWEEP_PARENT_RUN_ID"
 def _client_and_experiment(config: DictConfig):
     from mlflow.tracking import MlflowClient
 
+    from recsys.tracking.mlflow import check_tracking_uri
+
     logger = OmegaConf.to_container(config.logger, resolve=True)
+    check_tracking_uri(logger["tracking_uri"])
     client = MlflowClient(tracking_uri=logger["tracking_uri"])
     name = logger["experiment_name"]
     exp = client.get_experiment_by_name(name)
