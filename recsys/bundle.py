@@ -144,9 +144,6 @@ class LoadedBundle:
     identity: dict[str, Any]
     weights_sha256: str = ""
 
-    def backbone_inputs(self) -> dict[str, Any]:
-        return {"vocab": self.meta.vocab(), "max_len": self.meta.max_len}
-
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()

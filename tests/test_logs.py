@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
 import warnings
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -71,3 +75,22 @@ def test_line_progress_prints_plain_lines(tmp_path):
     assert lines[:3] == ["epoch 1/2: 30% (3/10 batches, 0 s)", "epoch 1/2: 50% (5/10 batches, 0 s)", lines[2]]
     assert sum(line.startswith("epoch 1/2 done in") for line in lines) == 1
     assert any(line.startswith("epoch 2/2 done in") and "train/loss=" in line for line in lines)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_training_log_file_is_readable(tmp_path):
+    """``python -m pipelines.train ... > log 2>&1``: no third-party noise, progress as plain short lines."""
+    from tests.test_train_e2e import TINY_SYNTHETIC
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", "trainer.max_epochs=1"]
+    proc = subprocess.run(
+        [*cmd, *TINY_SYNTHETIC], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = proc.stdout
+    assert proc.returncode == 0, log[-4000:]
+    for noise in ("Successfully loaded", "💡", "was configured so", "LeafSpec", "is_fx_tracing", "\r"):
+        assert noise not in log, noise
+    assert max(len(line) for line in log.splitlines()) < 1000
+    assert "epoch 1/1 done in" in log and "test: test/auc=" in log

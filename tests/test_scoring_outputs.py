@@ -323,6 +323,7 @@ except ConfigError as err:
 """
 
 
+@pytest.mark.e2e
 def test_local_engine_runs_with_ray_not_installed(bundle_dir, tmp_path):
     import subprocess
     import sys

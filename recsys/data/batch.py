@@ -52,7 +52,6 @@ class CTRBatch:
             and ``target_item, target_cat`` (one id per row); ``None`` in fixed-shape batches.
         labels: task name -> ``[B]`` float tensor of 0/1 (or real-valued for regression tasks).
         user: ``[B]`` int64 user ids (for GAUC and scoring output).
-        dense: optional ``[B, F]`` float features (tabular backbones).
         padded: the ids at a fixed shape (:class:`PaddedHistory`), when the loader builds them
             (``data.fixed_shape``); backbones with local tables read them instead of ``sparse``.
 
@@ -62,7 +61,6 @@ class CTRBatch:
     sparse: KeyedJaggedTensor | None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     user: torch.Tensor | None = None
-    dense: torch.Tensor | None = None
     padded: PaddedHistory | None = None
 
     @property
@@ -83,7 +81,6 @@ class CTRBatch:
             else self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             user=_move(self.user, device, non_blocking),
-            dense=_move(self.dense, device, non_blocking),
             padded=None if self.padded is None else self.padded.to(device, non_blocking),
         )
 
@@ -93,7 +90,6 @@ class CTRBatch:
             sparse=None if self.sparse is None else self.sparse.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             user=_pin(self.user),
-            dense=_pin(self.dense),
             padded=None if self.padded is None else self.padded.pin_memory(),
         )
 

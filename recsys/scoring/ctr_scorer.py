@@ -139,10 +139,6 @@ class CTRScorer:
             pl.col("hist_item").list.tail(self.max_len), pl.col("hist_cat").list.tail(self.max_len)
         )
 
-    def score(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, ScoreStats]:
-        """-> (scores for kept rows, rejected rows with a ``reason`` column, counts)."""
-        return self.finish(self.prepare(frame))
-
     def prepare(self, frame: pl.DataFrame) -> PreparedBatch:
         """Reject bad rows, map ids, build the model input (no model call: safe to run ahead in a thread)."""
         stats = ScoreStats(rows_in=frame.height)
