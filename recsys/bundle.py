@@ -45,6 +45,7 @@ from recsys import registry
 from recsys.data.cache import META_FILE, DatasetMeta
 from recsys.errors import BundleError, UserError
 from recsys.io import atomic_write_bytes, write_json_atomic
+from recsys.safe_load import UnreadableTensorFile, load_tensors
 
 ID_COLUMNS = ("user", "item", "category")
 BUNDLE_FILE = "bundle.json"
@@ -269,9 +270,9 @@ def _read_config(files: _VerifiedFiles) -> tuple[dict[str, Any], list[TaskSpec]]
 def _read_weights(files: _VerifiedFiles) -> dict[str, torch.Tensor]:
     where, data = files.path / WEIGHTS_FILE, files.read(WEIGHTS_FILE)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch zip, truncated, or a pickle weights_only refuses
-        raise BundleError(f"{where}: not a readable weights file ({_first_line(err)})") from err
+        state = load_tensors(io.BytesIO(data))
+    except UnreadableTensorFile as err:  # not a torch zip, truncated, or a pickle weights_only refuses
+        raise BundleError(f"{where}: not a readable weights file ({err})") from err
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise BundleError(f"{where}: expected a state_dict (parameter name -> tensor), got {type(state).__name__}")
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))

@@ -92,12 +92,12 @@ def check_checkpoint(path: str, module) -> None:
 
     Sharded (DCP folder) checkpoints are checked by the strategy when it loads them.
     """
-    import torch
+    from recsys.safe_load import load_tensors
 
     if Path(path).is_dir():
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)  # weights_only=True; a one-line reason when refused
     except Exception as err:  # truncated zip, not a torch file, unsafe pickle
         raise ValueError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
     saved = state.get("state_dict") if isinstance(state, dict) else None
