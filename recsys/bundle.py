@@ -45,6 +45,7 @@ from recsys import registry
 from recsys.data.cache import META_FILE, DatasetMeta
 from recsys.errors import BundleError, UserError
 from recsys.io import atomic_write_bytes, write_json_atomic
+from recsys.safe_load import UnreadableTensorFile, describe, load_tensors
 
 ID_COLUMNS = ("user", "item", "category")
 BUNDLE_FILE = "bundle.json"
@@ -145,11 +146,6 @@ class LoadedBundle:
     weights_sha256: str = ""
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 def resolve_bundle(model: str, download_dir: Path) -> Path:
     """A bundle folder, a run folder holding ``model/``, or ``runs:/<run_id>`` (downloaded from MLflow)."""
     if model.startswith("runs:/"):
@@ -163,7 +159,7 @@ def resolve_bundle(model: str, download_dir: Path) -> Path:
         except Exception as err:  # MlflowException (unknown run, no 'model' artifact), OSError (server down)
             raise BundleError(
                 f"model={model}: cannot download the run's model bundle from the MLflow tracking server "
-                f"{mlflow.get_tracking_uri()} ({_first_line(err)}); check the run id and MLFLOW_TRACKING_URI"
+                f"{mlflow.get_tracking_uri()} ({describe(err)}); check the run id and MLFLOW_TRACKING_URI"
             ) from err
     path = Path(model)
     if (path / "model" / BUNDLE_FILE).exists():
@@ -208,7 +204,7 @@ class _VerifiedFiles:
         try:
             data = json.loads(file.read_bytes())
         except (OSError, ValueError) as err:
-            raise BundleError(f"{file}: cannot read ({_first_line(err)})") from err
+            raise BundleError(f"{file}: cannot read ({describe(err)})") from err
         if not isinstance(data, dict):
             raise BundleError(f"{file}: expected a JSON object, got {type(data).__name__}")
         return data
@@ -224,7 +220,7 @@ class _VerifiedFiles:
         try:
             data = file.read_bytes()
         except OSError as err:
-            raise BundleError(f"{file}: missing or unreadable ({_first_line(err)}); the bundle is incomplete") from err
+            raise BundleError(f"{file}: missing or unreadable ({describe(err)}); the bundle is incomplete") from err
         actual = _sha256(data)
         if actual != expected:
             raise BundleError(
@@ -239,7 +235,7 @@ def _read_meta(files: _VerifiedFiles) -> DatasetMeta:
     try:
         meta = DatasetMeta.from_json(data.decode(), source=str(where))
     except (UserError, UnicodeDecodeError, TypeError) as err:
-        raise BundleError(f"{where}: not a dataset meta.json ({_first_line(err)})") from err
+        raise BundleError(f"{where}: not a dataset meta.json ({describe(err)})") from err
     for key in ("num_users", "num_items", "num_categories", "max_len"):
         value = getattr(meta, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -252,23 +248,23 @@ def _read_config(files: _VerifiedFiles) -> tuple[dict[str, Any], list[TaskSpec]]
     try:
         config = yaml.safe_load(data)
     except yaml.YAMLError as err:
-        raise BundleError(f"{where}: not valid YAML ({_first_line(err)})") from err
+        raise BundleError(f"{where}: not valid YAML ({describe(err)})") from err
     if not isinstance(config, dict) or not isinstance(config.get("data"), dict):
         raise BundleError(f"{where}: expected a mapping with a 'data' section")
     raw_tasks = config["data"].get("tasks")
     try:
         tasks = parse_tasks(raw_tasks) if raw_tasks else []  # [] = sequential
     except (TypeError, ValueError) as err:
-        raise BundleError(f"{where}: data.tasks: {_first_line(err)}") from err
+        raise BundleError(f"{where}: data.tasks: {describe(err)}") from err
     return config, tasks
 
 
 def _read_weights(files: _VerifiedFiles) -> dict[str, torch.Tensor]:
     where, data = files.path / WEIGHTS_FILE, files.read(WEIGHTS_FILE)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch zip, truncated, or a pickle weights_only refuses
-        raise BundleError(f"{where}: not a readable weights file ({_first_line(err)})") from err
+        state = load_tensors(io.BytesIO(data))
+    except UnreadableTensorFile as err:  # not a torch zip, truncated, or a pickle weights_only refuses
+        raise BundleError(f"{where}: not a readable weights file ({err})") from err
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise BundleError(f"{where}: expected a state_dict (parameter name -> tensor), got {type(state).__name__}")
     bad = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
@@ -295,7 +291,7 @@ def _build_model(
         except UserError as err:
             raise BundleError(f"{where}: {err}") from err
         except (TypeError, ValueError, RuntimeError) as err:  # values of the right type the model refuses
-            raise BundleError(f"{where}: cannot build the model from recsys/mtl ({_first_line(err)})") from err
+            raise BundleError(f"{where}: cannot build the model from recsys/mtl ({describe(err)})") from err
 
     with torch.device("meta"):  # nothing allocated: shapes come from the config and meta.json
         shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
@@ -336,7 +332,7 @@ def _read_mappers(files: _VerifiedFiles, meta: DatasetMeta) -> dict[str, IdMappe
         try:
             frame = pl.read_parquet(io.BytesIO(data))
         except Exception as err:
-            raise BundleError(f"{where}: not a readable id map ({_first_line(err)})") from err
+            raise BundleError(f"{where}: not a readable id map ({describe(err)})") from err
         if set(frame.columns) != {"raw", "id"} or not all(frame[c].dtype.is_integer() for c in ("raw", "id")):
             raise BundleError(f"{where}: expected integer columns ['raw', 'id'], found {dict(frame.schema)}")
         raw, rows = frame["raw"].to_numpy().astype(np.int64), frame["id"].to_numpy().astype(np.int64)

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from recsys.distributed.dcp_reader import METADATA_FILE, SafeFileSystemReader, read_metadata_file
 from recsys.errors import CheckpointError
+from recsys.safe_load import UnreadableTensorFile, load_tensors
 
 log = logging.getLogger(__name__)
 # TorchRec's sharded state is ShardedTensor, which torch marks as deprecated on every DCP call
@@ -145,12 +146,9 @@ def _load_trainer_state(folder: Path) -> dict[str, Any]:
     """``trainer_state.pt`` with ``weights_only=True``; CheckpointError names the file if it is not one."""
     file = folder / TRAINER_STATE
     try:
-        rest = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, a pickle weights_only refuses
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{file}: cannot read (truncated, corrupt or unsafe?): {type(err).__name__}: {first}"
-        ) from err
+        rest = load_tensors(file)
+    except UnreadableTensorFile as err:  # truncated zip, not a torch file, a pickle weights_only refuses
+        raise CheckpointError(f"{file}: cannot read (truncated, corrupt or unsafe?): {err}") from err
     if not isinstance(rest, dict):
         raise CheckpointError(f"{file}: expected a dict of trainer state, got {type(rest).__name__}")
     return rest

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 
 from recsys.errors import CheckpointError
+from recsys.safe_load import describe
 
 METADATA_FILE = ".metadata"  # DCP's name for the folder's metadata pickle
 _BUILTINS = {"set": set, "frozenset": frozenset, "list": list, "dict": dict, "tuple": tuple, "slice": slice}
@@ -90,7 +91,7 @@ def read_metadata_file(path: Path, folder: Path) -> dcp_metadata.Metadata:
             f"{folder}: refusing to read {path.name}: {err} (a checkpoint folder holds DCP metadata and tensors only)"
         ) from err
     except Exception as err:  # truncated or not a pickle
-        raise CheckpointError(f"{folder}: cannot read {path.name} (truncated or corrupt?): {err}") from err
+        raise CheckpointError(f"{folder}: cannot read {path.name} (truncated or corrupt?): {describe(err)}") from err
     if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointError(f"{folder}: {path.name} is not DCP metadata (got {type(metadata).__name__})")
     objects = sorted(

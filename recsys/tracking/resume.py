@@ -144,7 +144,7 @@ def check_checkpoint(path: str, module, sharded: bool = False) -> None:
     Sharded (DCP folder) checkpoints are checked by the strategy when it loads them; a folder is refused
     where training is not sharded (``sharded=False``), as only ``trainer=dmp`` reads one.
     """
-    import torch
+    from recsys.safe_load import load_tensors
 
     if Path(path).is_dir():
         if not sharded:
@@ -155,7 +155,7 @@ def check_checkpoint(path: str, module, sharded: bool = False) -> None:
             )
         return
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensors(path)  # weights_only=True; a one-line reason when refused
     except Exception as err:  # truncated zip, not a torch file, unsafe pickle
         raise CheckpointError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
     saved = state.get("state_dict") if isinstance(state, dict) else None
