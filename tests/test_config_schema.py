@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from recsys.config_schema import TRAIN_RULES, check, validate_train
+from recsys.config_schema import TRAIN_RULES, check
 from recsys.errors import ConfigError
 from tests.conftest import REPO
 
@@ -61,10 +61,11 @@ def test_every_shipped_config_passes(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_trainer_without_a_gpu(tmp_path):
-    from omegaconf import OmegaConf
+    from pipelines.train import train
 
     with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu: no CUDA GPU is visible"):
-        validate_train(OmegaConf.to_container(_compose(tmp_path, ["trainer=gpu"]), resolve=True))
+        train(_compose(tmp_path, ["trainer=gpu"]))
+    assert not (tmp_path / ".cache").exists()
 
 
 @pytest.mark.parametrize(

@@ -214,3 +214,23 @@ def test_a_dead_tracking_server_is_one_line_in_seconds(tmp_path):
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert f"MLflow tracking server {uri}" in line and "does not answer within 5 s" in line
     assert not (tmp_path / ".cache").exists()  # stopped before any data was prepared
+
+
+def test_tracking_check_accepts_any_http_answer_and_skips_local_stores(tmp_path):
+    """A server that answers (here: 404 for /health) passes; only silence fails."""
+    import http.server
+    import threading
+
+    from recsys.tracking.mlflow import check_tracking_uri
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        check_tracking_uri(f"http://127.0.0.1:{server.server_port}", timeout=5)
+    finally:
+        thread.join(timeout=10)
+        server.server_close()
+    assert not thread.is_alive()  # the request reached the server
+    check_tracking_uri(f"sqlite:///{tmp_path}/sub/mlflow.db")
+    assert (tmp_path / "sub").is_dir()

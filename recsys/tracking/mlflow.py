@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import ssl
 import subprocess
 import tempfile
 import urllib.error
@@ -123,6 +124,8 @@ def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> None:
         pass  # the server answered (an auth wall or a proxy's status page still means it is reachable)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
+        if isinstance(reason, ssl.SSLError):
+            return  # it answered TLS (e.g. a self-signed certificate MLflow is told to accept)
         raise ConfigError(
             f"MLflow tracking server {tracking_uri} (logger.tracking_uri / MLFLOW_TRACKING_URI) does not answer "
             f"within {timeout:g} s ({reason}); start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
