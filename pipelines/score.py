@@ -19,16 +19,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
+from pipelines._cli import entry_point
 from recsys.bundle import resolve_bundle
 from recsys.data.schema import DataValidationError
-from recsys.errors import UserError
 from recsys.scoring.ctr_scorer import ScoreStats
 from recsys.scoring.job import (
     OutputLock,
@@ -93,13 +91,9 @@ def run(cfg: DictConfig) -> ScoreStats:
     return result.stats
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="score")
+@entry_point("score")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (UserError, FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ and the scorer's run-ahead thread."""
 
 from __future__ import annotations
 
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +102,11 @@ def test_run_ahead_keeps_order_and_raises_in_the_consumer():
         list(run_ahead(items(), lambda x: x))
     ahead = run_ahead(range(10**6), lambda x: x)
     assert next(ahead) == 0
+    workers = [t for t in threading.enumerate() if t.name == "run_ahead" and t.is_alive()]
+    assert len(workers) == 1  # the producer is running (blocked on the full queue)
     ahead.close()  # an early stop ends the thread
+    workers[0].join(timeout=5)
+    assert not workers[0].is_alive()
 
 
 def test_weights_made_under_inference_mode_skip_the_dot_table(batch):
@@ -107,3 +114,59 @@ def test_weights_made_under_inference_mode_skip_the_dot_table(batch):
         model = make_model("dare")
         assert model(batch).logits["click"].shape == (300,)
     assert model.backbone.att_tokens._item_gram is None
+
+
+# ---- every target-attention config of configs/recsys/: the eval order equals the training order ----------
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+RECSYS_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "recsys").glob("*.yaml"))
+# items: <= 8 x max_len (gathered_dot's matmul branch), the item dot table, and too many rows for it
+VOCABS = {"small": Vocab(30, 150, 8), "gram": Vocab(30, 3000, 40), "large": Vocab(30, 9000, 300)}
+
+
+def backbone_from_config(name: str, vocab: Vocab, max_len: int):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"recsys={name}"])
+    if not cfg.recsys["_target_"].endswith("TargetAttentionBackbone"):
+        return None
+    return instantiate(cfg.recsys)(vocab=vocab, max_len=max_len)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("name", RECSYS_CONFIGS)
+def test_every_recsys_config_evaluates_as_it_trains(name, vocab):
+    """Each config as shipped (its dims, K = 20): the eval forward equals the training-order forward on
+    jagged and on fixed-shape batches, for vocabularies on each side of the eval path's branches."""
+    torch.manual_seed(0)
+    max_len = 40
+    backbone = backbone_from_config(name, VOCABS[vocab], max_len)
+    if backbone is None:
+        pytest.skip(f"recsys={name} is not a target-attention backbone")
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.normal_()  # well-separated scores: the top-K has no ties
+    model = RankingModel(backbone, SingleTower(backbone.output_dim, [TaskSpec("click")], hidden=(16,))).eval()
+    frame = random_samples(rows=200, vocab=VOCABS[vocab], max_len=max_len, seed=7)
+    table = CTRTable.from_frame(frame, "mem", {"click": "label"}, VOCABS[vocab])
+    direct = backbone._direct_eval()
+    assert direct == (backbone.scorer.__class__.__name__ == "DotScorer" and not backbone.projections)
+    backbone.eval_chunk = 64
+    for batch in (table.batch(np.arange(200)), table.batch(np.arange(200), pad_to=max_len)):
+        with torch.no_grad():
+            fast = model(batch)
+            backbone._direct_eval = lambda: False  # the training order, in eval mode
+            slow = model(batch)
+            del backbone._direct_eval
+        torch.testing.assert_close(fast.logits["click"], slow.logits["click"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.extras["attention"], slow.extras["attention"], rtol=1e-5, atol=1e-5)
+        real = torch.gather(batch_mask(batch, max_len), 1, slow.extras["topk_index"])
+        assert torch.equal(fast.extras["topk_index"][real], slow.extras["topk_index"][real])
+
+
+def batch_mask(batch, width: int) -> torch.Tensor:
+    """``[B, width]`` True on real history slots (the top-K order of padding slots is arbitrary)."""
+    lengths = batch.padded.lengths if batch.padded is not None else batch.sparse["hist_item"].lengths()
+    return torch.arange(width) < lengths.unsqueeze(1)

@@ -117,6 +117,7 @@ def _score_cli(bundle_dir, inputs, output, extra=()):
     ]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_identical_output(bundle_dir, tmp_path):
     inputs = tmp_path / "in"
     _write_many(bundle_dir, inputs, copies=12)
@@ -223,6 +224,7 @@ def _synthetic_logs(bundle_dir: Path, path: Path, rows: int, seq: int = 50) -> N
     pq.write_table(table, path, row_group_size=5000)
 
 
+@pytest.mark.e2e
 def test_memory_is_bounded_by_batch_not_input(bundle_dir, tmp_path):
     peaks = {}
     for factor in (1, 10):

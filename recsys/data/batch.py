@@ -1,14 +1,46 @@
-"""The typed batch every model consumes: id features as one KeyedJaggedTensor, labels as dense tensors."""
+"""The typed batches models consume: id features as one KeyedJaggedTensor, labels (and dense features) as dense
+tensors. Plain torch + TorchRec (no polars), so the model core can import them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.compat import KeyedJaggedTensor
 
 HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT = "hist_item", "hist_cat", "target_item", "target_cat"
 CTR_KEYS = (HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT)
+
+
+def _move(t: torch.Tensor | None, device: torch.device | str, non_blocking: bool) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=non_blocking)
+
+
+def _pin(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.pin_memory()
+
+
+@dataclass
+class PaddedHistory:
+    """The CTR ids at a fixed shape (the sync-free GPU path; built by the loader, not in the step).
+
+    Shapes: ``hist_item, hist_cat [B, L]`` (oldest first, right-padded with id 0; ``L`` is the dataset's
+    ``max_len``, the same for every batch; int32 when the ids fit, to halve the copy), ``lengths [B]`` (real
+    slots per row), ``target_item, target_cat [B]``.
+    """
+
+    hist_item: torch.Tensor
+    hist_cat: torch.Tensor
+    lengths: torch.Tensor
+    target_item: torch.Tensor
+    target_cat: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PaddedHistory:
+        return PaddedHistory(*(_move(t, device, non_blocking) for t in vars(self).values()))
+
+    def pin_memory(self) -> PaddedHistory:
+        return PaddedHistory(*(_pin(t) for t in vars(self).values()))
 
 
 @dataclass
@@ -17,43 +49,52 @@ class CTRBatch:
 
     Attributes:
         sparse: KJT with keys ``hist_item, hist_cat`` (jagged, oldest first, lengths ``[B]``)
-            and ``target_item, target_cat`` (one id per row).
+            and ``target_item, target_cat`` (one id per row); ``None`` in fixed-shape batches.
         labels: task name -> ``[B]`` float tensor of 0/1 (or real-valued for regression tasks).
         user: ``[B]`` int64 user ids (for GAUC and scoring output).
         dense: optional ``[B, F]`` float features (tabular backbones).
+        padded: the ids at a fixed shape (:class:`PaddedHistory`), when the loader builds them
+            (``data.fixed_shape``); backbones with local tables read them instead of ``sparse``.
+
+    A batch has ``sparse``, ``padded`` or both.
     """
 
-    sparse: KeyedJaggedTensor
+    sparse: KeyedJaggedTensor | None
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     user: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    padded: PaddedHistory | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.sparse.stride()
+        return self.sparse.stride() if self.sparse is not None else self.padded.lengths.shape[0]
 
     @property
     def target_category(self) -> torch.Tensor:
         """``[B]`` category id of each target (for GAUC by category)."""
-        return self.sparse[TARGET_CAT].values()
+        return self.sparse[TARGET_CAT].values() if self.sparse is not None else self.padded.target_cat
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> CTRBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
         return replace(
             self,
-            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            sparse=None
+            if self.sparse is None
+            else self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
-            user=None if self.user is None else self.user.to(device, non_blocking=non_blocking),
-            dense=None if self.dense is None else self.dense.to(device, non_blocking=non_blocking),
+            user=_move(self.user, device, non_blocking),
+            dense=_move(self.dense, device, non_blocking),
+            padded=None if self.padded is None else self.padded.to(device, non_blocking),
         )
 
     def pin_memory(self) -> CTRBatch:
         return replace(
             self,
-            sparse=self.sparse.pin_memory(),
+            sparse=None if self.sparse is None else self.sparse.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
-            user=None if self.user is None else self.user.pin_memory(),
-            dense=None if self.dense is None else self.dense.pin_memory(),
+            user=_pin(self.user),
+            dense=_pin(self.dense),
+            padded=None if self.padded is None else self.padded.pin_memory(),
         )
 
 
@@ -75,3 +116,39 @@ def ctr_kjt_from_values(values: torch.Tensor, hist_lengths: torch.Tensor) -> Key
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(CTR_KEYS), values=values, lengths=torch.cat([hist_lengths, hist_lengths, ones, ones])
     )
+
+
+@dataclass
+class TabularBatch:
+    """One mini-batch of tabular samples.
+
+    Attributes:
+        sparse: KJT with one key per categorical field, exactly one id per row (lengths all 1).
+        dense: ``[B, D]`` float features (``D`` may be 0).
+        labels: task name -> ``[B]`` float tensor.
+    """
+
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.dense.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TabularBatch:
+        """Move every tensor to ``device``; Lightning calls this to place batches."""
+        return replace(
+            self,
+            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
+        )
+
+    def pin_memory(self) -> TabularBatch:
+        return replace(
+            self,
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+        )

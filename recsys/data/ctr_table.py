@@ -11,9 +11,10 @@ import polars as pl
 import pyarrow as pa
 import torch
 
-from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
 from recsys.data.seqrec_format import take_segments
+from recsys.errors import InputNotFound
 
 
 def list_column_arrays(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +33,22 @@ def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> 
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     return take_segments(values, starts, lengths).values, lengths
+
+
+def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int = 65536) -> np.ndarray:
+    """A jagged array ``[N]`` rows -> ``[N, width]`` right-padded with 0, int32 when the values fit (rows
+    longer than ``width`` raise: the width is the dataset's longest history). Built ``chunk`` rows at a time."""
+    lengths = np.diff(offsets)
+    if lengths.size and lengths.max() > width:
+        raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
+    small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
+    out = np.zeros((lengths.size, width), dtype=np.int32 if small else np.int64)
+    slots = np.arange(width)
+    for lo in range(0, lengths.size, chunk):
+        hi = min(lo + chunk, lengths.size)
+        real = slots < lengths[lo:hi, None]
+        out[lo:hi][real] = values[offsets[lo] : offsets[hi]]  # row-major order = the jagged order
+    return out
 
 
 @dataclass
@@ -99,15 +116,47 @@ class CTRTable:
     ) -> CTRTable:
         """Read and validate one split file; unreadable files raise naming the path."""
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such parquet file")
+            raise InputNotFound(f"{path}: no such parquet file")
         try:
             frame = pl.read_parquet(path)
         except Exception as err:  # polars raises several types for corrupt or truncated files
             raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
         return cls.from_frame(frame, str(path), label_columns, vocab, binary_labels)
 
-    def batch(self, rows: np.ndarray) -> CTRBatch:
-        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories)."""
+    def padded(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(hist_item, hist_cat)`` as ``[N, width]`` matrices (:func:`pad_jagged`), built once per width."""
+        cache = self.__dict__.setdefault("_padded", {})
+        if width not in cache:
+            cache[width] = (
+                pad_jagged(self.hist_item, self.hist_offsets, width),
+                pad_jagged(self.hist_cat, self.hist_offsets, width),
+            )
+        return cache[width]
+
+    def padded_batch(self, rows: np.ndarray, width: int) -> CTRBatch:
+        """Rows -> a fixed-shape :class:`CTRBatch` (``padded`` ids ``[B, width]``, no KJT): two row gathers of
+        the :meth:`padded` matrices, the cheapest batch to build and to copy."""
+        rows = np.asarray(rows, dtype=np.int64)
+        hist_item, hist_cat = self.padded(width)
+        padded = PaddedHistory(
+            torch.from_numpy(hist_item[rows]),
+            torch.from_numpy(hist_cat[rows]),
+            torch.from_numpy(self.hist_offsets[rows + 1] - self.hist_offsets[rows]),
+            torch.from_numpy(self.item[rows]),
+            torch.from_numpy(self.category[rows]),
+        )
+        return CTRBatch(
+            sparse=None,
+            labels={t: torch.from_numpy(v[rows]) for t, v in self.labels.items()},
+            user=torch.from_numpy(self.user[rows]),
+            padded=padded,
+        )
+
+    def batch(self, rows: np.ndarray, pad_to: int | None = None) -> CTRBatch:
+        """Rows -> :class:`CTRBatch` (vectorised gather of the jagged histories into a KJT); with ``pad_to``,
+        the fixed-shape batch of :meth:`padded_batch` instead."""
+        if pad_to is not None:
+            return self.padded_batch(rows, pad_to)
         rows = np.asarray(rows, dtype=np.int64)
         hist_item, lengths = gather_jagged(self.hist_item, self.hist_offsets, rows)
         hist_cat, _ = gather_jagged(self.hist_cat, self.hist_offsets, rows)
@@ -126,16 +175,23 @@ class CTRTable:
 
 
 class BatchedCTRDataset(torch.utils.data.Dataset):
-    """``dataset[list_of_rows] -> CTRBatch``; pair with a batch sampler and ``batch_size=None``."""
+    """``dataset[list_of_rows] -> CTRBatch``; pair with a batch sampler and ``batch_size=None``.
 
-    def __init__(self, table: CTRTable) -> None:
-        self.table = table
+    ``pad_to``: also build the fixed-shape ids ``[B, pad_to]`` (see :meth:`CTRTable.batch`).
+    """
+
+    def __init__(self, table: CTRTable, pad_to: int | None = None) -> None:
+        self.table, self.pad_to = table, pad_to
+        if pad_to is not None:
+            table.padded(pad_to)  # built here, before loader workers fork (they share it)
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, rows: Sequence[int]) -> CTRBatch:
-        return self.table.batch(np.asarray(rows))
+        if self.pad_to is None:  # every table's batch(rows); only history tables take pad_to
+            return self.table.batch(np.asarray(rows))
+        return self.table.batch(np.asarray(rows), self.pad_to)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -201,8 +257,10 @@ def batch_loader(
     seed: int,
     drop_last: bool = False,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> ResumableLoader:
-    """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch)."""
+    """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch);
+    ``pin_memory`` page-locks each batch so its copy to the GPU can be non-blocking."""
     sampler = EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
     return ResumableLoader(
         dataset,
@@ -211,4 +269,5 @@ def batch_loader(
         collate_fn=identity_collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

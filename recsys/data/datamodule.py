@@ -35,6 +35,10 @@ class CachedDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: rows per training / evaluation batch.
         seed: shuffling seed (the order is a function of seed and epoch, so resumes replay it).
         drop_last: drop the last incomplete training batch.
+        fixed_shape: CTR batches carry their ids at the fixed shape ``[B, max_len]`` (``CTRBatch.padded``,
+            no KJT), which the sync-free GPU step reads; ``None`` = when training on CUDA with local (unsharded)
+            tables.
+        pin_memory: page-locked batches (non-blocking copies to the GPU); ``None`` = when training on CUDA.
     """
 
     def __init__(
@@ -48,8 +52,11 @@ class CachedDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        fixed_shape: bool | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fixed_shape, self.pin_memory = fixed_shape, pin_memory
         self.name, self.source, self.cache_dir, self.path = name, source, Path(cache_dir), path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
@@ -82,11 +89,27 @@ class CachedDataModule(pl.LightningDataModule):
             if split not in self.tables:
                 self.tables[split] = self.read_split(self.dataset_dir / f"{split}.parquet", meta)
 
+    def on_cuda(self) -> bool:
+        """Whether the attached trainer runs on a CUDA device (False without a trainer)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def dataset(self, split: str) -> Any:
+        """``dataset[rows] -> batch`` over one split's table."""
+        return BatchedCTRDataset(self.tables[split])
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         self.setup()
-        table = self.tables[split]
+        pin = self.on_cuda() if self.pin_memory is None else self.pin_memory
         return batch_loader(
-            BatchedCTRDataset(table), len(table), batch_size, shuffle, self.seed, self.drop_last, self.num_workers
+            self.dataset(split),
+            len(self.tables[split]),
+            batch_size,
+            shuffle,
+            self.seed,
+            self.drop_last,
+            self.num_workers,
+            pin_memory=pin,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -118,9 +141,33 @@ class CTRDataModule(CachedDataModule):
         seed: int = 0,
         drop_last: bool = False,
         path: str | None = None,
+        fixed_shape: bool | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
+        super().__init__(
+            name,
+            source,
+            cache_dir,
+            path,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            drop_last,
+            fixed_shape,
+            pin_memory,
+        )
         self.tasks = parse_tasks(tasks)
+
+    def dataset(self, split: str) -> BatchedCTRDataset:
+        """CTR batches; with ``fixed_shape`` (or on CUDA when it is None) also padded to ``max_len``."""
+        table = self.tables[split]
+        fixed = self.fixed_shape
+        if fixed is None:  # sharded tables (trainer=dmp) read the KJT
+            fixed = self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)
+        if not isinstance(table, CTRTable):  # tabular batches have no histories
+            return BatchedCTRDataset(table)
+        return BatchedCTRDataset(table, self.prepare().max_len if fixed else None)
 
     def backbone_inputs(self) -> dict[str, Any]:
         """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""

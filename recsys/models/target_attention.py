@@ -1,7 +1,7 @@
 """Two-stage long-sequence CTR backbones: DIN, TWIN, TWIN-4E, TWIN w/ proj. and DARE.
 
-One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following
-../shared/specs/dare.md §1.3-§1.4 and §4:
+One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following the DARE paper
+(Feng et al. 2024) and its reference code (thuml/DARE); README "Models" lists the choices:
 
 1. Tokens = item ⊕ category ⊕ position embeddings (TorchRec EmbeddingCollection tables).
 2. Scores ``s_i = <q_sem, k_sem>/√d_sem + <q_pos, k_pos>/√d_pos`` (or DIN's attention MLP),
@@ -25,9 +25,9 @@ from torch import nn
 from mtl.layers import MLP
 from recsys.data.batch import CTRBatch
 from recsys.data.vocab import Vocab
+from recsys.errors import ConfigError
 from recsys.modules.tokens import HistoryIds, PartProjection, TokenEmbedding, Tokens
-
-PAD_SCORE = -(2.0**32 - 1)
+from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool
 
 
 @dataclass
@@ -73,11 +73,6 @@ class DINScorer(nn.Module):
         return self.mlp(pairs.flatten(0, 1)).view(k.shape[:2]) / self.dim
 
 
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim with padded slots set to ``PAD_SCORE`` (as the reference code)."""
-    return torch.softmax(scores.masked_fill(~mask, PAD_SCORE), dim=-1)
-
-
 class TargetAttentionBackbone(nn.Module):
     """Search (top-K by target attention) then aggregate, over a jagged behaviour history.
 
@@ -97,6 +92,16 @@ class TargetAttentionBackbone(nn.Module):
         aux_hidden: hidden sizes of the auxiliary head.
         init_std: N(0, init_std) for the tables.
         device: table device (``meta`` for sharded builds).
+        sparse_grad: local tables get sparse gradients (pair with a sparse table optimiser, e.g.
+            ``recsys.ops.sparse_update.RowWiseAdagrad`` or ``LazyAdam``; ``torch.optim.Adam`` rejects them).
+
+    One forward, assembled from shared pieces: tokens (:meth:`_roles`), scores, the hard top-K search
+    (:meth:`_top_k`) and the softmax pooling (:func:`recsys.ops.softmax_pool.softmax_pool`, :meth:`_output`).
+    With local tables the tokens come from direct lookups of :class:`HistoryIds` (the batch's fixed-shape ids
+    when the loader built them: no host sync in the step); sharded tables go through the TorchRec lookup of
+    the KJT. In evaluation, dot-product configurations on local tables take :meth:`_search_then_lookup`, the
+    same pieces in a cheaper order (scores from the attention tables, value lookups for the K slots only);
+    ``tests/test_eval_path.py`` checks it against the training order for every config in ``configs/recsys/``.
     """
 
     def __init__(
@@ -117,19 +122,22 @@ class TargetAttentionBackbone(nn.Module):
         aux_hidden: tuple = (200,),
         init_std: float = 0.01,
         device: torch.device | None = None,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         if attention_dim is not None and not decoupled and attention_dim != embedding_dim:
-            raise ValueError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
+            raise ConfigError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
         if scorer not in ("dot", "din"):
-            raise ValueError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
+            raise ConfigError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
         att_dim = attention_dim or embedding_dim
         pos = use_position
 
         def tokens(role: str, dim: int) -> TokenEmbedding:
-            return TokenEmbedding(role, vocab, dim, dim if pos else 0, max_len, split_target, init_std, device)
+            return TokenEmbedding(
+                role, vocab, dim, dim if pos else 0, max_len, split_target, init_std, device, sparse_grad
+            )
 
         self.repr_tokens = tokens("repr" if decoupled else "shared", embedding_dim)
         self.att_tokens = tokens("att", att_dim) if decoupled else None
@@ -147,10 +155,28 @@ class TargetAttentionBackbone(nn.Module):
         self.detach_scores = False
         self.eval_chunk = 512  # rows per slice of the eval path (keeps [rows, L, D] gathers in cache)
 
+    @property
+    def local_tables(self) -> bool:
+        """True when every table is a plain local weight (not sharded): tokens come from direct lookups."""
+        return all(t.direct_lookup for t in (self.repr_tokens, self.att_tokens) if t is not None)
+
+    def _tokens(self, batch: CTRBatch) -> tuple[Tokens, Tokens]:
+        """-> (attention, representation) tokens of the batch (the same object when not decoupled)."""
+        if self.local_tables:
+            ids = HistoryIds.of(batch)
+            embed = lambda tokens: tokens.lookup(ids)  # noqa: E731
+        else:
+            if batch.sparse is None:
+                raise ValueError(
+                    "sharded tables read the batch's KJT; fixed-shape batches have none (data.fixed_shape)"
+                )
+            embed = lambda tokens: tokens(batch.sparse)  # noqa: E731
+        repr_tokens = embed(self.repr_tokens)
+        return (embed(self.att_tokens) if self.att_tokens is not None else repr_tokens), repr_tokens
+
     def _roles(self, batch: CTRBatch) -> tuple[Tokens, Tokens, Tokens, Tokens]:
         """-> (query, keys, values, target) tokens; query/keys feed the scores, values/target the pooling."""
-        repr_tokens = self.repr_tokens(batch.sparse)
-        att_tokens = self.att_tokens(batch.sparse) if self.att_tokens is not None else repr_tokens
+        att_tokens, repr_tokens = self._tokens(batch)
         if not self.projections:
             return att_tokens, att_tokens, repr_tokens, repr_tokens
         p = self.projections
@@ -174,37 +200,40 @@ class TargetAttentionBackbone(nn.Module):
             return torch.cat([target, pooled, target * pooled], dim=-1)
         return torch.cat([target, pooled], dim=-1)
 
-    def _top_k(self, scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard, non-differentiable search -> (slots ``[B, K]``, re-softmaxed weights ``[B, K]``)."""
+    def _top_k(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hard, non-differentiable search -> ``[B, K]`` slots of the highest scores (padding last)."""
         with torch.no_grad():
-            top_index = scores.masked_fill(~mask, PAD_SCORE).topk(min(self.top_k, scores.shape[1]), dim=1).indices
-        return top_index, masked_softmax(scores.gather(1, top_index), mask.gather(1, top_index))
+            return scores.masked_fill(~mask, PAD_SCORE).topk(min(self.top_k, scores.shape[1]), dim=1).indices
 
     def _output(
-        self, target: torch.Tensor, top_values: torch.Tensor, top_index: torch.Tensor, weights: torch.Tensor
+        self,
+        target: torch.Tensor,
+        scores: torch.Tensor,
+        mask: torch.Tensor,
+        values: torch.Tensor,
+        top_index: torch.Tensor,
+        gathered: bool = False,
     ) -> BackboneOutput:
-        """Pool the top-K values ``[B, K, D]`` with ``weights [B, K]`` into features for target ``[B, D]``."""
-        pooled = torch.einsum("bk,bkd->bd", weights, top_values)
+        """Re-softmax the top-K ``scores [B, L]`` and pool ``values [B, L, D]`` (``gathered``: already the
+        ``[B, K, D]`` values of ``top_index``) into the features for ``target [B, D]``."""
+        if gathered:
+            pooled, weights = softmax_pool(scores.gather(1, top_index), mask.gather(1, top_index), values)
+        else:
+            pooled, weights = softmax_pool(scores, mask, values, top_index)
         return BackboneOutput(
             features=self._features(target, pooled), extras={"attention": weights, "topk_index": top_index}
         )
 
     def _direct_eval(self) -> bool:
         """Whether the eval path (:meth:`_search_then_lookup`) computes this configuration's forward."""
-        tokens = [t for t in (self.repr_tokens, self.att_tokens) if t is not None]
-        return (
-            not self.training
-            and isinstance(self.scorer, DotScorer)
-            and not self.projections
-            and all(t.direct_lookup for t in tokens)
-        )
+        return not self.training and isinstance(self.scorer, DotScorer) and not self.projections and self.local_tables
 
     def _search_then_lookup(self, batch: CTRBatch) -> BackboneOutput:
         """Eval forward (same function as the training forward up to float rounding), ``eval_chunk`` rows at a
         time so every intermediate stays in cache: scores straight from the attention tables, then
         representation lookups only for the ``[B, K]`` retrieved slots, never padding or concatenating
         ``[B, L, D]`` token tensors."""
-        outs = [self._search_then_lookup_rows(ids) for ids in HistoryIds.from_kjt(batch.sparse).split(self.eval_chunk)]
+        outs = [self._search_then_lookup_rows(ids) for ids in HistoryIds.of(batch).split(self.eval_chunk)]
         cat = lambda get: torch.cat([get(o) for o in outs])  # noqa: E731
         return BackboneOutput(
             features=cat(lambda o: o.features), extras={k: cat(lambda o, k=k: o.extras[k]) for k in outs[0].extras}
@@ -214,9 +243,10 @@ class TargetAttentionBackbone(nn.Module):
         """:meth:`_search_then_lookup` on one slice of rows."""
         att = self.att_tokens if self.att_tokens is not None else self.repr_tokens
         scores = att.dot_scores(ids)  # [b, L]
-        top_index, weights = self._top_k(scores, ids.mask)
+        top_index = self._top_k(scores, ids.mask)
         top_values = self.repr_tokens.history_tokens(ids.select(top_index))  # [b, K, D]
-        return self._output(self.repr_tokens.target_tokens(ids), top_values, top_index, weights)
+        target = self.repr_tokens.target_tokens(ids)
+        return self._output(target, scores, ids.mask, top_values, top_index, gathered=True)
 
     def forward(self, batch: CTRBatch) -> BackboneOutput:
         if self._direct_eval():
@@ -226,10 +256,8 @@ class TargetAttentionBackbone(nn.Module):
         if self.detach_scores:
             scores = scores.detach()
         history = values.history  # [B, L, D]
-        top_index, weights = self._top_k(scores, mask)
-        top_values = history.gather(1, top_index.unsqueeze(-1).expand(-1, -1, history.shape[-1]))
-        out = self._output(target.target, top_values, top_index, weights)
+        out = self._output(target.target, scores, mask, history, self._top_k(scores, mask))
         if self.aux_head is not None and self.training:  # the aux head only shapes training
-            full = torch.einsum("bl,bld->bd", masked_softmax(scores, mask), history)
+            full, _ = softmax_pool(scores, mask, history)
             out.aux_logits["full_sequence"] = self.aux_head(self._features(target.target, full)).squeeze(-1)
         return out

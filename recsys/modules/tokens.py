@@ -9,10 +9,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM
+from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM, CTRBatch, PaddedHistory
 from recsys.data.vocab import Vocab
 from recsys.ops.jagged import jagged_to_padded_dense, lengths_to_offsets, padding_mask
 
@@ -67,10 +66,11 @@ def pad_ids(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.
 
 @dataclass
 class HistoryIds:
-    """The CTR KJT's ids laid out for direct table lookups (the eval path's input).
+    """A batch's ids laid out for direct table lookups (the input of every forward on local tables).
 
     Shapes: ``hist_item, hist_cat, positions, mask [B, L]`` (padding slots: id 0, position 0, mask False),
-    ``target_item, target_cat [B]``.
+    ``target_item, target_cat [B]``. ``L`` is the batch's longest history (:meth:`from_kjt`, one host sync)
+    or the loader's fixed width (:meth:`from_padded`, no sync).
     """
 
     hist_item: torch.Tensor
@@ -79,6 +79,24 @@ class HistoryIds:
     mask: torch.Tensor
     target_item: torch.Tensor
     target_cat: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: CTRBatch) -> HistoryIds:
+        """The fixed-shape ids when the loader built them (``batch.padded``), else those of the KJT."""
+        return cls.from_padded(batch.padded) if batch.padded is not None else cls.from_kjt(batch.sparse)
+
+    @classmethod
+    def from_padded(cls, padded: PaddedHistory) -> HistoryIds:
+        """Shape-static (no host sync): positions and mask computed from ``lengths`` on the device."""
+        width = padded.hist_item.shape[1]
+        return cls(
+            padded.hist_item.long(),  # the loader sends int32 ids when they fit (half the copy)
+            padded.hist_cat.long(),
+            history_positions(padded.lengths, width),
+            padding_mask(padded.lengths, width),
+            padded.target_item,
+            padded.target_cat,
+        )
 
     @classmethod
     def from_kjt(cls, sparse: KeyedJaggedTensor) -> HistoryIds:
@@ -103,6 +121,10 @@ class HistoryIds:
         """The history slots ``index [B, K]`` of each row (targets unchanged)."""
         hist = [t.gather(1, index) for t in (self.hist_item, self.hist_cat, self.positions, self.mask)]
         return HistoryIds(*hist, self.target_item, self.target_cat)
+
+
+def _join(sem: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return sem if pos is None else torch.cat([sem, pos], dim=-1)
 
 
 def gathered_dot(weight: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -130,6 +152,8 @@ class TokenEmbedding(nn.Module):
         init_std: N(0, init_std) initialisation of every table.
         device: where the EmbeddingCollection tables are built; ``torch.device("meta")`` lets
             DistributedModelParallel materialise each shard on its rank (position tables stay real).
+        sparse_grad: direct lookups (:meth:`lookup`) give the tables sparse gradients (the rows a batch
+            touched, for a sparse optimiser such as :class:`recsys.ops.sparse_update.RowWiseAdagrad`).
     """
 
     def __init__(
@@ -142,8 +166,10 @@ class TokenEmbedding(nn.Module):
         split_target: bool = False,
         init_std: float = 0.01,
         device: torch.device | None = None,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
+        self.sparse_grad = sparse_grad
         init = partial(nn.init.normal_, mean=0.0, std=init_std)
         configs: list[EmbeddingConfig] = []
         for feature, rows, hist, target in (
@@ -187,26 +213,36 @@ class TokenEmbedding(nn.Module):
         """``[rows, dim]``: the weight of the table that embeds ``feature``."""
         return self.tables.embeddings[self._table_of[feature]].weight
 
+    def _embed(self, ids: torch.Tensor, feature: str) -> torch.Tensor:
+        return F.embedding(ids, self._weight(feature), sparse=self.sparse_grad)
+
+    def _target_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Target tokens ``(sem [B, Ds], pos [B, Dp] or None)``; the target sits at position 0."""
+        sem = torch.cat([self._embed(ids.target_item, TARGET_ITEM), self._embed(ids.target_cat, TARGET_CAT)], dim=-1)
+        pos = self.positions[-1].weight[0].expand(sem.shape[0], -1) if self.pos_dim > 0 else None
+        return sem, pos
+
+    def _history_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """History tokens ``(sem [B, L, Ds], pos [B, L, Dp] or None)`` of the slots in ``ids``; padding slots get a
+        zero semantic part (as the padded KJT path) and position 0."""
+        sem = torch.cat([self._embed(ids.hist_item, HIST_ITEM), self._embed(ids.hist_cat, HIST_CAT)], dim=-1)
+        sem = sem * ids.mask.unsqueeze(-1)
+        pos = F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
+        return sem, pos
+
     def target_tokens(self, ids: HistoryIds) -> torch.Tensor:
-        """``[B, token_dim]``: the same target tokens as :meth:`forward`'s ``Tokens.target``."""
-        parts = [
-            F.embedding(ids.target_item, self._weight(TARGET_ITEM)),
-            F.embedding(ids.target_cat, self._weight(TARGET_CAT)),
-        ]
-        if self.pos_dim > 0:
-            parts.append(self.positions[-1].weight[0].expand(ids.target_item.shape[0], -1))
-        return torch.cat(parts, dim=-1)
+        """``[B, token_dim]``: the whole target tokens (``Tokens.target`` of :meth:`lookup`)."""
+        return _join(*self._target_parts(ids))
 
     def history_tokens(self, ids: HistoryIds) -> torch.Tensor:
-        """``[B, K, token_dim]``: the history tokens of the slots in ``ids`` (padding: zero semantic part and
-        position 0, as :meth:`forward`'s ``Tokens.history``)."""
-        sem = torch.cat(
-            [F.embedding(ids.hist_item, self._weight(HIST_ITEM)), F.embedding(ids.hist_cat, self._weight(HIST_CAT))],
-            dim=-1,
-        ) * ids.mask.unsqueeze(-1)
-        if self.pos_dim == 0:
-            return sem
-        return torch.cat([sem, F.embedding(ids.positions, self.positions[0].weight)], dim=-1)
+        """``[B, K, token_dim]``: the whole history tokens of the slots in ``ids`` (``Tokens.history``)."""
+        return _join(*self._history_parts(ids))
+
+    def lookup(self, ids: HistoryIds) -> Tokens:
+        """:class:`Tokens` by direct lookups in local tables: the same values as :meth:`forward` on the KJT,
+        with no jagged op and, for fixed-shape ids, no host sync."""
+        (target_sem, target_pos), (hist_sem, hist_pos) = self._target_parts(ids), self._history_parts(ids)
+        return Tokens(target_sem, hist_sem, target_pos, hist_pos, ids.mask)
 
     GRAM_LIMIT = 1 << 25  # entries of the cached target x history item dot table (128 MiB of float32)
 
@@ -246,6 +282,7 @@ class TokenEmbedding(nn.Module):
         return scores
 
     def forward(self, sparse: KeyedJaggedTensor) -> Tokens:
+        """:class:`Tokens` through the collection's own lookup (the path of sharded tables)."""
         out = self.tables(sparse)
         hist = out[HIST_ITEM]
         lengths = hist.lengths()

@@ -13,6 +13,7 @@ import torch
 from recsys.bundle import LoadedBundle
 from recsys.data.batch import CTRBatch, ctr_kjt_from_values
 from recsys.data.ctr_table import list_column_arrays
+from recsys.data.schema import null_inside
 from recsys.errors import ConfigError
 from recsys.scoring.reader import SCORING_COLUMNS, out_of_range_rows
 
@@ -115,7 +116,10 @@ class CTRScorer:
     def _reasons(self, frame: pl.DataFrame) -> np.ndarray:
         """Per-row rejection reason ('' = keep) for nulls and empty histories."""
         null = frame.select(
-            pl.any_horizontal(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat"))
+            pl.any_horizontal(
+                *(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat")),
+                *(null_inside(c) for c in ("hist_item", "hist_cat")),  # a null id inside a history: not unseen
+            )
         )
         empty = frame.select(
             (pl.col("hist_item").list.len().fill_null(0) == 0)

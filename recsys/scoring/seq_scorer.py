@@ -16,6 +16,7 @@ import torch
 
 from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
+from recsys.data.schema import null_inside
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.seqrec_format import take_segments
 from recsys.errors import ConfigError
@@ -74,10 +75,15 @@ class SeqScorer:
         stats = ScoreStats(rows_in=frame.height)
         out_of_range = out_of_range_rows(frame, ("history",))
         reasons = np.where(out_of_range, "id_out_of_range", "")
-        null = frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy()
+        null = (
+            frame.select(pl.col("user").is_null() | pl.col("history").is_null() | null_inside("history"))
+            .to_series()
+            .to_numpy()
+        )  # a null id inside a history is rejected, not counted as unseen
         reasons = np.where(null, "null", reasons)
         readable = pl.when(pl.lit(pl.Series(out_of_range))).then(None).otherwise(pl.col("history")).alias("history")
-        values, offsets = list_column_arrays(frame.with_columns(readable.fill_null([])), "history")
+        filled = readable.fill_null([]).list.eval(pl.element().fill_null(0))  # rejected rows: any id
+        values, offsets = list_column_arrays(frame.with_columns(filled), "history")
         rows = self.bundle.mappers["item"](values)
         lengths = np.diff(offsets)
         row_of_value = np.repeat(np.arange(frame.height), lengths)

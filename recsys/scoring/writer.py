@@ -15,7 +15,8 @@ class AtomicParquetWriter:
     """Append frames; :meth:`commit` renames ``<path>.tmp`` to ``path``; :meth:`abort` removes the temp file.
 
     ``metadata`` lands in the parquet footer (key-value metadata), e.g. the model's identity.
-    Use as a context manager: an exception aborts, a clean exit commits.
+    Use as a context manager: an exception aborts (the temp file is removed); a clean exit does *not* commit --
+    call :meth:`commit` (or :meth:`abort`) explicitly, so a file is only visible when the caller says it is whole.
     """
 
     def __init__(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:

@@ -27,11 +27,16 @@ from recsys.training.base import OptimizerFactory, SparseDenseModule, split_spar
 MODEL_BUILDER = "recsys.models.ranking.build_ranking_model"
 
 
-def l2_penalty(module: nn.Module) -> torch.Tensor:
-    """Σ‖θ‖² over dense weights (no biases, no embedding tables), as the DARE code regularises."""
+def l2_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The dense weights the L2 term covers: no biases, no embedding tables, no 1-D parameters."""
     _, dense = split_sparse_dense(module)
     names = {id(p): n for n, p in module.named_parameters()}
-    terms = [p.pow(2).sum() for p in dense if not names[id(p)].endswith("bias") and p.dim() > 1]
+    return [p for p in dense if not names[id(p)].endswith("bias") and p.dim() > 1]
+
+
+def l2_penalty(module: nn.Module, weights: list[nn.Parameter] | None = None) -> torch.Tensor:
+    """Σ‖θ‖² over :func:`l2_weights` (or the given ``weights``), as the DARE code regularises."""
+    terms = [p.pow(2).sum() for p in (l2_weights(module) if weights is None else weights)]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -66,6 +71,7 @@ class RankingModule(SparseDenseModule):
         binary = [t for t in self.tasks if t.loss == "binary"]
         self.primary = binary[0].name if binary else None
         self._eval: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._l2_weights: list[nn.Parameter] | None = None
 
     def forward(self, batch: CTRBatch) -> RankingOutput:
         return self.model(batch)
@@ -93,7 +99,9 @@ class RankingModule(SparseDenseModule):
             losses[f"aux/{name}"] = loss
             total = total + loss
         if self.l2_weight > 0:
-            losses["l2"] = self.l2_weight * l2_penalty(self.model).to(total.device)
+            if self._l2_weights is None:  # once, after the strategy has wrapped the model (not every step)
+                self._l2_weights = l2_weights(self.model)
+            losses["l2"] = self.l2_weight * l2_penalty(self.model, self._l2_weights).to(total.device)
             total = total + losses["l2"]
         losses["total"] = total
         return losses

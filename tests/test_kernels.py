@@ -1,0 +1,194 @@
+"""Fused ops against their pure-torch references on random jagged inputs.
+
+- ``softmax_pool``: the torch reference against an independent loop-free formula here; the Triton backend
+  (front-end's automatic choice under ``TRITON_INTERPRET=1``, Triton's CPU interpreter) against the reference
+  in a subprocess (the interpreter must be chosen before Triton is first imported); on CUDA (``-m gpu``)
+  the compiled kernel.
+- sparse table updates: ``dedup_rows`` against ``torch.unique``; ``RowWiseAdagrad`` against a dense
+  re-statement of the rule; ``LazyAdam`` against ``torch.optim.SparseAdam``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys.ops.backend import kernel_family, use_triton
+from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool, softmax_pool_torch
+from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad, dedup_rows
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def jagged_case(seed: int, device: str = "cpu", top_k: int | None = 5, wide: bool = False):
+    """Random scores ``[B, L]``, values ``[B, L, D]`` (D not a power of two), a jagged mask with rows shorter
+    than K, and (``top_k``) each row's top-K slots as the search stage picks them. ``wide``: DARE-sized rows
+    (L = 200, D = 200..400: several value tiles per row in the Triton kernel)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = ((1, 6), (200, 201), (200, 400)) if wide else ((1, 40), (1, 30), (1, 40))
+    batch, width, dim = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in sizes)
+    lengths = torch.randint(1, width + 1, (batch,), generator=g)
+    mask = torch.arange(width) < lengths.unsqueeze(1)
+    scores = torch.randn(batch, width, generator=g) * 3
+    values = torch.randn(batch, width, dim, generator=g)
+    index = None
+    if top_k is not None:
+        index = scores.masked_fill(~mask, PAD_SCORE).topk(min(top_k, width), dim=1).indices
+    return [t.to(device) if t is not None else None for t in (scores, mask, values, index)]
+
+
+def compare_backends(
+    seed: int, backend: str | None, device: str = "cpu", top_k: int | None = 5, wide: bool = False
+) -> None:
+    """``backend`` (None = automatic) against the reference: outputs and gradients of scores and values."""
+    scores, mask, values, index = jagged_case(seed, device, top_k, wide)
+    results = []
+    probe = torch.randn(index.shape if index is not None else scores.shape, generator=torch.Generator().manual_seed(9))
+    for which in (backend, "torch"):
+        s, v = scores.clone().requires_grad_(), values.clone().requires_grad_()
+        pooled, weights = softmax_pool(s, mask, v, index, backend=which)
+        ((pooled * pooled).sum() + (weights * probe.to(weights.device)).sum()).backward()
+        results.append((pooled, weights, s.grad, v.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [5, 1, None])
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_equals_the_definition(seed, top_k):
+    scores, mask, values, index = jagged_case(seed, top_k=top_k)
+    pooled, weights = softmax_pool_torch(scores, mask, values, index)
+    if index is None:
+        index = torch.arange(scores.shape[1]).expand_as(scores)
+    for b in range(scores.shape[0]):  # per row, with only the real selected slots
+        real = [int(j) for j in index[b] if mask[b, j]]
+        w = torch.softmax(scores[b, real], 0)
+        torch.testing.assert_close(pooled[b], w @ values[b, real], rtol=1e-5, atol=1e-6)
+        picked = [j for j, slot in enumerate(index[b]) if mask[b, slot]]
+        torch.testing.assert_close(weights[b, picked], w, rtol=1e-5, atol=1e-6)
+        assert weights[b].sum().sub(1).abs() < 1e-5
+
+
+def check_triton_cases() -> None:
+    """Run in a subprocess with ``TRITON_INTERPRET=1``: the automatic choice is Triton, and it matches."""
+    assert use_triton("cpu") and kernel_family("cpu") in ("fbgemm", "triton")
+    for seed in range(8):
+        for top_k in (5, 1, None):
+            compare_backends(seed, None, "cpu", top_k)
+    for top_k in (20, None):
+        compare_backends(0, None, "cpu", top_k, wide=True)
+    print("triton cases ok")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton): interpreter cases skipped")
+def test_triton_backend_matches_the_reference_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    env.pop("RECSYS_KERNELS", None)
+    code = "from tests.test_kernels import check_triton_cases; check_triton_cases()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "triton cases ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_cpu_without_the_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not use_triton("cpu")
+    monkeypatch.setenv("RECSYS_KERNELS", "torch")
+    assert not use_triton("cuda") and kernel_family("cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown softmax_pool backend"):
+        softmax_pool(*jagged_case(0), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("top_k", [20, 5, None])
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_kernel_on_cuda_matches_the_reference(seed, top_k, wide):
+    assert use_triton("cuda"), "triton should be importable on the GPU machine"
+    compare_backends(seed, "triton", "cuda", top_k, wide)
+
+
+# ---- sparse table updates -----------------------------------------------------------------------------
+
+
+def test_dedup_rows_sums_each_distinct_id():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 300):
+        ids = torch.randint(0, 20, (n,), generator=g)
+        grads = torch.randn(n, 3, generator=g)
+        rows, summed, valid = dedup_rows(ids, grads)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        want = torch.zeros(unique.numel(), 3).index_add_(0, inverse, grads)
+        u = unique.numel()
+        assert torch.equal(rows[:u], unique) and valid[:u].all() and not valid[u:].any()
+        torch.testing.assert_close(summed[:u], want)
+        assert not summed[u:].any() and (rows[u:] == rows[0]).all()
+
+
+def lookups(table: torch.nn.Parameter, seed: int) -> torch.Tensor:
+    """A loss over two sparse lookups of ``table`` with repeated ids (gradients accumulate uncoalesced)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, table.shape[0], (4, 9), generator=g)
+    b = torch.randint(0, 5, (6,), generator=g)  # a few hot rows
+    w = torch.randn(table.shape[1], generator=g)
+    return (F.embedding(a, table, sparse=True) @ w).pow(2).sum() + (F.embedding(b, table, sparse=True) @ w).sum()
+
+
+def test_row_wise_adagrad_matches_the_dense_rule_and_ignores_untouched_rows():
+    torch.manual_seed(0)
+    init = torch.randn(30, 4)
+    sparse = torch.nn.Parameter(init.clone())
+    dense = torch.nn.Parameter(init.clone())
+    opt = RowWiseAdagrad([sparse], lr=0.1, eps=1e-6)
+    acc = torch.zeros(30)
+    for seed in range(5):
+        opt.zero_grad()
+        lookups(sparse, seed).backward()
+        assert sparse.grad.is_sparse
+        opt.step()
+        dense.grad = None
+        lookups_dense = lookups(dense, seed)
+        grad = torch.autograd.grad(lookups_dense, dense)[0].to_dense()  # same loss, as a dense gradient
+        touched = grad.abs().sum(1) > 0
+        with torch.no_grad():  # the rule, row by row: G += mean(g^2); w -= lr g / (sqrt(G) + eps)
+            acc[touched] += grad[touched].pow(2).mean(1)
+            dense[touched] -= 0.1 * grad[touched] / (acc[touched].sqrt() + 1e-6).unsqueeze(1)
+        torch.testing.assert_close(sparse.detach(), dense.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[sparse]["sum"], acc, rtol=1e-5, atol=1e-7)
+
+
+def test_row_wise_adagrad_dense_gradients_give_the_same_update():
+    torch.manual_seed(1)
+    init = torch.randn(25, 3)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    oa, ob = RowWiseAdagrad([a], lr=0.05), RowWiseAdagrad([b], lr=0.05)
+    for seed in range(3):
+        oa.zero_grad()
+        ob.zero_grad()
+        lookups(a, seed).backward()
+        b.grad = torch.autograd.grad(lookups(b, seed), b)[0].to_dense()
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_adam_matches_torch_sparse_adam():
+    torch.manual_seed(2)
+    init = torch.randn(40, 5)
+    ours, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    o1 = LazyAdam([ours], lr=0.01, betas=(0.8, 0.99), eps=1e-7)
+    o2 = torch.optim.SparseAdam([ref], lr=0.01, betas=(0.8, 0.99), eps=1e-7)
+    for seed in range(6):
+        for p, o in ((ours, o1), (ref, o2)):
+            o.zero_grad()
+            lookups(p, seed).backward()
+            o.step()
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o1.state[ours]["exp_avg_sq"], o2.state[ref]["exp_avg_sq"], rtol=1e-5, atol=1e-8)
