@@ -167,6 +167,43 @@ def score(
     return {**summary, "job_seconds": round(time.perf_counter() - start, 2)}
 
 
+def ray_overhead(calls: int = 300) -> dict:
+    """What Ray itself costs the job, apart from scoring: starting a local instance, one actor task round trip
+    (the per-file cost: the driver hands out a file and gets the counts back) and one fire-and-forget progress
+    report (the per-batch cost, at most 4 per second per worker). No rows pass through Ray: workers read and
+    write the files themselves, so nothing is serialised per row."""
+    import ray
+
+    from recsys.scoring.ray_engine import Progress
+
+    start = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
+    init_s = time.perf_counter() - start
+    try:
+        progress = ray.remote(num_cpus=0)(Progress).remote()
+        start = time.perf_counter()
+        ray.get(progress.total.remote())
+        actor_start_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(calls):
+            ray.get(progress.total.remote())
+        round_trip_ms = (time.perf_counter() - start) / calls * 1e3
+        start = time.perf_counter()
+        for i in range(calls):
+            progress.set.remote("f", i)
+        fire_ms = (time.perf_counter() - start) / calls * 1e3
+    finally:
+        ray.shutdown()
+    return {
+        "measure": "ray_overhead",
+        "init_s": round(init_s, 2),
+        "actor_start_s": round(actor_start_s, 2),
+        "task_round_trip_ms": round(round_trip_ms, 3),
+        "progress_report_ms": round(fire_ms, 3),
+        "load": load(),
+    }
+
+
 def load() -> float:
     """The 1-minute load average (another job may share the cores)."""
     return round(os.getloadavg()[0], 2)
@@ -174,9 +211,7 @@ def load() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--model", nargs="+", action="extend", required=True, help="training run folders or bundle folders"
-    )
+    parser.add_argument("--model", nargs="+", action="extend", default=[], help="training run or bundle folders")
     parser.add_argument("--rows", nargs="+", type=int, default=[1_000_000, 10_000_000])
     parser.add_argument("--threads", nargs="+", type=int, default=[2], help="torch threads; one run per value")
     parser.add_argument("--batch-size", type=int, default=8192)
@@ -184,8 +219,14 @@ def main() -> None:
     parser.add_argument("--workers", nargs="+", type=int, default=[1], help="Ray workers; one run per value")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (Ray: one GPU per worker)")
     parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
+    parser.add_argument("--ray-overhead", action="store_true", help="also measure Ray's fixed and per-task costs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.ray_overhead:
+        row = ray_overhead()
+        with (RESULTS / "scoring.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
     work = REPO / "logs" / "benchmarks" / "scoring"
     for rows in args.rows:
         for model in args.model:
@@ -233,6 +274,7 @@ def write_table() -> None:
     """The generated tables of benchmarks/results/scoring.md from every line of scoring.jsonl (the text around
     them, between ``<!-- name -->`` / ``<!-- /name -->`` markers, is kept)."""
     rows = [json.loads(line) for line in (RESULTS / "scoring.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "measure" not in r]  # Ray's overhead lines: quoted in the text
     bounds = [
         "| model | rows | threads | rows/s | read-only rows/s | forward-only rows/s | bound / rows/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",

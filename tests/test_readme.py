@@ -49,6 +49,13 @@ PLAN = {
     "python -m pipelines.score input=logs/example_logs model=$RUN output=logs/example_scores": RUN,
     "python -m pipelines.score input=<user,history parquet> model=<mqsa_ted run> output=<dir> top_n=10 "
     "keep_columns=[user]": "<...>",
+    "python -m pipelines.score input=logs/example_logs model=$RUN output=logs/ray_scores engine=ray ray.workers=2": (
+        "engine=ray on a local Ray instance: tests/test_scoring_ray.py"
+    ),
+    "ray start --head --port=6379": "starts a Ray cluster node (a server); tests/test_scoring_ray.py joins one",
+    "ray start --address=<head ip>:6379": "<...>",
+    "python -m pipelines.score input=/shared/logs model=/shared/runs/<run> output=/shared/scores engine=ray "
+    "ray.address=auto": "<...>",
     "python -m pipelines.train -m recsys=din,dare trainer.max_epochs=1": RUN,
     "python -m pipelines.compare experiment=synthetic metric=test/auc": RUN,
     "python -m pipelines.train recsys=dare resume=auto": "needs a killed run: tests/test_fault_tolerance.py",

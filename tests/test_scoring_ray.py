@@ -41,7 +41,7 @@ def bundle_dir(tmp_path_factory):
 
 
 def ray_cfg(bundle_dir, output, inputs, **extra):
-    return score_cfg(bundle_dir, output, inputs=inputs, engine="ray", ray={"workers": 2}, **extra)
+    return score_cfg(bundle_dir, output, inputs=inputs, **{"engine": "ray", "ray": {"workers": 2}, **extra})
 
 
 def _same_outputs(a: Path, b: Path) -> None:
@@ -108,7 +108,7 @@ def test_killed_worker_file_is_retried_complete(ray_local, bundle_dir, tmp_path)
     watcher = threading.Thread(target=_kill_a_busy_worker, args=(tmp_path / "ray", killed, stop))
     watcher.start()
     try:
-        run(ray_cfg(bundle_dir, tmp_path / "ray", inputs, batch_size=8))
+        run(ray_cfg(bundle_dir, tmp_path / "ray", inputs, batch_size=8, ray={"workers": 1}))
     finally:
         stop.set()
         watcher.join()
@@ -126,7 +126,7 @@ def test_killed_driver_resumes_without_redoing_finished_files(ray_local, bundle_
     _write_many(bundle_dir, inputs, copies=8)
     run(score_cfg(bundle_dir, tmp_path / "local", inputs=inputs, batch_size=4))
     out = tmp_path / "ray"
-    extra = ["engine=ray", f"ray.address={ray_local}", "ray.workers=2"]
+    extra = ["engine=ray", f"ray.address={ray_local}", "ray.workers=1"]
     cli = [c if not c.startswith("batch_size=") else "batch_size=4" for c in _score_cli(bundle_dir, inputs, out, extra)]
     proc = subprocess.Popen(cli, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
