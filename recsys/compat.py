@@ -148,6 +148,8 @@ def load_fbgemm_ops() -> bool:
 
 
 _import_torchrec()
+for _problem in check_matrix(torch.__version__, _dist_version("torchrec"), fbgemm_distribution()[1]):
+    log.warning("untested versions (TorchRec's matrix, docs/gpu.md): %s", _problem)
 
 # Everything below is version-stable across torchrec 1.6-1.8 (see the module docstring).
 from torchrec import (  # noqa: E402
