@@ -18,10 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import REPO, RESULTS, markdown_table
 
 
 def run_one(model: str, seed: int, epochs: int, batch_size: int, extra: list[str]) -> dict:
@@ -84,17 +82,20 @@ def summarise(rows: list[dict], models: list[str]) -> list[dict]:
 
 
 def markdown(summary: list[dict], rows: list[dict]) -> str:
-    lines = [
-        "| model | seeds | test AUC (mean ± std) | logloss | GAUC user | s/epoch | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+    body = [
+        [
+            s["model"],
+            len(s["seeds"]),
+            f"{s['auc_mean']:.4f} ± {s['auc_std']:.4f}",
+            f"{s['logloss_mean']:.4f}",
+            f"{statistics.mean(r['gauc_user'] for r in rows if r['model'] == s['model']):.4f}",
+            f"{s['sec_per_epoch']:.1f}",
+            f"{s['peak_rss_mb']:.0f}",
+        ]
+        for s in summary
     ]
-    for s in summary:
-        gauc = statistics.mean(r["gauc_user"] for r in rows if r["model"] == s["model"])
-        lines.append(
-            f"| {s['model']} | {len(s['seeds'])} | {s['auc_mean']:.4f} ± {s['auc_std']:.4f} | "
-            f"{s['logloss_mean']:.4f} | {gauc:.4f} | {s['sec_per_epoch']:.1f} | {s['peak_rss_mb']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    columns = ["model", "seeds", "test AUC (mean ± std)", "logloss", "GAUC user", "s/epoch", "peak RSS (MB)"]
+    return markdown_table(columns, body)
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.mtl_common import RESULTS, append_rows, markdown_table, read_rows, run_grid
+from benchmarks.common import RESULTS
+from benchmarks.mtl_common import append_rows, read_rows, results_table, run_grid
 
 TASKS = ("income", "marital")
 #: Tuned settings per tower (on the validation AUC of seed 1; see docs/mtl.md).
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
             args.max_epochs,
             args.patience,
         )
-    table = markdown_table(read_rows(args.out), "census")
+    table = results_table(read_rows(args.out), "census")
     print(table)
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import REPO, markdown_table, mean_std
+
 FIELDS = ("model", "backbone", "dataset", "seed", "task", "auc", "logloss", "sec_per_epoch", "implementation")
 
 
@@ -174,17 +174,12 @@ def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             handle.write(json.dumps(row) + "\n")
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
+def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
     """Mean ± sample std over seeds of test AUC / logloss per (implementation, backbone, model, task)."""
     rows = [r for r in rows if r["dataset"] == dataset]
     keys = list(dict.fromkeys((r["implementation"], r["backbone"], r["model"]) for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    head = (
-        "| implementation | backbone | model | seeds | "
-        + " | ".join(f"{t} AUC | {t} logloss" for t in tasks)
-        + " | s/epoch |"
-    )
-    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    body = []
     for impl, backbone, model in keys:
         cells, seeds, secs = [], set(), []
         for t in tasks:
@@ -195,19 +190,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
             ]
             seeds |= {r["seed"] for r in sel}
             secs += [r["sec_per_epoch"] for r in sel]
-            cells.append(f"{_mean_std([r['auc'] for r in sel])} | {_mean_std([r['logloss'] for r in sel])}")
-        out.append(
-            f"| {impl} | {backbone} | {model} | {len(seeds)} | " + " | ".join(cells) + f" | {np.mean(secs):.1f} |"
-        )
-    return "\n".join(out)
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+            cells += [mean_std([r["auc"] for r in sel]), mean_std([r["logloss"] for r in sel])]
+        body.append([impl, backbone, model, len(seeds), *cells, f"{np.mean(secs):.1f}"])
+    columns = ["implementation", "backbone", "model", "seeds"]
+    columns += [f"{t} {m}" for t in tasks for m in ("AUC", "logloss")] + ["s/epoch"]
+    return markdown_table(columns, body).rstrip("\n")
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

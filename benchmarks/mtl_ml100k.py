@@ -2,11 +2,8 @@
 
     python -m benchmarks.mtl_ml100k                      # 5 towers, seed 1
     python -m benchmarks.mtl_ml100k --models switch --seeds 1 2 3
-    python -m benchmarks.mtl_ml100k --import-plain benchmarks/results/mtl_ml100k_gpu_runs.jsonl   # GPU runs
 
-On a GPU machine without the CPU stack, ``benchmarks/ctr_plain.py`` runs the same models in a plain loop
-(``--towers single mmoe ple switch taskexpert --tasks click:label like:like``); ``--import-plain`` turns its
-rows into result rows.
+Every run goes through the same Hydra config, ``pipelines.train.build`` and LightningModule as a training run.
 
 ``data=ml100k_mtl``: every rating after the first 5 is a positive with 2 sampled negatives; click = rated,
 like = rating >= 4 (entire space). Early stopping on the mean validation AUC of the two tasks; the best
@@ -16,27 +13,14 @@ epoch is tested. Rows go to ``benchmarks/results/mtl.jsonl`` (dataset ``ml100k_m
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from benchmarks.mtl_common import RESULTS, append_rows, markdown_table, read_rows, result_rows, run_grid
+from benchmarks.common import RESULTS
+from benchmarks.mtl_common import read_rows, results_table, run_grid
 
 TASKS = ("click", "like")
 COMMON = ["recsys=dare", "data=ml100k_mtl", "data.batch_size=1024"]
 MODELS = {name: [f"mtl={name}"] for name in ("single", "mmoe", "ple", "switch", "taskexpert")}
-
-
-def import_plain(path: Path, out: Path) -> None:
-    """Rows of ``benchmarks.ctr_plain`` (one per run, per-task metrics under ``tasks``) -> result rows."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
-        run = {
-            "test": {f"test/{t}/{m}": r["tasks"][t][m] for t in TASKS for m in ("auc", "logloss")},
-            "sec_per_epoch": r["sec_per_epoch"],
-        }
-        rows += result_rows(r["tower"], r["model"], "ml100k_mtl", r["seed"], TASKS, run)
-    append_rows(out, rows)
 
 
 def main(argv=None) -> None:
@@ -49,11 +33,8 @@ def main(argv=None) -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
     p.add_argument("--out", type=Path, default=RESULTS / "mtl.jsonl")
     p.add_argument("--table", action="store_true", help="only print the markdown table of --out")
-    p.add_argument("--import-plain", type=Path, default=None, help="rows of benchmarks.ctr_plain to convert")
     args = p.parse_args(argv)
-    if args.import_plain is not None:
-        import_plain(args.import_plain, args.out)
-    elif not args.table:
+    if not args.table:
         run_grid(
             {m: MODELS[m] for m in args.models},
             COMMON,
@@ -67,7 +48,7 @@ def main(argv=None) -> None:
             args.max_epochs,
             args.patience,
         )
-    print(markdown_table(read_rows(args.out), "ml100k_mtl"))
+    print(results_table(read_rows(args.out), "ml100k_mtl"))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Batch-scoring throughput against its two lower bounds (issue 3's benchmark; run by hand).
+"""Batch-scoring throughput against its two lower bounds, and local vs Ray engines (run by hand).
 
     .venv/bin/python -m benchmarks.scoring --model logs/train/runs/<dare run> [--model <dare x mmoe run>] \
         --rows 1000000 10000000 --threads 2
+    .venv/bin/python -m benchmarks.scoring --model <run> --rows 1000000 --engine local ray --workers 1 2 \
+        [--device cuda]
+
+With ``--engine ray`` the job runs on a local Ray instance over this machine's cores (``ray.workers=N``, one
+CPU and ``--threads`` torch threads per worker); its lines carry ``engine``, ``workers``, the per-worker peak RSS
+and ``job_seconds`` (wall clock of the whole command, Ray's start included) beside ``rows_per_s`` (the scoring
+window, from the first file handed out to the last one back).
 
 For each model bundle and size: generate Taobao-schema logs (history length 200, ids drawn from the
 bundle's id maps, 10 files, row groups of 50k, streamed one row group at a time) under
@@ -126,7 +133,17 @@ def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def score(bundle_dir: Path, folder: Path, out: Path, batch_size: int, threads: int) -> dict:
+def score(
+    bundle_dir: Path,
+    folder: Path,
+    out: Path,
+    batch_size: int,
+    threads: int,
+    engine: str = "local",
+    workers: int = 1,
+    device: str = "cpu",
+) -> dict:
+    """One ``pipelines.score`` run in a subprocess -> its ``_summary.json`` plus ``job_seconds`` (wall clock)."""
     cmd = [
         sys.executable,
         "-m",
@@ -138,9 +155,16 @@ def score(bundle_dir: Path, folder: Path, out: Path, batch_size: int, threads: i
         f"threads={threads}",
         "progress=false",
         f"hydra.run.dir={out}_hydra",
+        f"engine={engine}",
+        f"device={device}",
     ]
+    if engine == "ray":
+        gpus = 1 if device.startswith("cuda") else 0
+        cmd += [f"ray.workers={workers}", f"ray.num_cpus={os.cpu_count()}", f"ray.num_gpus_per_worker={gpus}"]
+    start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    return json.loads((out / "_summary.json").read_text())
+    summary = json.loads((out / "_summary.json").read_text())
+    return {**summary, "job_seconds": round(time.perf_counter() - start, 2)}
 
 
 def load() -> float:
@@ -156,6 +180,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1_000_000, 10_000_000])
     parser.add_argument("--threads", nargs="+", type=int, default=[2], help="torch threads; one run per value")
     parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--engine", nargs="+", choices=["local", "ray"], default=["local"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1], help="Ray workers; one run per value")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (Ray: one GPU per worker)")
+    parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = REPO / "logs" / "benchmarks" / "scoring"
@@ -165,45 +193,80 @@ def main() -> None:
             identity = json.loads((bundle_dir / "bundle.json").read_text())
             folder = work / f"logs-{identity['data_fingerprint']}-{rows}"
             generate_logs(bundle_dir, folder, rows)
-            for threads in args.threads:
-                torch.set_num_threads(threads)
-                out = work / f"scores-{bundle_dir.parent.name}-{rows}-{threads}-{int(time.time())}"
-                load_before = load()
-                summary = score(bundle_dir, folder, out, args.batch_size, threads)
-                row = {
-                    "model": identity["run_name"],
-                    "rows": rows,
-                    "rows_per_s": summary["rows_per_s"],
-                    "peak_rss_mb": summary["peak_rss_mb"],
+            bounds = {}
+            if not args.no_bounds:
+                bounds = {
                     "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
                     "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size), 1),
-                    "threads": threads,
                 }
-                with (RESULTS / "scoring.jsonl").open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(
-                    json.dumps(row),
-                    f"load average {load_before} -> {load()}, scoring {summary['seconds']} s",
-                    flush=True,
-                )
+            runs = [(e, w) for e in args.engine for w in (args.workers if e == "ray" else [1])]
+            for threads in args.threads:
+                for engine, workers in runs:
+                    torch.set_num_threads(threads)
+                    name = f"scores-{bundle_dir.parent.name}-{rows}-{engine}{workers}-{threads}-{int(time.time())}"
+                    load_before = load()
+                    summary = score(
+                        bundle_dir, folder, work / name, args.batch_size, threads, engine, workers, args.device
+                    )
+                    last = summary["last_run"]
+                    row = {
+                        "model": identity["run_name"],
+                        "rows": rows,
+                        "engine": engine,
+                        "workers": workers,
+                        "device": args.device,
+                        "rows_per_s": last["rows_per_s"],
+                        "job_seconds": summary["job_seconds"],
+                        "peak_rss_mb": last["peak_rss_mb"],
+                        "worker_peak_rss_mb": last.get("worker_peak_rss_mb", [last["peak_rss_mb"]]),
+                        **bounds,
+                        "threads": threads,
+                        "load": [load_before, load()],
+                    }
+                    with (RESULTS / "scoring.jsonl").open("a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    print(json.dumps(row), f"scoring {last['seconds']} s", flush=True)
     write_table()
 
 
 def write_table() -> None:
-    """benchmarks/results/scoring.md from every line of scoring.jsonl."""
-    lines = [
+    """The generated tables of benchmarks/results/scoring.md from every line of scoring.jsonl (the text around
+    them, between ``<!-- name -->`` / ``<!-- /name -->`` markers, is kept)."""
+    rows = [json.loads(line) for line in (RESULTS / "scoring.jsonl").read_text().splitlines()]
+    bounds = [
         "| model | rows | threads | rows/s | read-only rows/s | forward-only rows/s | bound / rows/s | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in [json.loads(line) for line in (RESULTS / "scoring.jsonl").read_text().splitlines()]:
+    for r in [r for r in rows if "engine" not in r]:
         bound = min(r["read_only_rows_per_s"], r["forward_only_rows_per_s"])
-        lines.append(
+        bounds.append(
             f"| {r['model']} | {r['rows']:,} | {r['threads']} | {r['rows_per_s']:,.0f} | "
             f"{r['read_only_rows_per_s']:,.0f} | {r['forward_only_rows_per_s']:,.0f} | "
             f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
-    (RESULTS / "scoring.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    engines = [
+        "| model | rows | engine | workers | device | rows/s | job wall s | driver peak RSS (MB) | "
+        "per-worker peak RSS (MB) | load avg (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in [r for r in rows if "engine" in r]:
+        per_worker = ", ".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"])
+        engines.append(
+            f"| {r['model']} | {r['rows']:,} | {r['engine']} | {r['workers']} | {r['device']} | "
+            f"{r['rows_per_s']:,.0f} | {r['job_seconds']} | {r['peak_rss_mb']:.0f} | {per_worker} | "
+            f"{r['load'][0]}, {r['load'][1]} |"
+        )
+    path = RESULTS / "scoring.md"
+    text = path.read_text() if path.exists() else ""
+    for name, table in (("bounds-table", bounds), ("engine-table", engines)):
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        block = "\n".join([start, *table, end])
+        if start in text and end in text:
+            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+        else:
+            text = text + ("\n" if text else "") + block + "\n"
+    path.write_text(text)
+    print("\n".join(engines))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Tower(nn.Module):
     def __init__(self, in_dim: int, tasks: Sequence[TaskSpec]) -> None:
         super().__init__()
         if not tasks:
-            raise ValueError("a tower needs at least one task")
+            raise ConfigError("a tower needs at least one task")
         self.in_dim = in_dim
         self.task_names = [t.name for t in tasks]
 

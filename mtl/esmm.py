@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from mtl.base import Tower, TowerOutput
 from mtl.layers import TaskHeads
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 
 def product_logit(logit_a: torch.Tensor, logit_b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -43,7 +44,7 @@ class ESMMTower(Tower):
         super().__init__(in_dim, tasks)
         if len(tasks) != 2 or any(t.loss != "binary" for t in tasks):
             got = [(t.name, t.label, t.loss) for t in tasks]
-            raise ValueError(
+            raise ConfigError(
                 "mtl=esmm needs exactly two binary tasks in data.tasks, in funnel order: the CTR task "
                 "(label = click) then the CTCVR task (label = click*conversion over all impressions); "
                 f"got (name, label, loss) = {got}"

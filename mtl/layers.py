@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 NORMS = (None, "none", "batch", "layer")
 
@@ -107,7 +109,7 @@ class GroupedNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(groups, 1, dim))
             self.bias = nn.Parameter(torch.zeros(groups, 1, dim))
         else:
-            raise ValueError(f"unknown norm '{kind}'; choose one of {list(NORMS)}")
+            raise ConfigError(f"unknown norm '{kind}'; choose one of {list(NORMS)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "batch":
@@ -136,9 +138,9 @@ class GroupedMLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation '{activation}'; choose one of {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"unknown activation '{activation}'; choose one of {sorted(ACTIVATIONS)}")
         if norm not in NORMS:
-            raise ValueError(f"unknown norm '{norm}'; choose one of {list(NORMS)}")
+            raise ConfigError(f"unknown norm '{norm}'; choose one of {list(NORMS)}")
         layers: list[nn.Module] = []
         width = in_dim
         for size in hidden:

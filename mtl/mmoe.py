@@ -1,6 +1,6 @@
 """MMoE (Ma et al., KDD 2018): n shared experts, one softmax gate per task over them, a head per task.
 
-``f^t(x) = Σ_i g^t(x)_i f_i(x)``, ``g^t(x) = softmax(W_t x)``, ``y_t = h_t(f^t(x))`` (specs/moe_mtl.md §4).
+``f^t(x) = Σ_i g^t(x)_i f_i(x)``, ``g^t(x) = softmax(W_t x)``, ``y_t = h_t(f^t(x))`` (Ma et al. 2018).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 from mtl.base import Tower, TowerOutput
 from mtl.layers import Gates, GroupedMLP, TaskHeads, gate_extras, mix
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 
 class MixtureOfExperts(nn.Module):
@@ -39,7 +40,7 @@ class MixtureOfExperts(nn.Module):
     ) -> None:
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+            raise ConfigError(f"num_experts must be >= 1, got {num_experts}")
         self.experts = GroupedMLP(num_experts, in_dim, expert_hidden, norm=norm, activation=activation, dropout=dropout)
         self.gates = Gates(num_gates, in_dim, num_experts + extra_slots)
         self.num_experts, self.extra_slots = num_experts, extra_slots

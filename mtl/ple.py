@@ -15,6 +15,7 @@ from torch import nn
 from mtl.base import Tower, TowerOutput
 from mtl.layers import Gates, GroupedMLP, TaskHeads, gate_extras, mix
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 
 class CGCLevel(nn.Module):
@@ -39,7 +40,7 @@ class CGCLevel(nn.Module):
     ) -> None:
         super().__init__()
         if specific < 1 or shared < 1:
-            raise ValueError(f"PLE needs >= 1 task-specific and >= 1 shared expert, got {specific} and {shared}")
+            raise ConfigError(f"PLE needs >= 1 task-specific and >= 1 shared expert, got {specific} and {shared}")
         kw = dict(norm=norm, activation=activation, dropout=dropout)
         self.specific = GroupedMLP(num_tasks * specific, in_dim, expert_hidden, **kw)
         self.shared = GroupedMLP(shared, in_dim, expert_hidden, **kw)
@@ -87,7 +88,7 @@ class PLETower(Tower):
     ) -> None:
         super().__init__(in_dim, tasks)
         if num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+            raise ConfigError(f"num_levels must be >= 1, got {num_levels}")
         levels, width = [], in_dim
         for j in range(num_levels):
             level = CGCLevel(

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from recsys.errors import ConfigError
+
 LOSSES = ("binary", "regression")
 
 
@@ -27,9 +29,9 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
-            raise ValueError(f"task '{self.name}': unknown loss '{self.loss}'; choose one of {list(LOSSES)}")
+            raise ConfigError(f"task '{self.name}': unknown loss '{self.loss}'; choose one of {list(LOSSES)}")
         if self.weight < 0:
-            raise ValueError(f"task '{self.name}': weight must be >= 0, got {self.weight}")
+            raise ConfigError(f"task '{self.name}': weight must be >= 0, got {self.weight}")
 
 
 def parse_tasks(raw: Iterable[Mapping[str, Any]]) -> list[TaskSpec]:
@@ -38,11 +40,11 @@ def parse_tasks(raw: Iterable[Mapping[str, Any]]) -> list[TaskSpec]:
     for entry in raw:
         unknown = set(entry) - {"name", "label", "loss", "weight"}
         if unknown:
-            raise ValueError(f"task entry {dict(entry)}: unknown key(s) {sorted(unknown)}")
+            raise ConfigError(f"task entry {dict(entry)}: unknown key(s) {sorted(unknown)}")
         specs.append(TaskSpec(**dict(entry)))
     if not specs:
-        raise ValueError("data.tasks is empty: give at least one task")
+        raise ConfigError("data.tasks is empty: give at least one task")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate task names in data.tasks: {names}")
+        raise ConfigError(f"duplicate task names in data.tasks: {names}")
     return specs

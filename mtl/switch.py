@@ -1,4 +1,4 @@
-"""Switch-DiT adapted to tasks (specs/moe_mtl.md §2.5): shared blocks whose input each task masks through
+"""Switch-DiT adapted to tasks (Park et al. 2024, docs/mtl.md): shared blocks whose input each task masks through
 a sparse MoE gated on a learned task embedding, plus the window task prior (Jensen–Shannon, Hungarian).
 
 Per block i and task t: ``p_i(e_t) = softmax(Linear(SiLU(e_t)))`` over M experts; ``g_i`` = the top-k
@@ -24,6 +24,7 @@ from torch import nn
 from mtl.base import Tower, TowerOutput
 from mtl.layers import ACTIVATIONS, TaskHeads, gate_extras, keep_init
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 
 def window_prior(num_tasks: int, num_blocks: int, num_experts: int, top_k: int, alpha: float = 4.0) -> torch.Tensor:
@@ -156,9 +157,9 @@ class SwitchTower(Tower):
     ) -> None:
         super().__init__(in_dim, tasks)
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"mtl=switch: top_k must be in [1, num_experts={num_experts}], got {top_k}")
+            raise ConfigError(f"mtl=switch: top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if num_blocks < 1:
-            raise ValueError(f"mtl=switch: num_blocks must be >= 1, got {num_blocks}")
+            raise ConfigError(f"mtl=switch: num_blocks must be >= 1, got {num_blocks}")
         num_tasks = len(self.task_names)
         self.task_embedding = nn.Parameter(torch.randn(num_tasks, task_dim))
         keep_init(self.task_embedding)

@@ -1,4 +1,4 @@
-"""TaskExpert (Ye & Xu, ICCV 2023), the concrete reading of specs/moe_mtl.md §3.
+"""TaskExpert (Ye & Xu, ICCV 2023), as this package reads it (docs/mtl.md).
 
 For layers ℓ = 1..L over a shared representation x^ℓ (x^1 = backbone features, x^{ℓ+1} = trunk_ℓ(x^ℓ),
 a Linear -> LayerNorm -> activation layer): n experts ``e_i = E_i(x^ℓ)`` (Linear -> LayerNorm -> activation,
@@ -20,6 +20,7 @@ from mtl.base import Tower, TowerOutput
 from mtl.layers import GroupedLinear, GroupedMLP, TaskHeads, gate_extras
 from mtl.mmoe import MixtureOfExperts
 from mtl.spec import TaskSpec
+from recsys.errors import ConfigError
 
 MEMORY_UPDATES = ("replace", "residual")
 MEMORY_INITS = ("zero", "project")
@@ -47,13 +48,13 @@ class TaskExpertTower(Tower):
     ) -> None:
         super().__init__(in_dim, tasks)
         if memory_update not in MEMORY_UPDATES:
-            raise ValueError(
+            raise ConfigError(
                 f"mtl=taskexpert: memory_update must be one of {list(MEMORY_UPDATES)}, got '{memory_update}'"
             )
         if memory_init not in MEMORY_INITS:
-            raise ValueError(f"mtl=taskexpert: memory_init must be one of {list(MEMORY_INITS)}, got '{memory_init}'")
+            raise ConfigError(f"mtl=taskexpert: memory_init must be one of {list(MEMORY_INITS)}, got '{memory_init}'")
         if num_layers < 1:
-            raise ValueError(f"mtl=taskexpert: num_layers must be >= 1, got {num_layers}")
+            raise ConfigError(f"mtl=taskexpert: num_layers must be >= 1, got {num_layers}")
         num_tasks = len(self.task_names)
         kw = dict(norm="layer", activation=activation, dropout=dropout)
         self.layers, self.trunk = nn.ModuleList(), nn.ModuleList()

@@ -1,6 +1,6 @@
 """Prepare a dataset's cache, and optionally export a split as a scoring log with raw ids.
 
-    python -m pipelines.prepare data=ml100k data.path=../shared/data/ml-100k
+    python -m pipelines.prepare data=ml100k data.path=<folder with u.data and u.item>
     python -m pipelines.prepare data=synthetic export.split=test export.dir=logs/example_logs export.files=4
 
 The export maps table rows back to the raw ids of the source (through the stored id maps), so the
@@ -9,18 +9,16 @@ files look like production logs: user, item, category, timestamp, label, hist_it
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 import polars as pl
 import pyarrow as pa
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from pipelines._cli import entry_point
 from recsys.data.ctr_table import list_column_arrays
-from recsys.data.schema import DataValidationError
 from recsys.scoring.writer import AtomicParquetWriter
 
 
@@ -51,17 +49,13 @@ def export(dataset_dir: Path, split: str, out_dir: Path, files: int) -> None:
     print(f"exported {frame.height} rows of {dataset_dir.name}/{split} to {out_dir} ({files} files)")
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@entry_point("prepare")
 def main(cfg: DictConfig) -> None:
-    try:
-        datamodule = instantiate(cfg.data)
-        meta = datamodule.prepare()
-        print(f"dataset {meta.name} ready at {datamodule.dataset_dir}: {meta.rows}")
-        if cfg.export.split:
-            export(Path(datamodule.dataset_dir), cfg.export.split, Path(cfg.export.dir), int(cfg.export.files))
-    except (DataValidationError, FileNotFoundError, ValueError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(2)
+    datamodule = instantiate(cfg.data)
+    meta = datamodule.prepare()
+    print(f"dataset {meta.name} ready at {datamodule.dataset_dir}: {meta.rows}")
+    if cfg.export.split:
+        export(Path(datamodule.dataset_dir), cfg.export.split, Path(cfg.export.dir), int(cfg.export.files))
 
 
 if __name__ == "__main__":

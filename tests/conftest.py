@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+import pipelines._cli  # noqa: F401  (registers ${recsys_cwd:}, which configs/paths/default.yaml uses)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,16 +21,15 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.setenv("RECSYS_SHARED_DATA", str(shared_data()))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped where none is visible)")
-
-
 def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (not failed) where ``torch.cuda.is_available()`` is False."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
     import torch
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="no CUDA device visible")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -16,6 +16,7 @@ from recsys.bundle import export_bundle, load_bundle
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import DataValidationError
 from recsys.data.vocab import Vocab
+from recsys.errors import BundleError, CheckpointError, ConfigError
 from recsys.tracking.mlflow import build_logger
 from recsys.tracking.resume import check_checkpoint
 from tests.conftest import REPO
@@ -115,7 +116,7 @@ def test_corrupt_or_truncated_parquet(tmp_path):
     ],
 )
 def test_bad_task_config(entry, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse_tasks([entry])
 
 
@@ -137,7 +138,7 @@ def test_checkpoint_of_another_model(tmp_path):
             super().__init__()
             self.model = _tiny_model(16)
 
-    with pytest.raises(ValueError, match=r"the checkpoint belongs to another model"):
+    with pytest.raises(CheckpointError, match=r"the checkpoint belongs to another model"):
         check_checkpoint(str(path), Task())
 
 
@@ -145,7 +146,7 @@ def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": _tiny_model(8).state_dict()}, path)
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"cannot read the checkpoint \(truncated or corrupt\?\)"):
+    with pytest.raises(CheckpointError, match=r"cannot read the checkpoint \(truncated or corrupt\?\)"):
         check_checkpoint(str(path), _tiny_model(8))
 
 
@@ -172,14 +173,14 @@ def test_bundle_weights_of_another_model(tmp_path):
         _tiny_model(8),
         {"run_name": "x", "model_builder": "recsys.models.ranking.build_ranking_model"},
     )
-    with pytest.raises(DataValidationError, match=r"weights\.pt does not match the model in its config\.yaml"):
+    with pytest.raises(BundleError, match=r"weights\.pt does not match the model in its config\.yaml"):
         load_bundle(source)
 
 
 def test_unwritable_tracking_store(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(PermissionError, match=r"MLflow tracking store folder .* cannot be created"):
+    with pytest.raises(ConfigError, match=r"MLflow tracking store folder .* cannot be created"):
         build_logger(f"sqlite:///{blocker}/sub/mlflow.db", str(tmp_path / "art"), "x")
 
 
@@ -191,6 +192,8 @@ def test_unwritable_tracking_store(tmp_path):
         ("mtl=mmoe data=beauty recsys=sasrec", "a task tower (MMoETower) is not supported with the sequential model"),
     ],
 )
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_bad_config_on_the_command_line(override, message, tmp_path):
     sequences = tmp_path / "tiny.txt"
     sequences.write_text(
@@ -210,6 +213,6 @@ def test_bad_config_on_the_command_line(override, message, tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

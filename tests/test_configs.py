@@ -57,6 +57,7 @@ def test_unknown_group_option_is_rejected():
         _compose(["recsys=transformer"])
 
 
+@pytest.mark.e2e
 def test_cli_unknown_recsys_name_gives_clear_message(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pipelines.train", "recsys=nope", f"paths.root_dir={tmp_path}"],
@@ -69,3 +70,23 @@ def test_cli_unknown_recsys_name_gives_clear_message(tmp_path):
     assert "Could not find 'recsys/nope'" in proc.stderr
     assert "dare" in proc.stderr  # lists the available options
     assert "Traceback" not in proc.stderr
+
+
+def test_callbacks_are_a_config_group_and_each_can_be_switched_off(tmp_path):
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    from pipelines.train import build_callbacks
+    from recsys.tracking.gates import GateUsage
+    from recsys.tracking.resume import PeriodicCheckpoint
+
+    base = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", "run_name=r"]
+    kinds = {type(c).__name__ for c in build_callbacks(_compose(base))}
+    assert kinds == {"ModelCheckpoint", "PeriodicCheckpoint", "MLflowRunFiles", "EpochTimer", "GateUsage"}
+    callbacks = build_callbacks(_compose([*base, "callbacks.gate_usage=null", "callbacks.model_checkpoint=null"]))
+    assert not any(isinstance(c, (GateUsage, ModelCheckpoint)) for c in callbacks)
+    periodic = next(c for c in callbacks if isinstance(c, PeriodicCheckpoint))
+    assert periodic.path == f"{tmp_path}/run/checkpoints/last.ckpt"
+    # a recsys option still adds its own (sasrec: early stopping on its monitor), on top of the defaults
+    sasrec = build_callbacks(_compose([*base, "recsys=sasrec"]))
+    stop = next(c for c in sasrec if isinstance(c, EarlyStopping))
+    assert stop.monitor == "val/ndcg@20" and any(isinstance(c, GateUsage) for c in sasrec)

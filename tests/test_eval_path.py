@@ -3,6 +3,7 @@ and the scorer's run-ahead thread."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,11 @@ def test_run_ahead_keeps_order_and_raises_in_the_consumer():
         list(run_ahead(items(), lambda x: x))
     ahead = run_ahead(range(10**6), lambda x: x)
     assert next(ahead) == 0
+    workers = [t for t in threading.enumerate() if t.name == "run_ahead" and t.is_alive()]
+    assert len(workers) == 1  # the producer is running (blocked on the full queue)
     ahead.close()  # an early stop ends the thread
+    workers[0].join(timeout=5)
+    assert not workers[0].is_alive()
 
 
 def test_weights_made_under_inference_mode_skip_the_dot_table(batch):

@@ -7,6 +7,7 @@ from recsys.ops import jagged
 def _case(seed=0, batch=7, dim=3, max_len=9):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 3, (batch,), generator=g)
+    lengths[:2] = torch.tensor([max_len + 2, 0])  # always one row to cut and one empty row
     values = torch.randn(int(lengths.sum()), dim, generator=g, dtype=torch.float32)
     return lengths, values, max_len
 
@@ -35,9 +36,12 @@ def test_padding_forward_and_backward_match(seed):
     (dense_fb * weight).sum().backward()
     (dense_pt * weight).sum().backward()
     assert torch.allclose(a.grad, b.grad)
-    # rows longer than max_len are cut, shorter ones padded
-    row = int(torch.argmax(lengths))
-    assert dense_pt[row].shape[0] == max_len
+    # rows longer than max_len are cut to their first max_len values, shorter ones padded with the pad value
+    assert int(lengths.max()) > max_len and int(lengths.min()) < max_len  # the case has both kinds of rows
+    for row, start in enumerate(offsets[:-1].tolist()):
+        kept = min(int(lengths[row]), max_len)
+        assert torch.equal(dense_fb[row, :kept], values[start : start + kept])
+        assert bool((dense_fb[row, kept:] == -1.0).all())
 
 
 def test_dense_to_jagged_round_trip():

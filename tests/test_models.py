@@ -62,6 +62,8 @@ def test_topk_picks_highest_scores_and_ignores_padding(table):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_few_steps_reduce_the_loss(variant, table):
+    """Trainability only (the head alone could overfit a batch): the attention itself is checked against a hand
+    reference in tests/test_attention_reference.py."""
     model = make_model(variant)
     first, last = fit_one_batch(model, [TaskSpec("click")], table.batch(np.arange(len(table))), steps=30)
     assert last < 0.8 * first, (first, last)

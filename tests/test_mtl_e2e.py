@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY = [
     "trainer.max_epochs=2",

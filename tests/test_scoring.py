@@ -23,6 +23,7 @@ from pipelines.score import run
 from recsys.bundle import export_bundle, load_bundle
 from recsys.data.ctr_table import CTRTable
 from recsys.data.schema import DataValidationError
+from recsys.errors import ConfigError
 from recsys.models.ranking import build_ranking_model
 from tests.conftest import REPO
 
@@ -36,7 +37,12 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
-    """A model bundle (random weights are enough to compare paths) on a tiny synthetic dataset."""
+    return make_bundle(tmp_path_factory)
+
+
+def make_bundle(tmp_path_factory) -> Path:
+    """A model bundle (random weights are enough to compare paths) on a tiny synthetic dataset, with its
+    test split exported as 3 scoring logs under ``logs/``."""
     tmp = tmp_path_factory.mktemp("bundle")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.cache_dir={tmp}/cache", *TINY])
@@ -111,6 +117,7 @@ def _score_cli(bundle_dir, inputs, output, extra=()):
     ]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_to_identical_output(bundle_dir, tmp_path):
     inputs = tmp_path / "in"
     _write_many(bundle_dir, inputs, copies=12)
@@ -132,7 +139,7 @@ def test_killed_run_resumes_to_identical_output(bundle_dir, tmp_path):
         pq.read_table(path)
     subprocess.run(_score_cli(bundle_dir, inputs, resumed), cwd=REPO, check=True, capture_output=True, timeout=300)
     summary = json.loads((resumed / "_summary.json").read_text())
-    assert summary["files_scored"] == 12 - len(finished)
+    assert summary["last_run"]["files_scored"] == 12 - len(finished) and summary["files_done"] == 12
     names = sorted(p.name for p in clean.glob("part-*.parquet"))
     assert names == sorted(p.name for p in resumed.glob("part-*.parquet")) and len(names) == 12
     for name in names:
@@ -194,7 +201,7 @@ def test_bad_rows_follow_the_policy(bundle_dir, tmp_path):
 
 
 def test_unknown_policy_is_rejected(bundle_dir, tmp_path):
-    with pytest.raises(ValueError, match="unseen='drop'"):
+    with pytest.raises(ConfigError, match="unseen='drop'"):
         run(score_cfg(bundle_dir, tmp_path / "out", unseen="drop"))
 
 
@@ -217,6 +224,7 @@ def _synthetic_logs(bundle_dir: Path, path: Path, rows: int, seq: int = 50) -> N
     pq.write_table(table, path, row_group_size=5000)
 
 
+@pytest.mark.e2e
 def test_memory_is_bounded_by_batch_not_input(bundle_dir, tmp_path):
     peaks = {}
     for factor in (1, 10):
@@ -230,7 +238,7 @@ def test_memory_is_bounded_by_batch_not_input(bundle_dir, tmp_path):
             capture_output=True,
             timeout=600,
         )
-        peaks[factor] = json.loads((out / "_summary.json").read_text())["peak_rss_mb"]
+        peaks[factor] = json.loads((out / "_summary.json").read_text())["last_run"]["peak_rss_mb"]
     # 10x input adds ~100 MB of list data if held whole; streamed, the peaks stay within 40 MB
     print("peak RSS MB by input size:", peaks)
     assert peaks[10] - peaks[1] < 40, peaks

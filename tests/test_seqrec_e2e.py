@@ -1,8 +1,7 @@
 """Sequential models end to end: `python -m pipelines.train recsys=sasrec` into MLflow, the builder's tower
-check, and the benchmark's plain loop without polars / Lightning / Hydra / MLflow."""
+check, and the benchmark that runs the real command."""
 
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -45,6 +44,8 @@ def tiny_sequences(path, users=60, items=40, seed=0):
     return path
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     proc = run_train(
@@ -54,16 +55,22 @@ def test_train_sasrec_logs_a_full_ranking_run(tmp_path):
         f"data.path={data}",
         "trainer.max_epochs=2",
         "callbacks.early_stopping.patience=1",
+        "data.test_each_epoch=true",
     )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("beauty").experiment_id])[0]
     assert run.info.run_name.startswith("sasrec-beauty-") and run.info.status == "FINISHED"
     assert run.data.params["checkpoint.monitor"] == "val/ndcg@20"
+    assert run.data.params["eval.exclude_history"] == "True"  # the protocol, an MLflow param
     metrics = run.data.metrics
     # MLflow forbids '@' in metric names: val/ndcg@20 is stored as val/ndcg20
     for key in ("test/ndcg10", "test/hr10", "test/ndcg20", "val/ndcg20", "train/rec", "train/loss_epoch"):
         assert key in metrics, key
-    assert metrics["test/hr20"] > 0.3, metrics  # a stride pattern is learnable even in 2 tiny epochs
+    assert metrics["test/hr20"] > 0.3, metrics
+    # data.test_each_epoch: the test split ranked after each of the 2 epochs, apart from validation
+    assert (
+        len(client.get_metric_history(run.info.run_id, "epoch_test/ndcg10")) == 2
+    )  # a stride pattern is learnable even in 2 tiny epochs
     assert "'test/ndcg@10'" in proc.stdout + proc.stderr  # Lightning-side names keep the '@'
     assert "checkpoints/best.ckpt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     check_top_n_scoring(tmp_path, next(tmp_path.rglob("bundle.json")).parent)
@@ -125,55 +132,25 @@ def test_builder_rejects_task_towers():
         build_sequential_module(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
 
 
-BENCH = """
-import json, sys
-for name in ("polars", "pyarrow", "pytorch_lightning", "lightning", "hydra", "omegaconf", "mlflow"):
-    sys.modules[name] = None  # the GPU machine has none of these
-import benchmarks.seqrec as bench
-rows = bench.main(sys.argv[1:])
-print(json.dumps(rows))
-"""
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_benchmark_goes_through_pipelines_train_and_reads_per_epoch_history(tmp_path):
+    """benchmarks.seqrec runs the real command; per-epoch val/test NDCG and epoch times come from MLflow."""
+    from benchmarks import seqrec
 
-
-def test_benchmark_runs_with_torch_numpy_torchrec_only(tmp_path):
     data = tiny_sequences(tmp_path / "tiny.txt")
     out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
     args = [
-        "--datasets",
-        str(data),
-        "--models",
-        "sasrec",
-        "mqsa_ted_moh",
-        "--seeds",
-        "0",
-        "--max-epochs",
-        "1",
-        "--out",
-        str(out),
-        "--table",
-        str(table),
-    ]
-    proc = subprocess.run([sys.executable, "-c", BENCH, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["model"] for r in rows] == ["sasrec", "mqsa_ted_moh"]
-    assert all(
-        list(r)
-        == [
-            "model",
-            "dataset",
-            "seed",
-            "hr5",
-            "hr10",
-            "hr20",
-            "ndcg5",
-            "ndcg10",
-            "ndcg20",
-            "best_epoch",
-            "sec_per_epoch",
-            "device",
-        ]
-        for r in rows
-    )
-    assert rows[0]["dataset"] == "tiny" and rows[0]["device"] == "cpu" and rows[0]["best_epoch"] == 1
-    assert "| tiny | sasrec | cpu | 1 |" in table.read_text()
+        "--datasets", str(data), "--models", "sasrec", "--seeds", "0", "--max-epochs", "2",
+        "--work", str(tmp_path / "work"), "--out", str(out), "--table", str(table),
+        "trainer.enable_model_summary=false",
+    ]  # fmt: skip
+    rows = seqrec.main(args)
+    assert [r["model"] for r in rows] == ["sasrec"] and rows[0]["entry"] == "pipelines.train"
+    row = rows[0]
+    assert len(row["epoch_times"]) == len(row["val_ndcg10"]) == len(row["test_ndcg10"]) == 2
+    assert row["best_epoch"] in (1, 2) and row["dataset"] == "tiny" and row["device"] == "cpu"
+    assert row["seconds_to_recbole_best"] is None  # no RecBole reference for a custom file
+    assert seqrec.seconds_to_reach([0.1, 0.3, 0.5], [2.0, 3.0, 4.0], 0.25) == 5.0
+    assert seqrec.seconds_to_reach([0.1], [2.0], 0.25) is None
+    assert "| tiny | sasrec | cpu | pipelines.train | 1 |" in table.read_text()

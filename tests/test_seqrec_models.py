@@ -263,6 +263,39 @@ def test_hr_ndcg_on_a_hand_computed_example():
     assert metrics["test/ndcg@20"] == metrics["test/ndcg@10"]
 
 
+def test_exclude_history_false_keeps_a_repeated_target_rankable():
+    """The protocol option on a hand example: target 3 repeats a history item (3, 5 excluded)."""
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.9, 0.3, 0.8, 0.2, 0.5]])
+    batch = make_batch([[3], [1]], targets=[[3], [4]], exclude=[[3, 5], [2]])
+    model = _FixedScores(scores)
+    removed = last_position_scores(model, batch)  # official MQSA-TED / S3-Rec protocol (the default)
+    assert torch.isneginf(removed[0, [2, 4]]).all() and torch.isneginf(removed[1, 1])
+    assert last_position_ranks(model, batch).tolist() == [math.inf, 0.0]
+    kept = last_position_scores(model, batch, exclude_history=False)  # RecBole's: nothing removed
+    assert torch.equal(kept, scores)
+    # target 3 (0.3) is below 0.6, 0.5, 0.4; target 4 (0.8) is below item 2 (0.9), now rankable
+    assert last_position_ranks(model, batch, exclude_history=False).tolist() == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_eval_exclude_history_reaches_the_module(value):
+    from recsys.training.sequential import SequentialModule
+
+    overrides = ["recsys=mqsa_ted", f"eval.exclude_history={str(value).lower()}"]
+    objective = instantiate(_compose(overrides).objective)
+    assert objective.keywords["exclude_history"] is value
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
+    module = SequentialModule(
+        _FixedScores(scores),
+        None,
+        torch.optim.Adam,
+        torch.optim.Adam,
+        **{k: v for k, v in objective.keywords.items() if k in ("ks", "pad_class", "exclude_history")},
+    )
+    module._rank(make_batch([[3]], targets=[[3]], exclude=[[3]]))
+    assert module._eval["rank"][0].tolist() == ([math.inf] if value else [3.0])
+
+
 def test_target_ranks_keeps_scores_unless_told():
     scores = torch.tensor([[3.0, 1.0, 2.0]])
     assert target_ranks(scores, torch.tensor([3])).tolist() == [1.0]

@@ -16,9 +16,20 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import REPO
 from tests.test_train_e2e import TINY, TINY_SYNTHETIC
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def _train(tmp_path, env_uri, *args):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONUNBUFFERED": "1"}
+    """One training run as a subprocess whose working directory is a fresh folder under ``tmp_path`` (never the
+    repository: a relative artifact path must not land in the checkout)."""
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": env_uri,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -29,7 +40,7 @@ def _train(tmp_path, env_uri, *args):
         *TINY_SYNTHETIC,
         "trainer.max_epochs=1",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -157,6 +168,45 @@ def test_training_against_a_real_mlflow_server(tmp_path):
         run_id = runs[0]["info"]["run_id"]
         listed = _get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_id}")
         assert {"config", "model", "plots", "checkpoints"} <= {f["path"] for f in listed["files"]}
+        # the files went through the server into its artifact store, not into a local folder
+        stored = {p.relative_to(tmp_path / "art").as_posix() for p in (tmp_path / "art").rglob("*") if p.is_file()}
+        for name in ("config/config.yaml", "model/bundle.json", "model/weights.pt", "checkpoints/best.ckpt"):
+            assert any(s.endswith(f"{run_id}/artifacts/{name}") for s in stored), (name, sorted(stored)[:20])
+        for folder in (tmp_path / "work", REPO):
+            assert not list(folder.glob("mlflow-artifacts*")), folder
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_experiment_hash_ignores_the_run_folder_but_not_settings():
+    from recsys.tracking.mlflow import experiment_hash
+
+    def config(folder: str, patience: int) -> dict:
+        callbacks = {"ckpt": {"dirpath": f"{folder}/checkpoints"}, "stop": {"patience": patience}}
+        return {"paths": {"output_dir": folder}, "callbacks": callbacks, "seed": 0}
+
+    assert experiment_hash(config("/runs/a", 3)) == experiment_hash(config("/runs/b", 3))
+    assert experiment_hash(config("/runs/a", 3)) != experiment_hash(config("/runs/a", 4))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_a_dead_tracking_server_is_one_line_in_seconds(tmp_path):
+    """MLflow alone retries a closed port for minutes and then prints a long traceback."""
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipelines.train", f"paths.root_dir={tmp_path}", *TINY]
+    start = time.monotonic()
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120
+    )
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert f"MLflow tracking server {uri}" in line and "does not answer within 5 s" in line
+    assert not (tmp_path / ".cache").exists()  # stopped before any data was prepared

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TINY_SYNTHETIC = [
     "data.source.generator.num_users=48",
@@ -40,8 +43,12 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
     assert run.info.run_name.startswith("dare-synthetic-") and run.info.status == "FINISHED"
     assert run.data.params["recsys.attention_dim"] == "8"
     assert run.data.params["recsys.decoupled"] == "True"
+    assert not [k for k in run.data.params if k.startswith("paths.") or k.endswith(("_dir", ".path"))]
+    assert run.data.tags["path.paths.root_dir"] == str(tmp_path) and "group_hash" in run.data.tags
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert len(run.data.tags["data_fingerprint"]) == 16
     assert run.data.tags["jagged_kernels"] == "fbgemm"
+    assert run.data.tags["version.fbgemm_dist"] == "fbgemm-gpu-cpu" and run.data.tags["version.torchrec"] != "none"
     metrics = run.data.metrics
     for key in (
         "val/auc",
@@ -73,5 +80,5 @@ def test_train_dare_logs_a_complete_mlflow_run(tmp_path):
 def test_bad_data_path_gives_one_clear_line(tmp_path):
     proc = run_train(tmp_path, "data=ml100k", f"data.path={tmp_path}/nowhere", check=False)
     assert proc.returncode == 2
-    assert "error: FileNotFoundError" in proc.stderr and "nowhere" in proc.stderr
+    assert "error: InputNotFound" in proc.stderr and "nowhere" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,11 +1,13 @@
-"""The typed batch every model consumes: id features as one KeyedJaggedTensor, labels as dense tensors."""
+"""The typed batches models consume: id features as one KeyedJaggedTensor, labels (and dense features) as dense
+tensors. Plain torch + TorchRec (no polars), so the model core can import them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.compat import KeyedJaggedTensor
 
 HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT = "hist_item", "hist_cat", "target_item", "target_cat"
 CTR_KEYS = (HIST_ITEM, HIST_CAT, TARGET_ITEM, TARGET_CAT)
@@ -114,3 +116,39 @@ def ctr_kjt_from_values(values: torch.Tensor, hist_lengths: torch.Tensor) -> Key
     return KeyedJaggedTensor.from_lengths_sync(
         keys=list(CTR_KEYS), values=values, lengths=torch.cat([hist_lengths, hist_lengths, ones, ones])
     )
+
+
+@dataclass
+class TabularBatch:
+    """One mini-batch of tabular samples.
+
+    Attributes:
+        sparse: KJT with one key per categorical field, exactly one id per row (lengths all 1).
+        dense: ``[B, D]`` float features (``D`` may be 0).
+        labels: task name -> ``[B]`` float tensor.
+    """
+
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.dense.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TabularBatch:
+        """Move every tensor to ``device``; Lightning calls this to place batches."""
+        return replace(
+            self,
+            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
+        )
+
+    def pin_memory(self) -> TabularBatch:
+        return replace(
+            self,
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+        )

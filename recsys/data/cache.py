@@ -22,6 +22,7 @@ from typing import Any
 import polars as pl
 
 from recsys.data.schema import SPLITS, DataValidationError, Vocab
+from recsys.errors import InputNotFound
 
 #: Bump when the sample layout or a converter's semantics change; invalidates every cached folder.
 CACHE_VERSION = "2"  # 2: id maps stored beside the splits
@@ -34,7 +35,7 @@ def file_sha256(path: Path) -> str:
     """sha256 hex digest of a file's bytes, hashed in chunks; memoised per (path, size, mtime)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: input file not found (needed for the dataset fingerprint).")
+        raise InputNotFound(f"{path}: input file not found (needed for the dataset fingerprint).")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
@@ -106,10 +107,10 @@ def cached_dataset(root: Path, name: str, fp: str) -> Path | None:
 
 
 def load_meta(directory: Path) -> DatasetMeta:
-    """Read ``<directory>/meta.json``; FileNotFoundError names the file."""
+    """Read ``<directory>/meta.json``; InputNotFound names the file."""
     path = Path(directory) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {directory} a prepared dataset folder?")
+        raise InputNotFound(f"{path}: not found; is {directory} a prepared dataset folder?")
     return DatasetMeta.from_json(path.read_text(), source=str(path))
 
 

@@ -1,7 +1,7 @@
 """UCI Census-Income (KDD), official test file (99,762 rows), as tabular multi-task samples.
 
 ``census-income.test.gz``: headerless, ``", "``-separated, 42 fields (:data:`COLUMNS`, names as in
-keras-mmoe / DeepCTR; see ``shared/data/mtl/README.md``). Labels: ``income`` = ``income_50k == "50000+."``,
+keras-mmoe / DeepCTR; the UCI Census-Income (KDD) test file). Labels: ``income`` = ``income_50k == "50000+."``,
 ``never_married`` = ``marital_stat == "Never married"``. ``instance_weight`` (a survey weight) and the two
 label sources are not features; :data:`DENSE` are standardised numbers, the other 32 fields categorical.
 The split is the fixed one in ``split_seed2026/{train,val,test}_idx.npy`` (0-based row numbers), so
@@ -18,6 +18,7 @@ import polars as pl
 
 from recsys.data.schema import SPLITS, DataValidationError
 from recsys.data.tabular import encode_tabular, prepare_tabular
+from recsys.errors import ConfigError, InputNotFound
 
 COLUMNS = (
     "age",
@@ -75,7 +76,7 @@ def read_census(path: str | Path) -> pl.DataFrame:
     """The raw file as 42 stripped string columns named :data:`COLUMNS`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; set data.path=<census-income.test.gz of Census-Income (KDD)>.")
+        raise InputNotFound(f"{path}: not found; set data.path=<census-income.test.gz of Census-Income (KDD)>.")
     try:
         frame = pl.read_csv(path, has_header=False, separator=",", infer_schema=False, quote_char=None)
     except pl.exceptions.PolarsError as err:
@@ -93,7 +94,7 @@ def read_split(split_dir: str | Path, num_rows: int) -> dict[str, np.ndarray]:
     for split in SPLITS:
         file = split_dir / f"{split}_idx.npy"
         if not file.is_file():
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{file}: not found; set data.source.split_dir=<folder with {{train,val,test}}_idx.npy>."
             )
         rows = np.load(file, allow_pickle=False).astype(np.int64)
@@ -127,15 +128,15 @@ def prepare_census(
     inputs = [path] + [split_dir / f"{s}_idx.npy" for s in SPLITS]
     for file in inputs:
         if not file.is_file():
-            raise FileNotFoundError(
+            raise InputNotFound(
                 f"{file}: not found; set data.path=<census-income.test.gz> and "
                 f"data.source.split_dir=<its split_seed2026 folder>."
             )
     unknown = [c for c in dense if c not in COLUMNS or c in NOT_FEATURES]
     if unknown:
-        raise ValueError(f"census: dense column(s) {unknown} are not feature columns of {COLUMNS}")
+        raise ConfigError(f"census: dense column(s) {unknown} are not feature columns of {COLUMNS}")
     if not set(log_dense) <= set(dense):
-        raise ValueError(f"census: log_dense {list(log_dense)} must be a subset of dense {list(dense)}")
+        raise ConfigError(f"census: log_dense {list(log_dense)} must be a subset of dense {list(dense)}")
     params = {
         "dense": list(dense),
         "log_dense": list(log_dense),

@@ -14,6 +14,7 @@ import torch
 from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
 from recsys.data.seqrec_format import take_segments
+from recsys.errors import InputNotFound
 
 
 def list_column_arrays(frame: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +116,7 @@ class CTRTable:
     ) -> CTRTable:
         """Read and validate one split file; unreadable files raise naming the path."""
         if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: no such parquet file")
+            raise InputNotFound(f"{path}: no such parquet file")
         try:
             frame = pl.read_parquet(path)
         except Exception as err:  # polars raises several types for corrupt or truncated files
@@ -188,6 +189,8 @@ class BatchedCTRDataset(torch.utils.data.Dataset):
         return len(self.table)
 
     def __getitem__(self, rows: Sequence[int]) -> CTRBatch:
+        if self.pad_to is None:  # every table's batch(rows); only history tables take pad_to
+            return self.table.batch(np.asarray(rows))
         return self.table.batch(np.asarray(rows), self.pad_to)
 
 

@@ -3,7 +3,7 @@
 ``u.data`` is tab-separated ``user item rating timestamp`` in random order; ``u.item`` is
 ``|``-separated latin-1 with 19 genre flags after 5 fields. The category of a movie is its first
 flagged genre index + 1 (1..19; a movie without any flag gets 1, the "unknown" genre).
-See ``shared/data/ml-100k/README.md``.
+The files come from files.grouplens.org/datasets/movielens/ml-100k.zip (``download=True`` fetches them).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import polars as pl
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.protocol import CTRProtocol, build_ctr_samples
 from recsys.data.schema import DataValidationError, Vocab
+from recsys.errors import InputNotFound
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,10 @@ _DATA_COLUMNS = ("user", "item", "rating", "timestamp")
 
 
 def _require(directory: Path, name: str) -> Path:
-    """``directory/name`` if it is a file, else FileNotFoundError naming it and the config key."""
+    """``directory/name`` if it is a file, else InputNotFound naming it and the config key."""
     path = Path(directory) / name
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{path}: not found; set data.path=<folder holding the ml-100k files u.data and u.item> "
             f"(or download=True to fetch {ML100K_URL})."
         )

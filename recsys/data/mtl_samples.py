@@ -1,5 +1,5 @@
-"""Loaders of the tiny public multi-task samples in ``shared/data/mtl`` (format checks and loader tests only:
-a few hundred rows cannot rank models). All write the tabular layout of :mod:`recsys.data.tabular`.
+"""Loaders of the tiny public multi-task samples (Ali-CCP, AliExpress; in ``data.path``): format checks and
+loader tests only, a few hundred rows cannot rank models. All write the tabular layout of :mod:`recsys.data.tabular`.
 
 * Ali-CCP (``ali_ccp_sample/ali_ccp_{train,val,test}_sample.csv``): labels ``click``, ``purchase`` and
   ``ctcvr`` = click·purchase (the entire-space label ESMM's second task reads); 23 id fields, 8 dense ``D*``.
@@ -21,6 +21,7 @@ import polars as pl
 
 from recsys.data.schema import SPLITS, DataValidationError
 from recsys.data.tabular import encode_tabular, prepare_tabular, random_parts
+from recsys.errors import InputNotFound
 
 BYTEREC_COLUMNS = (
     "uid",
@@ -40,7 +41,7 @@ BYTEREC_COLUMNS = (
 
 def _read_csv(path: Path, required: Sequence[str], **kwargs) -> pl.DataFrame:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; set data.path=<the sample's folder>.")
+        raise InputNotFound(f"{path}: not found; set data.path=<the sample's folder>.")
     try:
         frame = pl.read_csv(path, infer_schema_length=None, **kwargs)
     except pl.exceptions.PolarsError as err:

@@ -1,6 +1,6 @@
 """The DARE CTR-sample protocol, generic over any interaction log in ``LOG_SCHEMA``.
 
-Follows thuml/DARE ``preprocess/taobao_v4.py`` (see ``shared/specs/dare.md`` §2.1):
+Follows thuml/DARE ``preprocess/taobao_v4.py`` (the reference code's Taobao preprocessing), step by step:
 
 * keep only the protocol's behaviours; per user, order rows by time (stable: file order breaks ties);
 * drop users with fewer than ``min_interactions`` rows;
@@ -37,6 +37,7 @@ from recsys.data.schema import (
     check_columns,
     validate_samples,
 )
+from recsys.errors import ConfigError
 
 _MAX_REDRAW_ROUNDS = 10_000
 
@@ -58,15 +59,15 @@ class CTRProtocol:
     def __post_init__(self) -> None:
         object.__setattr__(self, "behaviors", tuple(self.behaviors))
         if self.targets not in ("dare", "all"):
-            raise ValueError(f"CTRProtocol.targets must be 'dare' or 'all', got {self.targets!r}.")
+            raise ConfigError(f"CTRProtocol.targets must be 'dare' or 'all', got {self.targets!r}.")
         for name in ("num_train_targets", "train_stride", "max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"CTRProtocol.{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"CTRProtocol.{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("min_interactions", "negatives", "min_history"):
             if getattr(self, name) < 0:
-                raise ValueError(f"CTRProtocol.{name} must be >= 0, got {getattr(self, name)}.")
+                raise ConfigError(f"CTRProtocol.{name} must be >= 0, got {getattr(self, name)}.")
         if not self.behaviors:
-            raise ValueError("CTRProtocol.behaviors must name at least one behaviour.")
+            raise ConfigError("CTRProtocol.behaviors must name at least one behaviour.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (behaviours as a list)."""

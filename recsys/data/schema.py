@@ -114,6 +114,7 @@ def validate_samples(
     nulls = {c: n for c, n in zip(frame.columns, frame.null_count().row(0)) if c in required and n}
     if nulls:
         raise DataValidationError(f"{source}: null values in column(s) {nulls}.")
+    check_no_null_inside(frame, HISTORY_COLUMNS, source)
     lengths = frame.select(pl.col("hist_item").list.len().alias("li"), pl.col("hist_cat").list.len().alias("lc"))
     if not allow_empty_history:
         empty = int((lengths["li"] == 0).sum())
@@ -133,6 +134,22 @@ def validate_samples(
             raise DataValidationError(f"{source}: column '{col}' must hold only 0 or 1; {bad} rows do not.")
     if vocab is not None:
         check_id_ranges(frame, source, vocab)
+
+
+def null_inside(column: str) -> pl.Expr:
+    """Per row: whether the list column holds a null element (False for a null or empty list)."""
+    return pl.col(column).list.eval(pl.element().is_null()).list.any().fill_null(False)
+
+
+def check_no_null_inside(frame: pl.DataFrame, columns: Sequence[str], source: str) -> None:
+    """A null id inside a history list is bad input (not an unseen id): name the column and the first row."""
+    for column in columns:
+        rows = frame.select(pl.arg_where(null_inside(column))).to_series()
+        if len(rows):
+            raise DataValidationError(
+                f"{source}: column '{column}' holds null ids inside {len(rows)} histories (first at row {rows[0]}); "
+                f"null ids are not allowed."
+            )
 
 
 def check_id_ranges(frame: pl.DataFrame, source: str, vocab: Vocab) -> None:

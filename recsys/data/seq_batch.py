@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import KeyedJaggedTensor
 from recsys.data.batch import TARGET_ITEM
 
 SEQ_ITEM, EXCLUDE_ITEM = "seq_item", "exclude_item"

@@ -1,7 +1,8 @@
 """Sequential-recommendation data: S3-Rec files -> cached parquet splits -> :class:`SeqDataModule`.
 
 ``prepare_seqrec`` reads any file in the S3-Rec line format (``user item item ...``, oldest first; e.g.
-Beauty.txt, Sports_and_Outdoors.txt, Yelp.txt, Toys_and_Games.txt), splits it leave-one-out
+Beauty.txt, Sports_and_Outdoors.txt, Yelp.txt, Toys_and_Games.txt), numbers sparse item ids densely
+(``dense_item_ids``; the raw ids are kept in ``id_map_item.parquet``), splits it leave-one-out
 (``recsys/data/seqrec_format.py``) and writes ``train/val/test.parquet`` + ``meta.json`` through
 :func:`recsys.data.cache.write_dataset` (fingerprinted by the file's bytes and the parameters; atomic).
 
@@ -23,16 +24,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import torch
+from torch.utils.data import DataLoader
 
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.ctr_table import list_column_arrays
 from recsys.data.datamodule import CachedDataModule
 from recsys.data.schema import DataValidationError, Vocab
-from recsys.data.seqrec_format import Jagged, SeqTable, leave_one_out, read_sequences
+from recsys.data.seqrec_format import Jagged, SeqTable, dense_item_ids, leave_one_out, read_sequences
 from recsys.data.transitions import TransitionGraph, build_transition_graph, transition_pairs
+from recsys.errors import InputNotFound
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +69,21 @@ def frame_to_table(frame: pl.DataFrame, source: str) -> SeqTable:
 def prepare_seqrec(path: str | Path | None, cache_root: str | Path, name: str = "seqrec", max_len: int = 50) -> Path:
     """Read -> leave-one-out -> cache ``<cache_root>/<name>-<fingerprint>/``; returns the folder.
 
-    Raises FileNotFoundError (missing file) or DataValidationError (bad lines, empty or too short
+    Raises InputNotFound (missing file) or DataValidationError (bad lines, empty or too short
     sequences), naming the file.
     """
     if path is None:
-        raise FileNotFoundError("data.path is not set; give data.path=<file with 'user item item ...' lines>")
+        raise InputNotFound("data.path is not set; give data.path=<file with 'user item item ...' lines>")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; set data.path=<file with one 'user item item ...' line per user>.")
+        raise InputNotFound(f"{path}: not found; set data.path=<file with one 'user item item ...' line per user>.")
     params = {"format": "s3rec-lines", "split": "leave-one-out", "max_len": max_len}
     fp = fingerprint(name, params, [path])
     hit = cached_dataset(Path(cache_root), name, fp)
     if hit is not None:
         log.info("%s: reusing cached dataset %s", name, hit)
         return hit
-    seqs = read_sequences(path)
+    seqs, raw_items = dense_item_ids(read_sequences(path))  # sparse raw ids -> rows 1..n (id_map_item.parquet)
     splits = {split: table_to_frame(table) for split, table in leave_one_out(seqs, max_len).items()}
     if splits["train"].height == 0:
         raise DataValidationError(f"{path}: no user has 2 or more training items, so there is nothing to train on.")
@@ -93,7 +97,11 @@ def prepare_seqrec(path: str | Path | None, cache_root: str | Path, name: str = 
         rows={k: v.height for k, v in splits.items()},
         params={**params, "source": str(path), "interactions": int(len(seqs.items))},
     )
-    return write_dataset(Path(cache_root), meta, splits)
+    id_maps = None
+    if raw_items is not None:
+        rows = np.arange(1, len(raw_items) + 1, dtype=np.int64)
+        id_maps = {"item": pl.DataFrame({"raw": raw_items, "id": rows}, schema={"raw": pl.Int64, "id": pl.Int64})}
+    return write_dataset(Path(cache_root), meta, splits, id_maps)
 
 
 class SeqDataModule(CachedDataModule):
@@ -107,6 +115,8 @@ class SeqDataModule(CachedDataModule):
         name: dataset name (MLflow experiment). source: ``source(cache_root=...) -> Path`` (a ``_partial_``
         of :func:`prepare_seqrec`). cache_dir: parquet cache root. path: the raw file (informational).
         batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
+        test_each_epoch: also rank the test split after every training epoch (a second validation loader),
+            so a benchmark can read when test NDCG crossed a level; model selection still reads validation only.
     """
 
     def __init__(
@@ -120,8 +130,15 @@ class SeqDataModule(CachedDataModule):
         num_workers: int = 0,
         seed: int = 0,
         drop_last: bool = False,
+        test_each_epoch: bool = False,
     ) -> None:
         super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
+        self.test_each_epoch = test_each_epoch
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split; with ``test_each_epoch`` also the test split (dataloader index 1)."""
+        val = super().val_dataloader()
+        return [val, self.test_dataloader()] if self.test_each_epoch else val
 
     def backbone_inputs(self) -> dict[str, Any]:
         """``vocab`` (``num_items`` sizes the item table) and ``max_len``."""
@@ -130,7 +147,7 @@ class SeqDataModule(CachedDataModule):
 
     def read_split(self, file: Path, meta: DatasetMeta) -> SeqTable:
         if not file.exists():
-            raise FileNotFoundError(f"{file}: no such parquet file")
+            raise InputNotFound(f"{file}: no such parquet file")
         return frame_to_table(pl.read_parquet(file), str(file))
 
     def transition_graph(self, span: int = 1) -> TransitionGraph:

@@ -4,11 +4,11 @@ Only numpy, torch and torchrec are imported here, so the GPU benchmark (no polar
 or MLflow) reads the same files into the same splits; ``recsys.data.seqrec`` adds the parquet cache
 and the Lightning data module on top.
 
-**File format** (``../shared/data/seqrec/README.md``): one line per user, ``user_id item_1 ... item_n``,
-space-separated integers, items oldest first; item ids >= 1 (0 is the padding id). Blank lines are
-skipped.
+**File format** (the S3-Rec release of Amazon Beauty / Sports and Yelp): one line per user,
+``user_id item_1 ... item_n``, space-separated integers, items oldest first; item ids >= 1 (0 is the padding
+id). Blank lines are skipped.
 
-**Split** (the official MQSA-TED code, ../shared/specs/mqsa_ted.md §1.6): with ``n`` items per user,
+**Split** (as the official MQSA-TED code splits): with ``n`` items per user,
 ``s`` = the training items ``item_1 .. item_{n-2}`` truncated to the last ``max_len``:
 
 ========  ==========================================  =================  =========================
@@ -24,6 +24,7 @@ Every column is a contiguous slice of the user's line, so the split is pure offs
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Sequence
@@ -35,10 +36,14 @@ import numpy as np
 import torch
 
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
-from recsys.errors import DataValidationError
+from recsys.errors import ConfigError, DataValidationError, InputNotFound
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
 _INTEGER = re.compile(r"^[+-]?\d+$")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# item ids are kept as table rows while the largest id is at most this many times the number of distinct ids
+# (the public datasets number their items 1..n); sparser ids are remapped to 1..n (see dense_item_ids)
+MAX_ID_SPARSITY = 2
 
 
 def _show(lines: Sequence[int], limit: int = 5) -> str:
@@ -99,7 +104,7 @@ class Sequences:
 def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
     """Line numbers (1-based) and whitespace tokens of every non-blank line."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise InputNotFound(
             f"{path}: not found; set data.path=<a sequence file with one 'user_id item_id item_id ...' line per user>."
         )
     try:
@@ -110,6 +115,22 @@ def _tokenise(path: Path) -> tuple[list[int], list[list[str]]]:
     if not numbered:
         raise DataValidationError(f"{path}: the file has no sequences (it is empty).")
     return [n for n, _ in numbered], [tokens for _, tokens in numbered]
+
+
+def _token_error(path: Path, line_no: Sequence[int], tokens: Sequence[list[str]]) -> DataValidationError:
+    """The error for tokens that are not integers, or integers outside int64, naming the lines and a value."""
+    bad = [n for n, toks in zip(line_no, tokens) if not all(_INTEGER.match(t) for t in toks)]
+    if bad:
+        return DataValidationError(
+            f"{path}: line(s) {_show(bad)} hold non-integer tokens; expected 'user_id item_id item_id ...'."
+        )
+    for n, toks in zip(line_no, tokens):
+        big = next((t for t in toks if not INT64_MIN <= int(t) <= INT64_MAX), None)
+        if big is not None:
+            return DataValidationError(
+                f"{path}: line {n} holds id {big}, outside the allowed range [1, {INT64_MAX}] (64-bit integer ids)."
+            )
+    raise AssertionError("no bad token found")  # unreachable: int() and int64 accept everything else
 
 
 def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
@@ -123,10 +144,7 @@ def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
     try:
         flat = np.fromiter(map(int, itertools.chain.from_iterable(tokens)), dtype=np.int64)
     except (ValueError, OverflowError):
-        bad = [n for n, toks in zip(line_no, tokens) if not all(_INTEGER.match(t) for t in toks)]
-        raise DataValidationError(
-            f"{path}: line(s) {_show(bad)} hold non-integer tokens; expected 'user_id item_id item_id ...'."
-        ) from None
+        raise _token_error(path, line_no, tokens) from None
     counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
     line_no_arr = np.asarray(line_no)
     empty = line_no_arr[counts == 1]
@@ -157,6 +175,21 @@ def read_sequences(path: str | Path, min_len: int = MIN_SEQ_LEN) -> Sequences:
     return Sequences(users=users, items=items, offsets=offsets, source=str(path))
 
 
+def dense_item_ids(seqs: Sequences) -> tuple[Sequences, np.ndarray | None]:
+    """Item ids -> item-table rows, so the table is sized by the number of items, never by the largest raw id.
+
+    Ids numbered (nearly) densely from 1, as in the public S3-Rec files (largest id at most
+    ``MAX_ID_SPARSITY`` times the number of distinct ids), are the rows already: returns ``(seqs, None)``.
+    Sparser ids (e.g. 10^15-scale catalogue ids) become rows ``1..n`` in raw-id order: returns the remapped
+    sequences and ``raw [n]``, the raw id of rows ``1..n`` (scoring maps raw ids in and out with it).
+    """
+    raw = np.unique(seqs.items)
+    if int(raw[-1]) <= MAX_ID_SPARSITY * len(raw):
+        return seqs, None
+    rows = np.searchsorted(raw, seqs.items).astype(np.int64) + 1
+    return dataclasses.replace(seqs, items=rows), raw
+
+
 @dataclass
 class SeqTable:
     """One split: ``user [N]`` and three jagged item columns (see the module docstring)."""
@@ -182,7 +215,7 @@ class SeqTable:
 def leave_one_out(seqs: Sequences, max_len: int = 50) -> dict[str, SeqTable]:
     """Train / val / test tables of ``seqs`` (the table in the module docstring)."""
     if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+        raise ConfigError(f"max_len must be >= 1, got {max_len}")
     start, n = seqs.offsets[:-1], seqs.lengths
     train_len = n - 2
     s_len = np.minimum(train_len, max_len)

@@ -34,6 +34,7 @@ import polars as pl
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.protocol import CTRProtocol, build_ctr_samples, filter_behaviors, remap_ids
 from recsys.data.schema import LOG_SCHEMA
+from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _favourites(rng: np.random.Generator, num_users: int, num_categories: int, k
     """``[users, phases, k]`` favourite categories; each new phase swaps one slot for a fresh category."""
     distinct = k + phases - 1
     if distinct > num_categories:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic: interests_per_user + drift_phases - 1 = {distinct} exceeds num_categories={num_categories}."
         )
     picks = np.argsort(rng.random((num_users, num_categories)), axis=1)[:, :distinct]
@@ -104,9 +105,9 @@ def generate_log(
 ) -> pl.DataFrame:
     """A ``LOG_SCHEMA`` click log (behaviour ``pv``), grouped by user, time-ordered; ids start at 1."""
     if not 1 <= min_len <= max_len:
-        raise ValueError(f"synthetic: need 1 <= min_len <= max_len, got {min_len}, {max_len}.")
+        raise ConfigError(f"synthetic: need 1 <= min_len <= max_len, got {min_len}, {max_len}.")
     if min(num_users, num_items, num_categories, interests_per_user, drift_phases) < 1:
-        raise ValueError("synthetic: sizes, interests_per_user and drift_phases must be >= 1.")
+        raise ConfigError("synthetic: sizes, interests_per_user and drift_phases must be >= 1.")
     rng = np.random.default_rng(seed)
     category, weight = _item_catalogue(rng, num_items, num_categories, zipf_exponent)
     favs = _favourites(rng, num_users, num_categories, interests_per_user, drift_phases)
@@ -139,7 +140,7 @@ def _generator_params(generator: Mapping[str, Any] | None) -> dict[str, Any]:
     given = dict(generator or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"synthetic: unknown generator parameter(s) {unknown}; known: {sorted(defaults)}.")
+        raise ConfigError(f"synthetic: unknown generator parameter(s) {unknown}; known: {sorted(defaults)}.")
     return {**defaults, **given}
 
 
@@ -152,7 +153,7 @@ def prepare_synthetic(
     protocol = CTRProtocol.coerce(protocol)
     params = _generator_params(generator)
     if params["min_len"] < protocol.min_interactions:
-        raise ValueError(
+        raise ConfigError(
             f"synthetic: generator min_len={params['min_len']} must be >= protocol.min_interactions="
             f"{protocol.min_interactions}, or some users would be dropped."
         )

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import KeyedJaggedTensor
+from recsys.data.batch import TabularBatch
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.datamodule import CTRDataModule
 from recsys.data.schema import SPLITS, DataValidationError
@@ -156,42 +157,6 @@ def random_parts(n: int, fractions: Sequence[float], seed: int) -> dict[str, np.
 
 
 # ---------------------------------------------------------------------------------------------- batches
-
-
-@dataclass
-class TabularBatch:
-    """One mini-batch of tabular samples.
-
-    Attributes:
-        sparse: KJT with one key per categorical field, exactly one id per row (lengths all 1).
-        dense: ``[B, D]`` float features (``D`` may be 0).
-        labels: task name -> ``[B]`` float tensor.
-    """
-
-    sparse: KeyedJaggedTensor
-    dense: torch.Tensor
-    labels: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.dense.shape[0])
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TabularBatch:
-        """Move every tensor to ``device``; Lightning calls this to place batches."""
-        return replace(
-            self,
-            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
-            dense=self.dense.to(device, non_blocking=non_blocking),
-            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
-        )
-
-    def pin_memory(self) -> TabularBatch:
-        return replace(
-            self,
-            sparse=self.sparse.pin_memory(),
-            dense=self.dense.pin_memory(),
-            labels={k: v.pin_memory() for k, v in self.labels.items()},
-        )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Taobao UserBehavior (Tianchi dataset 649) -> DARE CTR samples.
 
 The raw file is a headerless CSV ``user_id,item_id,category_id,behavior_type,timestamp``, grouped
-by user and time-ordered within each user. See ``shared/data/taobao_userbehavior_head/README.md``.
+by user and time-ordered within each user. The full file is the Tianchi UserBehavior dataset (about 100 M
+rows); a 5,000-row head suffices for pipeline checks.
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ import polars as pl
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
 from recsys.data.protocol import CTRProtocol, build_ctr_samples, filter_behaviors, remap_ids
 from recsys.data.schema import LOG_SCHEMA, DataValidationError
+from recsys.errors import InputNotFound
 
 log = logging.getLogger(__name__)
 
 #: 2017-11-25 00:00:00 to 2017-12-03 23:59:59 (UTC+8), the dataset's official 9-day window.
 TAOBAO_TIME_WINDOW: tuple[int, int] = (1511539200, 1512316799)
 _RAW_COLUMNS = ("user", "item", "category", "behavior", "timestamp")
+#: the dataset's behaviour types (page view, purchase, add to cart, favourite)
+BEHAVIORS = ("pv", "buy", "cart", "fav")
 
 
 def _require_file(path: Path) -> Path:
-    """Return ``path`` if it is a file, else raise FileNotFoundError naming it."""
+    """Return ``path`` if it is a file, else raise InputNotFound naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>.")
+        raise InputNotFound(f"{path}: Taobao UserBehavior.csv not found; set data.path=<path to UserBehavior.csv>.")
     return path
 
 
@@ -49,15 +53,60 @@ def scan_taobao_log(path: Path, time_window: tuple[int, int] | None = TAOBAO_TIM
 def read_taobao_log(path: str | Path, time_window: tuple[int, int] | None = TAOBAO_TIME_WINDOW) -> pl.DataFrame:
     """Read the raw Taobao CSV into ``LOG_SCHEMA`` (raw ids, file order kept).
 
-    ``time_window=None`` keeps every row; the default drops the few rows outside the official window.
-    Raises FileNotFoundError (missing file) or DataValidationError (malformed rows), naming the file.
+    Every row must have its 5 fields and a known ``behavior_type`` (:data:`BEHAVIORS`); otherwise
+    DataValidationError names the file and the lines (and says when the file looks cut off: a last line
+    without its newline). ``time_window=None`` keeps every row; the default leaves out the few rows outside
+    the official window, and logs how many. Raises InputNotFound for a missing file.
     """
+    path = _require_file(Path(path))
     try:
-        return scan_taobao_log(Path(path), time_window).collect()
+        frame = scan_taobao_log(path, None).with_row_index("_line", offset=1).collect()
     except pl.exceptions.PolarsError as err:
         raise DataValidationError(
             f"{path}: cannot parse as headerless CSV with columns {list(_RAW_COLUMNS)} ({err})."
         ) from err
+    cut = _cut_note(path, frame.height)
+    incomplete = frame.filter(pl.any_horizontal(pl.col(c).is_null() for c in _RAW_COLUMNS))["_line"]
+    if len(incomplete):
+        raise DataValidationError(
+            f"{path}: line(s) {_lines(incomplete)} have missing fields; every line needs "
+            f"{','.join(_RAW_COLUMNS)}{cut if incomplete[-1] == frame.height else ''}."
+        )
+    unknown = frame.filter(~pl.col("behavior").is_in(BEHAVIORS))
+    if unknown.height:
+        raise DataValidationError(
+            f"{path}: line(s) {_lines(unknown['_line'])} have behavior_type {unknown['behavior'][0]!r}; "
+            f"allowed: {list(BEHAVIORS)}{cut if unknown['_line'][-1] == frame.height else ''}."
+        )
+    if time_window is not None:
+        lo, hi = time_window
+        inside = pl.col("timestamp").is_between(lo, hi, closed="both")
+        if cut and frame.height and not frame.tail(1).select(inside).item():
+            raise DataValidationError(
+                f"{path}: line {frame.height} has timestamp {frame['timestamp'][-1]}, outside [{lo}, {hi}]{cut}."
+            )
+        dropped = frame.height
+        frame = frame.filter(inside)
+        if dropped - frame.height:
+            log.info("%s: left out %d rows outside the time window [%d, %d]", path, dropped - frame.height, lo, hi)
+    return frame.drop("_line")
+
+
+def _lines(lines: pl.Series, limit: int = 5) -> str:
+    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
+    return f"{lines.head(limit).to_list()}{more}"
+
+
+def _cut_note(path: Path, lines: int) -> str:
+    """A note for errors on the last line when the file does not end with a newline (a cut copy)."""
+    with open(path, "rb") as handle:
+        handle.seek(0, 2)
+        if handle.tell() == 0:
+            return ""
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return ""
+    return f" (line {lines}, the last, has no newline at its end: the file looks cut off)"
 
 
 def prepare_taobao(

@@ -1,4 +1,4 @@
-"""The item-transition graph of TED (../shared/specs/mqsa_ted.md §1.5), built with sparse tensor ops.
+"""The item-transition graph of TED (docs/seqrec.md), built with sparse tensor ops.
 
 ``A[i, j]`` = how often item ``j`` follows item ``i`` within ``span`` steps in the *training* sequences
 (already truncated to the last ``max_len`` items); no reverse edges. The teacher reads each row scaled by
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recsys.errors import ConfigError
 from recsys.ops.jagged import fbgemm_supports
 
 
@@ -25,7 +26,7 @@ def transition_pairs(
     Vectorised over rows and positions; the only loop is over ``d``. Returns two ``[P]`` int64 tensors.
     """
     if span < 1:
-        raise ValueError(f"span must be >= 1, got {span}")
+        raise ConfigError(f"span must be >= 1, got {span}")
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(history.numel(), device=history.device) - starts[rows]

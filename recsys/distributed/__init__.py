@@ -4,6 +4,7 @@
 - :mod:`~recsys.distributed.planner`: per-table sharding constraints and the plan, from Hydra;
 - :mod:`~recsys.distributed.optim`: fused (in-backward) table optimisers;
 - :mod:`~recsys.distributed.checkpoint`: crash-safe DCP checkpoint folders, full <-> sharded state;
+- :mod:`~recsys.distributed.dcp_reader`: reads DCP folders without unpickling anything but DCP metadata;
 - :mod:`~recsys.distributed.collectives`: gathering evaluation outputs across ranks;
 - :mod:`~recsys.distributed.strategy`: ``TorchRecStrategy`` and ``build_trainer`` (``trainer=dmp``).
 

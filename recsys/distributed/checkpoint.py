@@ -10,7 +10,9 @@ A checkpoint is a *directory*::
                                                    callbacks, epoch, step); tensors and primitives only,
                                                    loaded with ``weights_only=True``
 
-Only tensors go through DCP: DCP unpickles non-tensor entries with ``weights_only=False``.
+Only tensors go through DCP: DCP unpickles non-tensor entries with ``weights_only=False``. Folders are read
+through :class:`~recsys.distributed.dcp_reader.SafeFileSystemReader` (``.metadata`` unpickled with an
+allow-list of DCP metadata classes, tensors only), so a crafted folder cannot run code.
 
 Writes go to ``<name>.ckpt.tmp`` first; after a barrier rank 0 moves any previous checkpoint to
 ``<name>.ckpt.old``, renames the new one into place and deletes the old one. A crash therefore leaves
@@ -33,6 +35,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+from recsys.distributed.dcp_reader import METADATA_FILE, SafeFileSystemReader, read_metadata_file
+from recsys.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 # TorchRec's sharded state is ShardedTensor, which torch marks as deprecated on every DCP call
@@ -109,7 +114,7 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     if (old / TRAINER_STATE).exists():
         log.warning("checkpoint %s is missing; using %s (a save was interrupted)", path, old)
         return old
-    raise FileNotFoundError(f"{path}: not a sharded checkpoint folder (no {TRAINER_STATE})")
+    raise CheckpointError(f"{path}: not a sharded checkpoint folder (no {TRAINER_STATE})")
 
 
 def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
@@ -136,6 +141,21 @@ def save_sharded(checkpoint: Mapping[str, Any], path: str | Path) -> None:
     _barrier()
 
 
+def _load_trainer_state(folder: Path) -> dict[str, Any]:
+    """``trainer_state.pt`` with ``weights_only=True``; CheckpointError names the file if it is not one."""
+    file = folder / TRAINER_STATE
+    try:
+        rest = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, a pickle weights_only refuses
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{file}: cannot read (truncated, corrupt or unsafe?): {type(err).__name__}: {first}"
+        ) from err
+    if not isinstance(rest, dict):
+        raise CheckpointError(f"{file}: expected a dict of trainer state, got {type(rest).__name__}")
+    return rest
+
+
 def load_sharded(
     path: str | Path,
     model_state: Mapping[str, Any],
@@ -147,20 +167,21 @@ def load_sharded(
     checkpoint dict (these tensors + the rank-0 remainder).
     """
     folder = resolve_checkpoint_dir(path)
-    rest = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+    rest = _load_trainer_state(folder)
     if rest.pop("format", None) != FORMAT:
-        raise ValueError(f"{folder}: unknown checkpoint format (expected {FORMAT})")
+        raise CheckpointError(f"{folder}: unknown checkpoint format (expected {FORMAT})")
     template: dict[str, Any] = {"state_dict": split_tensors(model_state)[0]}
     if optimizer_states is not None:
         saved = len(rest.get("optimizer_states", []))
         if saved != len(optimizer_states):
-            raise ValueError(f"{folder}: holds {saved} optimiser states, the run has {len(optimizer_states)}")
+            raise CheckpointError(f"{folder}: holds {saved} optimiser states, the run has {len(optimizer_states)}")
         states = {str(i): s for i, s in enumerate(optimizer_states)}
         template["optimizer_states"] = split_tensors(states)[0]
+    read_metadata_file(folder / METADATA_FILE, folder)  # a hostile .metadata stops here, before DCP reads it
     try:
-        dcp.load(template, checkpoint_id=str(folder))
+        dcp.load(template, storage_reader=SafeFileSystemReader(folder))
     except (Exception, CheckpointException) as err:  # missing keys, other shapes, unreadable shard files
-        raise ValueError(
+        raise CheckpointError(
             f"{folder}: cannot load this sharded checkpoint into the model ({type(err).__name__}: "
             f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r})"
         ) from err

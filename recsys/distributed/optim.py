@@ -3,7 +3,7 @@
 FBGEMM's table-batched kernels update each table inside the backward pass, so tables never hold a
 ``.grad`` and need no optimiser step. TorchRec learns which update to fuse from attributes that
 :func:`torch.distributed.optim._apply_optimizer_in_backward` attaches to each table parameter before
-DistributedModelParallel shards it (../shared/specs/stack.md §1).
+DistributedModelParallel shards it (docs/distributed.md).
 
 Config (``trainer.fused_optimizer``)::
 
@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec.optim import optimizers as trec
-from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recsys.compat import RowWiseAdagrad
+from recsys.compat import trec_optimizers as trec
+from recsys.errors import ConfigError
 
 # name -> (placeholder class TorchRec maps to an FBGEMM optimiser, accepted kwargs, runs on CPU)
 FUSED_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...], bool]] = {
@@ -56,18 +58,18 @@ def parse_fused_optimizer(config: Mapping[str, Any], device_type: str) -> FusedO
     config = dict(config)
     name = str(config.pop("name", "row_wise_adagrad"))
     if name not in FUSED_OPTIMIZERS:
-        raise ValueError(f"trainer.fused_optimizer.name='{name}' is unknown; choose one of {sorted(FUSED_OPTIMIZERS)}")
+        raise ConfigError(f"trainer.fused_optimizer.name='{name}' is unknown; choose one of {sorted(FUSED_OPTIMIZERS)}")
     _, accepted, on_cpu = FUSED_OPTIMIZERS[name]
     if device_type != "cuda" and not on_cpu:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.fused_optimizer.name='{name}' is not available on {device_type}: FBGEMM's CPU kernels "
             f"implement {list(CPU_CHOICES)} only (use one of them, or run on CUDA with fbgemm-gpu)"
         )
     unknown = sorted(set(config) - set(accepted))
     if unknown:
-        raise ValueError(f"trainer.fused_optimizer: {unknown} not accepted by '{name}'; accepted: {list(accepted)}")
+        raise ConfigError(f"trainer.fused_optimizer: {unknown} not accepted by '{name}'; accepted: {list(accepted)}")
     if "lr" not in config:
-        raise ValueError(f"trainer.fused_optimizer.lr is required for '{name}'")
+        raise ConfigError(f"trainer.fused_optimizer.lr is required for '{name}'")
     return FusedOptimizerSpec(name, {k: float(v) for k, v in config.items()})
 
 

@@ -14,7 +14,7 @@ or when it equals the name. The longest matching key wins; two equally long matc
 that matches no table is logged as a warning (the default keys serve several models; check for typos).
 
 Pinning every table matters: left alone, the planner picks data-parallel for small tables, and
-data-parallel ``EmbeddingCollection`` s fail on CPU (../shared/specs/stack.md §2).
+data-parallel ``EmbeddingCollection`` s fail on CPU (TorchRec has no CPU kernel for them; docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -25,12 +25,19 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
+
+from recsys.compat import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionSharder,
+    EmbeddingCollection,
+    EmbeddingCollectionSharder,
+    EmbeddingShardingPlanner,
+    ModuleSharder,
+    ParameterConstraints,
+    ShardingPlan,
+    Topology,
+)
+from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ def table_names(module: nn.Module) -> dict[str, type]:
         if isinstance(sub, (EmbeddingCollection, EmbeddingBagCollection)):
             for config in sub.embedding_configs():
                 if config.name in names:
-                    raise ValueError(f"table name '{config.name}' is used by two embedding collections")
+                    raise ConfigError(f"table name '{config.name}' is used by two embedding collections")
                 names[config.name] = type(sub)
     return names
 
@@ -73,7 +80,7 @@ def _as_types(key: str, value: Any) -> tuple[list[str], list[str] | None]:
     if isinstance(value, Mapping):
         unknown = set(value) - {"sharding_types", "compute_kernels"}
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.sharding.{key}: unknown field(s) {sorted(unknown)}; use sharding_types and compute_kernels"
             )
         types = value.get("sharding_types")
@@ -81,7 +88,7 @@ def _as_types(key: str, value: Any) -> tuple[list[str], list[str] | None]:
         types = [types] if isinstance(types, str) else list(types or [])
         kernels = [kernels] if isinstance(kernels, str) else (list(kernels) if kernels else None)
         return types, kernels
-    raise ValueError(f"trainer.sharding.{key}: expected a sharding type, a list or a mapping, got {value!r}")
+    raise ConfigError(f"trainer.sharding.{key}: expected a sharding type, a list or a mapping, got {value!r}")
 
 
 def _sharder_for(kind: type) -> ModuleSharder:
@@ -101,7 +108,7 @@ def build_constraints(
     """
     tables = table_names(module)
     if not tables:
-        raise ValueError("trainer=dmp: the model has no TorchRec embedding tables to shard")
+        raise ConfigError("trainer=dmp: the model has no TorchRec embedding tables to shard")
     kernels_ok = _KERNELS_CUDA if device_type == "cuda" else _KERNELS_CPU
     keys = [k for k in sharding if k != DEFAULT_KEY]
     used = set()
@@ -110,7 +117,7 @@ def build_constraints(
         scored = sorted(((_match_length(k, table), k) for k in keys), reverse=True)
         scored = [(s, k) for s, k in scored if s > 0]
         if len(scored) > 1 and scored[0][0] == scored[1][0]:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.sharding: keys '{scored[0][1]}' and '{scored[1][1]}' both match table "
                 f"'{table}'; use the full table name as key"
             )
@@ -124,14 +131,14 @@ def build_constraints(
             offered -= _CPU_EXCLUDED.get(kind, set())
         bad = [t for t in types if t not in offered]
         if bad or not types:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.sharding.{key}={types} for table '{table}': "
                 f"{kind.__name__} on {device_type} supports {sorted(offered)}"
             )
         kernels = kernels or ["dense" if types == ["data_parallel"] else compute_kernel]
         bad = [k for k in kernels if k not in kernels_ok]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer compute kernel {bad} for table '{table}': {device_type} supports {list(kernels_ok)}"
             )
         constraints[table] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
@@ -141,12 +148,10 @@ def build_constraints(
     return constraints
 
 
-def sharders(fused_params: dict[str, Any] | None = None) -> list[ModuleSharder]:
-    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``)."""
-    return [
-        EmbeddingCollectionSharder(fused_params=fused_params),
-        EmbeddingBagCollectionSharder(fused_params=fused_params),
-    ]
+def sharders() -> list[ModuleSharder]:
+    """The sharders DMP uses: sequence (``EmbeddingCollection``) and pooled (``EmbeddingBagCollection``); the
+    fused optimiser reaches them through the tables' in-backward optimiser attributes (``recsys.distributed.optim``)."""
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
 
 
 def build_plan(

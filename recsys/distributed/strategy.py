@@ -1,6 +1,6 @@
 """``TorchRecStrategy``: Lightning's DDP strategy with TorchRec DistributedModelParallel inside.
 
-What differs from :class:`~pytorch_lightning.strategies.DDPStrategy` (../shared/specs/stack.md §1):
+What differs from :class:`~pytorch_lightning.strategies.DDPStrategy` (docs/distributed.md):
 
 * ``setup`` wraps the LightningModule in DMP in *every* stage (fit, validate, test, predict), so sharded
   checkpoints load anywhere; the wrapper is built once per module and reused by later stages. Before
@@ -29,21 +29,30 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.overrides.distributed import prepare_for_backward
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.ddp import _DDPForwardRedirection
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
-from torchrec.distributed.types import ShardedModule
-from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys.compat import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+    EmbeddingBagCollection,
+    EmbeddingCollection,
+    KeyedOptimizer,
+    KeyedOptimizerWrapper,
+    ShardedModule,
+    in_backward_optimizer_filter,
+)
 from recsys.distributed import checkpoint as ckpt
 from recsys.distributed.env import DMP, sharding_path, trainer_device_type, world_info
+from recsys.distributed.lightning_private import (
+    DMPForwardRedirection,
+    check_lightning_version,
+    flush_first_static_graph_step,
+    prepare_for_backward,
+)
 from recsys.distributed.optim import FusedOptimizerSpec, apply_fused_optimizer, parse_fused_optimizer
 from recsys.distributed.planner import build_constraints, build_plan, sharders
 
@@ -58,17 +67,6 @@ def _inner_ddp(model: nn.Module | None) -> DistributedDataParallel | None:
         inner = model._dmp_wrapped_module
         return inner if isinstance(inner, DistributedDataParallel) else None
     return None
-
-
-class _DMPForwardRedirection(_DDPForwardRedirection):
-    """Lightning's DDP redirection (suspend DDP's own grad-sync bookkeeping around a manual step),
-    pointed at the DDP inside DMP."""
-
-    def on_after_inner_forward(self, wrapper_module: nn.Module, original_module: pl.LightningModule) -> None:
-        super().on_after_inner_forward(_inner_ddp(wrapper_module) or wrapper_module, original_module)
-
-    def on_after_outer_forward(self, wrapper_module: nn.Module, original_module: pl.LightningModule) -> None:
-        super().on_after_outer_forward(_inner_ddp(wrapper_module) or wrapper_module, original_module)
 
 
 def table_modules(module: nn.Module) -> list[nn.Module]:
@@ -129,14 +127,16 @@ class TorchRecStrategy(DDPStrategy):
         find_unused_parameters: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_lightning_version()  # the private Lightning API in lightning_private.py was checked for a range
         super().__init__(**kwargs)
-        self._forward_redirection = _DMPForwardRedirection()
+        self._forward_redirection = DMPForwardRedirection(_inner_ddp)
         self.sharding = dict(sharding or {"default": "table_wise"})
         self.fused_optimizer_config = dict(fused_optimizer or {"name": "row_wise_adagrad", "lr": 0.05})
         self.compute_kernel = compute_kernel
         self.topology = dict(topology or {})
         self.static_graph, self.find_unused_parameters = static_graph, find_unused_parameters
         self._dmp: DistributedModelParallel | None = None
+        self._static_graph_flushed = False
         self._fused_spec: FusedOptimizerSpec | None = None
 
     # ---- which path ---------------------------------------------------------------------------
@@ -236,10 +236,10 @@ class TorchRecStrategy(DDPStrategy):
         if not self.shards_tables:
             return super().post_backward(closure_loss)
         ddp = _inner_ddp(self.model)
-        if ddp is None or not ddp.static_graph or self._pl_static_graph_delay_done:
+        if ddp is None or not ddp.static_graph or self._static_graph_flushed:
             return
-        ddp.reducer._delay_all_reduce()  # first static-graph iteration under manual optimisation
-        self._pl_static_graph_delay_done = True
+        flush_first_static_graph_step(ddp)  # first static-graph iteration under manual optimisation
+        self._static_graph_flushed = True
 
     # ---- dense buffers ------------------------------------------------------------------------
     # DMP's DDP does not broadcast buffers, so BatchNorm running statistics drift apart across ranks.

@@ -2,8 +2,8 @@
 
 - :func:`next_item_loss`: full-softmax cross-entropy over all items at every position that has a target
   (never on padding), the padding id kept as an extra class with logit 0 as in the official code.
-- :func:`ted_loss`: TED's distillation (../shared/specs/mqsa_ted.md §1.5), computed from the sparse graph
-  rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
+- :func:`ted_loss`: TED's distillation towards the item-transition graph (docs/seqrec.md), computed from the
+  sparse graph rows without materialising the dense ``[N, I]`` teacher (exact; see the function).
 - :func:`sequential_losses`: both plus the model's auxiliary losses, for one training batch.
 
 All of them score against the item matrix the model returns (``SeqOutput.table``): the table's weight
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from recsys.data.batch import TARGET_ITEM
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.data.transitions import TransitionGraph
+from recsys.errors import ConfigError
 from recsys.models.sasrec import SASRec, SeqOutput
 from recsys.models.sequential import output_table
 from recsys.ops.workspace import WORKSPACE
@@ -139,7 +140,7 @@ def sequential_losses(
     total = losses["rec"]
     if model.lambda_kd > 0:
         if graph is None:
-            raise ValueError("lambda_kd > 0 needs the transition graph (TED); none was given")
+            raise ConfigError("lambda_kd > 0 needs the transition graph (TED); none was given")
         heads, _ = batch.jagged(SEQ_ITEM)
         losses["kd"] = ted_loss(heads, table, graph, model.tau, model.dropout, model.training)
         total = total + model.lambda_kd * losses["kd"]

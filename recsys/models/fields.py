@@ -11,9 +11,10 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 
-from recsys.data.tabular import TabularBatch
+from recsys.compat import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from recsys.data.batch import TabularBatch
+from recsys.errors import ConfigError
 from recsys.models.target_attention import BackboneOutput
 
 
@@ -38,7 +39,7 @@ class FieldsBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if not categorical and not dense:
-            raise ValueError("FieldsBackbone needs at least one categorical field or dense feature")
+            raise ConfigError("FieldsBackbone needs at least one categorical field or dense feature")
         init = None if init_std is None else partial(nn.init.normal_, mean=0.0, std=init_std)
         configs = [
             EmbeddingBagConfig(

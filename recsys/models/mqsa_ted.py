@@ -1,5 +1,5 @@
 """MQSA-TED: multi-query self-attention with transition-aware embedding distillation
-(Zhu et al., WSDM 2024; ../shared/specs/mqsa_ted.md §1.3-§1.5).
+(Zhu et al., WSDM 2024; the method as this package implements it: docs/seqrec.md).
 
 Two full encoders read the same inputs ``x``: a short-query branch (query = the item itself, exactly
 SASRec) and a long-query branch whose query at position ``t`` is the causal mean of the last ``window``
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from recsys.errors import ConfigError
 from recsys.models.sasrec import SASRec
 
 
@@ -27,7 +28,7 @@ class MQSATED(SASRec):
     def __init__(self, *args: Any, window: int = 3, alpha: float = 0.5, lambda_kd: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, lambda_kd=lambda_kd, **kwargs)
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"alpha must lie in [0, 1], got {alpha}")
         self.alpha, self.window = alpha, window
         self.encoders["long"] = self.make_encoder(window=window)
 

@@ -1,7 +1,7 @@
 """SASRec: causal self-attention over the item sequence, scored against the shared item table.
 
 The layout follows the official MQSA-TED code's SASRec setting (its α = 1, λ_kd = 0;
-../shared/specs/mqsa_ted.md §1.2): inputs ``x_t = Dropout(√d e_{s_t} + p_t)`` (jagged: no padding) with learned absolute
+docs/seqrec.md): inputs ``x_t = Dropout(√d e_{s_t} + p_t)`` (jagged: no padding) with learned absolute
 positions (the newest item always at position ``max_len - 1``), one query-pre-LN block per default,
 dropout 0.5, the item table (a TorchRec ``EmbeddingCollection``) shared by input and output.
 
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
+from recsys.errors import ConfigError
 from recsys.modules.seq_blocks import Layout, SequenceEncoder
 
 if TYPE_CHECKING:  # schema.py imports polars, which the GPU benchmark does not have
@@ -98,7 +98,7 @@ class SASRec(nn.Module):
     ) -> None:
         super().__init__()
         if tau <= 0 or lambda_kd < 0:
-            raise ValueError(f"need tau > 0 and lambda_kd >= 0, got tau={tau}, lambda_kd={lambda_kd}")
+            raise ConfigError(f"need tau > 0 and lambda_kd >= 0, got tau={tau}, lambda_kd={lambda_kd}")
         self.num_items, self.max_len, self.dim, self.dropout = vocab.num_items, max_len, dim, dropout
         self.output_dim = dim
         self.lambda_kd, self.tau, self.kd_span = lambda_kd, tau, kd_span

@@ -4,6 +4,10 @@ shared by evaluation and batch scoring:
 
 - :func:`last_position_scores`: ``[B, I]`` scores of the newest position with history items masked;
 - :func:`last_position_ranks`: the target's rank among them (batched, one reused buffer).
+
+``exclude_history`` picks the evaluation protocol: ``True`` removes the row's ``exclude_item`` ids (its history)
+from the ranking (the official MQSA-TED / S3-Rec protocol: a target that repeats a history item is unreachable);
+``False`` keeps every item rankable (RecBole's full ranking).
 """
 
 from __future__ import annotations
@@ -56,11 +60,18 @@ def output_table(model: SASRec, out: SeqOutput) -> torch.Tensor:
 
 
 def masked_scores(
-    hidden: torch.Tensor, table: torch.Tensor, batch: SeqBatch, out: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    table: torch.Tensor,
+    batch: SeqBatch,
+    out: torch.Tensor | None = None,
+    exclude_history: bool = True,
 ) -> torch.Tensor:
-    """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); the row's
-    ``exclude_item`` ids get ``-inf`` (removed from the ranking). ``out``: optional ``[B, I]`` buffer."""
+    """``[B, I]`` scores ``hidden [B, d] @ table[1:].T`` (column ``j - 1`` = item ``j``); with
+    ``exclude_history`` the row's ``exclude_item`` ids get ``-inf`` (removed from the ranking).
+    ``out``: optional ``[B, I]`` buffer."""
     scores = torch.mm(hidden, table[1:].T, out=out)
+    if not exclude_history:
+        return scores
     excluded, lengths = batch.jagged(EXCLUDE_ITEM)
     rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     scores[rows, excluded - 1] = float("-inf")
@@ -68,19 +79,21 @@ def masked_scores(
 
 
 @torch.no_grad()
-def last_position_scores(model: SASRec, batch: SeqBatch) -> torch.Tensor:
-    """``[B, I]`` scores of items 1..I at each row's newest position, history removed (:func:`masked_scores`)."""
+def last_position_scores(model: SASRec, batch: SeqBatch, exclude_history: bool = True) -> torch.Tensor:
+    """``[B, I]`` scores of items 1..I at each row's newest position, history removed unless
+    ``exclude_history=False`` (:func:`masked_scores`)."""
     out = model(batch, last_only=True)
-    return masked_scores(out.hidden, output_table(model, out), batch)
+    return masked_scores(out.hidden, output_table(model, out), batch, exclude_history=exclude_history)
 
 
 @torch.no_grad()
-def last_position_ranks(model: SASRec, batch: SeqBatch) -> torch.Tensor:
-    """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed)."""
+def last_position_ranks(model: SASRec, batch: SeqBatch, exclude_history: bool = True) -> torch.Tensor:
+    """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed, which
+    ``exclude_history=True`` does to a target repeating a history item)."""
     out = model(batch, last_only=True)
     flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, out.hidden)
     try:
-        scores = masked_scores(out.hidden, output_table(model, out), batch, out=buffer)
+        scores = masked_scores(out.hidden, output_table(model, out), batch, buffer, exclude_history)
         return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
     finally:
         WORKSPACE.give(flat)

@@ -1,7 +1,7 @@
 """Two-stage long-sequence CTR backbones: DIN, TWIN, TWIN-4E, TWIN w/ proj. and DARE.
 
-One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following
-../shared/specs/dare.md §1.3-§1.4 and §4:
+One module, configured by which tables exist (see ``configs/recsys/*.yaml``), following the DARE paper
+(Feng et al. 2024) and its reference code (thuml/DARE); README "Models" lists the choices:
 
 1. Tokens = item ⊕ category ⊕ position embeddings (TorchRec EmbeddingCollection tables).
 2. Scores ``s_i = <q_sem, k_sem>/√d_sem + <q_pos, k_pos>/√d_pos`` (or DIN's attention MLP),
@@ -25,6 +25,7 @@ from torch import nn
 from mtl.layers import MLP
 from recsys.data.batch import CTRBatch
 from recsys.data.vocab import Vocab
+from recsys.errors import ConfigError
 from recsys.modules.tokens import HistoryIds, PartProjection, TokenEmbedding, Tokens
 from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool
 
@@ -125,11 +126,11 @@ class TargetAttentionBackbone(nn.Module):
     ) -> None:
         super().__init__()
         if attention_dim is not None and not decoupled and attention_dim != embedding_dim:
-            raise ValueError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
+            raise ConfigError("attention_dim differs from embedding_dim only with decoupled=True (DARE)")
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
         if scorer not in ("dot", "din"):
-            raise ValueError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
+            raise ConfigError(f"unknown scorer '{scorer}'; choose 'dot' or 'din'")
         att_dim = attention_dim or embedding_dim
         pos = use_position
 

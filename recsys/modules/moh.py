@@ -1,4 +1,4 @@
-"""Mixture-of-Head (MoH) gates for multi-head attention (../shared/specs/moe_mtl.md §1).
+"""Mixture-of-Head (MoH) gates for multi-head attention (Jin et al. 2024; docs/seqrec.md).
 
 ``h`` heads = ``h_s`` shared heads (always on) + ``h_r = h - h_s`` routed heads, of which ``k`` are active
 per token. The gates multiply each head's output before the heads are concatenated; all heads are still
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from recsys.errors import ConfigError
 
 ROUTERS = ("learned", "qnorm")
 _EPS = 1e-6
@@ -50,12 +52,12 @@ class HeadRouter(nn.Module):
     def __init__(self, dim: int, num_heads: int, shared_heads: int, routed_topk: int, router: str = "learned") -> None:
         super().__init__()
         if router not in ROUTERS:
-            raise ValueError(f"unknown MoH router '{router}'; choose one of {list(ROUTERS)}")
+            raise ConfigError(f"unknown MoH router '{router}'; choose one of {list(ROUTERS)}")
         if not 0 <= shared_heads <= num_heads:
-            raise ValueError(f"shared_heads={shared_heads} must lie in [0, num_heads={num_heads}]")
+            raise ConfigError(f"shared_heads={shared_heads} must lie in [0, num_heads={num_heads}]")
         routed = num_heads - shared_heads
         if not 0 <= routed_topk <= routed or (routed_topk == 0 and router == "qnorm"):
-            raise ValueError(f"routed_topk={routed_topk} must lie in [1, {routed}] (0 = dense, learned router only)")
+            raise ConfigError(f"routed_topk={routed_topk} must lie in [1, {routed}] (0 = dense, learned router only)")
         self.num_heads, self.routed_topk, self.router = num_heads, routed_topk, router
         self.shared = num_heads if routed_topk == 0 else shared_heads
         self.routed = num_heads - self.shared
@@ -66,11 +68,6 @@ class HeadRouter(nn.Module):
         for layer in (self.w_routed, self.w_shared, self.w_group):
             if layer is not None:
                 nn.init.zeros_(layer.weight)
-
-    @property
-    def active_fraction(self) -> float:
-        """Share of heads active per token (the "X% heads" of MoH)."""
-        return (self.shared + (self.routed_topk if self.routed else 0)) / self.num_heads
 
     def forward(
         self, x: torch.Tensor, queries: torch.Tensor | None = None, mask: torch.Tensor | None = None

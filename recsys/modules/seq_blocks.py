@@ -1,4 +1,4 @@
-"""Causal self-attention blocks of SASRec / MQSA-TED (../shared/specs/mqsa_ted.md §1.2-§1.3), on jagged tokens.
+"""Causal self-attention blocks of SASRec / MQSA-TED (docs/seqrec.md), on jagged tokens.
 
 Layout of one block (the official code): ``q = LN(query_in)``; keys and values from the un-normalised
 input ``x``; ``o = LN(Attn(q, x) + q)``; ``h = o + FFN(o)``; the encoder ends with a LayerNorm.
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.errors import ConfigError
 from recsys.modules.moh import HeadRouter
 from recsys.ops.jagged import dense_to_jagged, jagged_to_padded_dense, lengths_to_offsets, padding_mask
 
@@ -95,9 +96,9 @@ class CausalAttentionBlock(nn.Module):
     ) -> None:
         super().__init__()
         if attention not in ATTENTIONS:
-            raise ValueError(f"unknown attention '{attention}'; choose one of {list(ATTENTIONS)}")
+            raise ConfigError(f"unknown attention '{attention}'; choose one of {list(ATTENTIONS)}")
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise ConfigError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads, self.dropout = num_heads, dropout
         self.query_norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -176,7 +177,7 @@ class SequenceEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if window < 1 or num_blocks < 1:
-            raise ValueError(f"window and num_blocks must be >= 1, got {window} and {num_blocks}")
+            raise ConfigError(f"window and num_blocks must be >= 1, got {window} and {num_blocks}")
         self.window = window
         self.blocks = nn.ModuleList(
             CausalAttentionBlock(dim, num_heads, dropout, attention, moh) for _ in range(num_blocks)

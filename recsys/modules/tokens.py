@@ -9,9 +9,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM, CTRBatch, PaddedHistory
 from recsys.data.vocab import Vocab
 from recsys.ops.jagged import jagged_to_padded_dense, lengths_to_offsets, padding_mask

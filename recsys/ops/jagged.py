@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from recsys.compat import load_fbgemm_ops
+
 log = logging.getLogger(__name__)
 
 # dtypes FBGEMM's jagged kernels implement (float64 is not registered on CPU)
@@ -25,9 +27,9 @@ def fbgemm_supports(device_type: str) -> bool:
     CPU kernels come with ``fbgemm-gpu-cpu``; CUDA kernels only with the CUDA ``fbgemm-gpu`` wheel.
     Probed once by running a tiny op, so a missing kernel means the torch path, not a crash.
     """
+    if not load_fbgemm_ops():  # registers torch.ops.fbgemm
+        return False
     try:
-        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
-
         probe = torch.tensor([1, 2], device=device_type)
         torch.ops.fbgemm.asynchronous_complete_cumsum(probe)
         values = torch.ones(3, 1, device=device_type)

@@ -13,9 +13,12 @@ import torch
 from recsys.bundle import LoadedBundle
 from recsys.data.batch import CTRBatch, ctr_kjt_from_values
 from recsys.data.ctr_table import list_column_arrays
-from recsys.scoring.reader import SCORING_COLUMNS
+from recsys.data.schema import null_inside
+from recsys.errors import ConfigError
+from recsys.scoring.reader import SCORING_COLUMNS, out_of_range_rows
 
 POLICIES = ("map", "reject")
+ID_COLUMNS = ("item", "category", "hist_item", "hist_cat")
 
 
 @dataclass
@@ -32,6 +35,23 @@ class ScoreStats:
         self.rows_scored += other.rows_scored
         self.rows_rejected.update(other.rows_rejected)
         self.unseen_ids_mapped += other.unseen_ids_mapped
+
+    def to_dict(self) -> dict:
+        return {
+            "rows_in": self.rows_in,
+            "rows_scored": self.rows_scored,
+            "rows_rejected": dict(sorted(self.rows_rejected.items())),
+            "unseen_ids_mapped": self.unseen_ids_mapped,
+        }
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> ScoreStats:
+        return cls(
+            int(entry["rows_in"]),
+            int(entry["rows_scored"]),
+            Counter({k: int(v) for k, v in entry["rows_rejected"].items()}),
+            int(entry["unseen_ids_mapped"]),
+        )
 
 
 @dataclass
@@ -64,18 +84,27 @@ class CTRScorer:
         unseen: ``"map"`` sends ids never seen in training to the reserved padding row 0 (and counts them);
             ``"reject"`` moves such rows to the rejects with reason ``unseen_id``.
         keep_columns: input columns copied to the output beside the scores (when present).
+        device: where the model runs; the bundle's model is moved there. For CUDA, :meth:`prepare` (run ahead
+            in a thread) pins the batch and :meth:`finish` copies it with ``non_blocking``.
 
-    Rows with a null id or a null/empty history are always rejected (reasons ``null`` / ``empty_history``).
+    Rows with a null id or a null/empty history are always rejected (reasons ``null`` / ``empty_history``),
+    rows with an id beyond Int64 (unsigned input) too (``id_out_of_range``).
     """
 
     def __init__(
-        self, bundle: LoadedBundle, unseen: str = "map", keep_columns: Sequence[str] = ("user", "item", "timestamp")
+        self,
+        bundle: LoadedBundle,
+        unseen: str = "map",
+        keep_columns: Sequence[str] = ("user", "item", "timestamp"),
+        device: str | torch.device = "cpu",
     ) -> None:
         if unseen not in POLICIES:
-            raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
+            raise ConfigError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.bundle, self.unseen, self.keep_columns = bundle, unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
         self.tasks = bundle.tasks
+        self.device = torch.device(device)
+        bundle.model.to(self.device)
 
     required_columns = SCORING_COLUMNS
 
@@ -87,7 +116,10 @@ class CTRScorer:
     def _reasons(self, frame: pl.DataFrame) -> np.ndarray:
         """Per-row rejection reason ('' = keep) for nulls and empty histories."""
         null = frame.select(
-            pl.any_horizontal(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat"))
+            pl.any_horizontal(
+                *(pl.col(c).is_null() for c in ("item", "category", "hist_item", "hist_cat")),
+                *(null_inside(c) for c in ("hist_item", "hist_cat")),  # a null id inside a history: not unseen
+            )
         )
         empty = frame.select(
             (pl.col("hist_item").list.len().fill_null(0) == 0)
@@ -95,6 +127,7 @@ class CTRScorer:
         )
         reasons = np.full(frame.height, "", dtype=object)
         reasons[empty.to_series().to_numpy()] = "empty_history"
+        reasons[out_of_range_rows(frame, ID_COLUMNS)] = "id_out_of_range"
         reasons[null.to_series().to_numpy()] = "null"
         return reasons
 
@@ -140,6 +173,8 @@ class CTRScorer:
         rejected = pl.concat(pieces, how="vertical_relaxed")
         for reason, n in Counter(rejected["reason"].to_list()).items():
             stats.rows_rejected[reason] += n
+        if batch is not None and self.device.type == "cuda":
+            batch = batch.pin_memory()  # here, in the read-ahead thread: finish() copies it without blocking
         return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
 
     def _mapped_ids(self, kept: pl.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -193,9 +228,9 @@ class CTRScorer:
     @torch.inference_mode()
     def _forward(self, batch: CTRBatch) -> dict[str, np.ndarray]:
         """Model forward -> probability (binary) or value (regression) per task, ``[n]`` each."""
-        out = self.bundle.model(batch)
+        out = self.bundle.model(batch.to(self.device, non_blocking=True))
         result = {}
         for task in self.tasks:
             logit = out.logits[task.name].float()
-            result[task.name] = (torch.sigmoid(logit) if task.loss == "binary" else logit).numpy()
+            result[task.name] = (torch.sigmoid(logit) if task.loss == "binary" else logit).cpu().numpy()
         return result

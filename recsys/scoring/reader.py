@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from recsys.data.schema import DataValidationError, check_columns
 
 SCORING_COLUMNS = ("user", "item", "category", "hist_item", "hist_cat")
 LIST_COLUMNS = ("hist_item", "hist_cat", "history")  # List(Int64) columns; the others are integer ids
+INT64_MAX = (1 << 63) - 1
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -51,6 +53,23 @@ def iter_batches(path: Path, columns: Sequence[str], batch_size: int) -> Iterato
             yield pl.from_arrow(batch)  # type: ignore[misc]
     except (pa.ArrowException, OSError) as err:
         raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
+
+
+def _inner(dtype: pl.DataType) -> pl.DataType:
+    return dtype.inner if isinstance(dtype, (pl.List, pl.Array)) else dtype
+
+
+def out_of_range_rows(frame: pl.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """``[n]`` rows holding an id above Int64's range (only unsigned 64-bit columns can), which no model's
+    id map can hold: they are rejected (reason ``id_out_of_range``) instead of failing the cast."""
+    mask = np.zeros(frame.height, dtype=bool)
+    for column in columns:
+        dtype = frame.schema[column]
+        if _inner(dtype) != pl.UInt64:
+            continue
+        largest = pl.col(column).list.max() if isinstance(dtype, (pl.List, pl.Array)) else pl.col(column)
+        mask |= frame.select((largest > INT64_MAX).fill_null(False)).to_series().to_numpy()
+    return mask
 
 
 def count_rows(path: Path) -> int:

@@ -16,10 +16,13 @@ import torch
 
 from recsys.bundle import LoadedBundle
 from recsys.data.ctr_table import list_column_arrays
+from recsys.data.schema import null_inside
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.seqrec_format import take_segments
+from recsys.errors import ConfigError
 from recsys.models.sequential import last_position_scores
 from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
+from recsys.scoring.reader import out_of_range_rows
 
 SEQ_SCORING_COLUMNS = ("user", "history")
 
@@ -34,18 +37,26 @@ class SeqScorer:
         unseen: ``"map"`` drops history ids never seen in training (counted; a history left empty is
             rejected as ``empty_history``); ``"reject"`` rejects rows holding any such id (``unseen_id``).
         keep_columns: input columns copied beside the recommendations (when present).
+        device: where the model runs (as for :class:`~recsys.scoring.ctr_scorer.CTRScorer`).
     """
 
     required_columns = SEQ_SCORING_COLUMNS
 
     def __init__(
-        self, bundle: LoadedBundle, top_n: int = 10, unseen: str = "map", keep_columns: Sequence[str] = ("user",)
+        self,
+        bundle: LoadedBundle,
+        top_n: int = 10,
+        unseen: str = "map",
+        keep_columns: Sequence[str] = ("user",),
+        device: str | torch.device = "cpu",
     ) -> None:
         if unseen not in POLICIES:
-            raise ValueError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
+            raise ConfigError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
         self.num_items = int(bundle.model.num_items)
         if not 1 <= top_n <= self.num_items:
-            raise ValueError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
+            raise ConfigError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
+        self.device = torch.device(device)
+        bundle.model.to(self.device)
         self.bundle, self.top_n, self.unseen, self.keep_columns = bundle, int(top_n), unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
         mapper = bundle.mappers["item"]
@@ -62,10 +73,17 @@ class SeqScorer:
     def prepare(self, frame: pl.DataFrame) -> PreparedBatch:
         """Reject bad rows, map ids, keep the newest ``max_len`` items, build the :class:`SeqBatch`."""
         stats = ScoreStats(rows_in=frame.height)
-        reasons = np.where(
-            frame.select(pl.col("user").is_null() | pl.col("history").is_null()).to_series().to_numpy(), "null", ""
-        )
-        values, offsets = list_column_arrays(frame.with_columns(pl.col("history").fill_null([])), "history")
+        out_of_range = out_of_range_rows(frame, ("history",))
+        reasons = np.where(out_of_range, "id_out_of_range", "")
+        null = (
+            frame.select(pl.col("user").is_null() | pl.col("history").is_null() | null_inside("history"))
+            .to_series()
+            .to_numpy()
+        )  # a null id inside a history is rejected, not counted as unseen
+        reasons = np.where(null, "null", reasons)
+        readable = pl.when(pl.lit(pl.Series(out_of_range))).then(None).otherwise(pl.col("history")).alias("history")
+        filled = readable.fill_null([]).list.eval(pl.element().fill_null(0))  # rejected rows: any id
+        values, offsets = list_column_arrays(frame.with_columns(filled), "history")
         rows = self.bundle.mappers["item"](values)
         lengths = np.diff(offsets)
         row_of_value = np.repeat(np.arange(frame.height), lengths)
@@ -85,6 +103,8 @@ class SeqScorer:
             stats.rows_rejected[reason] += n
         kept = frame.filter(pl.Series(keep))
         batch = self._batch(*self._newest(rows, lengths), exclude=(rows, lengths)) if kept.height else None
+        if batch is not None and self.device.type == "cuda":
+            batch = batch.pin_memory()  # in the read-ahead thread; finish() copies it without blocking
         return PreparedBatch(kept.select([c for c in self.keep_columns if c in kept.columns]), batch, rejected, stats)
 
     def _newest(self, rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,11 +131,12 @@ class SeqScorer:
         if prepared.batch is None:
             items, scores = np.zeros((0, self.top_n), np.int64), np.zeros((0, self.top_n), np.float32)
         else:
-            top = last_position_scores(self.bundle.model, prepared.batch).topk(self.top_n, dim=1)
-            items = top.indices.numpy() + 1  # column j scores item j + 1
+            batch = prepared.batch.to(self.device, non_blocking=True)
+            top = last_position_scores(self.bundle.model, batch).topk(self.top_n, dim=1)
+            items = top.indices.cpu().numpy() + 1  # column j scores item j + 1
             if self.raw_of_row is not None:
                 items = self.raw_of_row[items]
-            scores = top.values.float().numpy()
+            scores = top.values.float().cpu().numpy()
         out = prepared.kept.with_columns(
             pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
             pl.Series("top_scores", scores.tolist(), dtype=pl.List(pl.Float32)),

@@ -15,7 +15,8 @@ class AtomicParquetWriter:
     """Append frames; :meth:`commit` renames ``<path>.tmp`` to ``path``; :meth:`abort` removes the temp file.
 
     ``metadata`` lands in the parquet footer (key-value metadata), e.g. the model's identity.
-    Use as a context manager: an exception aborts, a clean exit commits.
+    Use as a context manager: an exception aborts (the temp file is removed); a clean exit does *not* commit --
+    call :meth:`commit` (or :meth:`abort`) explicitly, so a file is only visible when the caller says it is whole.
     """
 
     def __init__(self, path: Path, metadata: Mapping[str, str] | None = None) -> None:
@@ -35,9 +36,14 @@ class AtomicParquetWriter:
         self._writer.write_table(table.cast(self._schema))
         self.rows += frame.height
 
-    def commit(self, empty_schema: Mapping[str, pl.DataType] | None = None) -> None:
+    def commit(
+        self, empty_schema: Mapping[str, pl.DataType] | None = None, footer: Mapping[str, str] | None = None
+    ) -> None:
+        """Close, fsync and rename into place; ``footer`` adds key-values known only at the end (counts)."""
         if self._writer is None:  # nothing written: still produce a (valid, empty) file
             self.write(pl.DataFrame(schema=dict(empty_schema or {})))
+        if footer:
+            self._writer.add_key_value_metadata(dict(footer))
         self._writer.close()
         with open(self.tmp, "rb") as handle:
             os.fsync(handle.fileno())

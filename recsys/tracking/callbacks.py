@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from recsys.system import peak_rss_mb
@@ -28,7 +25,8 @@ def _mlflow_logger(trainer: pl.Trainer) -> MLFlowLogger | None:
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> Path | None:
-    """One panel per metric family (loss, AUC, logloss) against epoch; written atomically as PNG."""
+    """One panel per metric family (loss, AUC, logloss) against epoch (``history`` rows: ``epoch`` counted from 1,
+    metric name -> value); written atomically as PNG."""
     plt = pyplot()
 
     keys = sorted({k for row in history for k in row if k != "epoch"})
@@ -55,18 +53,17 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str) -> Path
 
 
 class MLflowRunFiles(pl.Callback):
-    """Logs the resolved config and dataset meta at fit start, the training-curve plot after every
-    epoch, and the best checkpoint at fit end.
+    """Logs the training-curve plot after every epoch and the best checkpoint at fit end (the resolved config
+    and dataset meta are logged by :func:`recsys.tracking.mlflow.log_config_files` when the run starts).
 
     Args:
-        config: resolved run config (plain dict), saved as ``config/config.yaml`` and ``.json``.
-        dataset_meta: contents of the dataset's ``meta.json`` (fingerprint, vocab, row counts).
         output_dir: the run's local folder (plots are written there first).
+        title: plot title (the run name).
     """
 
-    def __init__(self, config: Mapping[str, Any], dataset_meta: Mapping[str, Any], output_dir: str) -> None:
-        self.config, self.dataset_meta = dict(config), dict(dataset_meta)
+    def __init__(self, output_dir: str, title: str | None = None) -> None:
         self.output_dir = Path(output_dir)
+        self.title = title or ""
         self.history: list[dict[str, float]] = []
 
     def _log_file(self, trainer: pl.Trainer, path: Path, artifact_path: str | None = None) -> None:
@@ -78,52 +75,47 @@ class MLflowRunFiles(pl.Callback):
             else:
                 logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        import yaml
-
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            (folder / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
-            (folder / "dataset_meta.json").write_text(json.dumps(self.dataset_meta, indent=2))
-            self._log_file(trainer, folder / "config.yaml", "config")
-            self._log_file(trainer, folder / "dataset_meta.json", "config")
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Runs after the epoch's validation, so both train and val metrics of this epoch are known."""
         if not trainer.is_global_zero:
             return
-        row = {"epoch": float(trainer.current_epoch)}
+        row = {"epoch": float(trainer.current_epoch + 1)}  # 1 = the first epoch, as in pipelines.compare
         for key, value in trainer.callback_metrics.items():
             if key.startswith(("val/", "train/")) and key != "train/loss_step":
                 row[key.replace("_epoch", "")] = float(value)
         self.history.append(row)
-        plot = plot_curves(
-            self.history, self.output_dir / "plots" / "training_curves.png", str(self.config.get("run_name", ""))
-        )
+        plot = plot_curves(self.history, self.output_dir / "plots" / "training_curves.png", self.title)
         if plot is not None:
             self._log_file(trainer, plot, "plots")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        best = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), "")
         if best and Path(best).exists():
             self._log_file(trainer, Path(best), "checkpoints")
 
 
 class EpochTimer(pl.Callback):
-    """Logs ``time/epoch_seconds`` (training epoch wall time, its validation included) and
+    """Logs ``time/epoch_seconds`` (training epoch wall time, its validation included),
+    ``time/train_samples_per_s`` (training samples of the epoch / its wall time) and
     ``system/peak_rss_mb`` once per epoch."""
 
     def __init__(self) -> None:
         self._start = 0.0
+        self._samples = 0
         self.epoch_seconds: list[float] = []
+        self.epoch_samples: list[int] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._samples = 0
         self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self._samples += int(batch.batch_size)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self._start
         self.epoch_seconds.append(seconds)
+        self.epoch_samples.append(self._samples)
         pl_module.log("time/epoch_seconds", seconds, on_epoch=True)
+        pl_module.log("time/train_samples_per_s", self._samples / seconds, on_epoch=True)
         pl_module.log("system/peak_rss_mb", peak_rss_mb(), on_epoch=True)

@@ -17,9 +17,13 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, title: str | None = None, fontsize: float | None = None) -> Path:
-    """Add ``title`` as the figure's suptitle, lay out, write ``path`` (PNG, dpi 100) via a temporary name,
-    close the figure; returns ``path``."""
+def save_figure(
+    fig: Any, path: Path, title: str | None = None, fontsize: float | None = None, keep: bool = False
+) -> Any:
+    """Add ``title`` as the figure's suptitle, lay out, write ``path`` (PNG, dpi 100) via a temporary name.
+
+    Returns ``path`` and closes the figure; with ``keep`` returns the figure, still open (tests inspect it).
+    """
     if title is not None:
         fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
@@ -27,6 +31,8 @@ def save_figure(fig: Any, path: Path, title: str | None = None, fontsize: float 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    pyplot().close(fig)
     os.replace(tmp, path)
+    if keep:
+        return fig
+    pyplot().close(fig)
     return path

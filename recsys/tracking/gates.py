@@ -98,11 +98,10 @@ class GateUsage(pl.Callback):
         if trainer.sanity_checking or not self._sums or not trainer.is_global_zero:
             return
         usage = {k: (s / self._rows[k]).tolist() for k, s in sorted(self._sums.items())}
-        self.history.append({"epoch": trainer.current_epoch, "usage": usage})
+        epoch = trainer.current_epoch + 1  # counted from 1, as in every plot of the project
+        self.history.append({"epoch": epoch, "usage": usage})
         folder = self.output_dir / "plots"
-        plot = plot_gate_usage(
-            usage, folder / "gate_usage.png", f"mean validation gate weights, epoch {trainer.current_epoch}"
-        )
+        plot = plot_gate_usage(usage, folder / "gate_usage.png", f"mean validation gate weights, epoch {epoch}")
         table = folder / "gate_usage.json"
         atomic_write_bytes(table, json.dumps(self.history, indent=1).encode())
         logger = _mlflow_logger(trainer)

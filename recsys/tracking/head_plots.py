@@ -10,7 +10,7 @@ from recsys.tracking.figures import pyplot, save_figure
 def plot_head_utilisation(history: list[dict[str, list[float]]], path: Path, title: str) -> Path | None:
     """One panel per layer (``<branch>/block<i>``), one line per head against epoch; atomic PNG write.
 
-    ``history[e]`` maps layer name -> ``[h]`` mean utilisation in [0, 1] of epoch ``e``.
+    ``history[e]`` maps layer name -> ``[h]`` mean utilisation in [0, 1] of epoch ``e + 1`` (plotted from 1).
     """
     layers = sorted({name for row in history for name in row})
     if not layers:
@@ -19,7 +19,7 @@ def plot_head_utilisation(history: list[dict[str, list[float]]], path: Path, tit
 
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.4), squeeze=False)
     for ax, layer in zip(axes[0], layers):
-        points = [(epoch, row[layer]) for epoch, row in enumerate(history) if layer in row]
+        points = [(epoch, row[layer]) for epoch, row in enumerate(history, start=1) if layer in row]
         epochs = [e for e, _ in points]
         for head in range(len(points[0][1])):
             ax.plot(epochs, [u[head] for _, u in points], marker="o", label=f"head {head}")

@@ -6,12 +6,17 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import MLFlowLogger
+
+from recsys.errors import ConfigError
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -28,6 +33,36 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# leaf keys whose values are locations on this machine: tags (``path.<key>``), not params, so the UI's compare
+# view (parallel coordinates) shows what was trained, not where its files went
+PATH_KEYS = ("path", "dir", "cache_dir", "output_dir", "root_dir", "log_dir", "tracking_uri", "artifact_location")
+
+
+def params_and_path_tags(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """A resolved run config -> (MLflow params: model, data, trainer, ... settings a person compares,
+    tags ``path.<key>``: every machine path in it -- the ``paths`` section and ``*path`` / ``*_dir`` / store keys)."""
+    params, tags = {}, {}
+    for key, value in flatten(config).items():
+        leaf = key.rsplit(".", 1)[-1]
+        if key.startswith("paths.") or leaf in PATH_KEYS or leaf.endswith("_dir"):
+            tags[f"path.{key}"] = str(value)
+        else:
+            params[key] = value
+    return params, tags
+
+
+# the experiment tag the MLflow UI (>= 3) reads to open an experiment in its model-training view; without it
+# the UI may infer a GenAI experiment and show runs as "Evaluations"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
+
+def mark_model_training(client: Any, experiment_id: str | None) -> None:
+    """Tag the experiment as model training (idempotent); ``experiment_id`` None (a non-zero rank) does nothing."""
+    if experiment_id is not None:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+
+
 def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
     """Short stable hash of a resolved config (run names, cache keys)."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
@@ -39,8 +74,13 @@ VOLATILE_KEYS = ("paths", "resume", "run_name")
 
 
 def experiment_hash(config: Mapping[str, Any]) -> str:
-    """Hash of what defines a run's results (config without paths / resume / run name)."""
-    return config_hash({k: v for k, v in config.items() if k not in VOLATILE_KEYS})
+    """Hash of what defines a run's results: the config without paths / resume / run name, and with the run's
+    own folder (``paths.output_dir``, which e.g. configs/callbacks/ interpolate) replaced by a placeholder."""
+    blob = json.dumps({k: v for k, v in config.items() if k not in VOLATILE_KEYS}, sort_keys=True, default=str)
+    output_dir = str((config.get("paths") or {}).get("output_dir") or "")
+    if output_dir:
+        blob = blob.replace(json.dumps(output_dir)[1:-1], "<output_dir>")
+    return config_hash(json.loads(blob))
 
 
 def run_name(recsys: str, mtl: str | None, data: str, config: Mapping[str, Any]) -> str:
@@ -65,9 +105,28 @@ def ensure_store_writable(tracking_uri: str) -> None:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise PermissionError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
+            raise ConfigError(f"MLflow tracking store folder {folder} cannot be created: {err}") from err
         if not os.access(folder, os.W_OK):
-            raise PermissionError(f"MLflow tracking store folder {folder} is not writable")
+            raise ConfigError(f"MLflow tracking store folder {folder} is not writable")
+
+
+def check_tracking_uri(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with the URI named, where MLflow itself would retry for minutes: an ``http(s)://``
+    tracking server must answer (any HTTP status) within ``timeout`` seconds; a sqlite store must be writable."""
+    ensure_store_writable(tracking_uri)
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered (an auth wall or a proxy's status page still means it is reachable)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConfigError(
+            f"MLflow tracking server {tracking_uri} (logger.tracking_uri / MLFLOW_TRACKING_URI) does not answer "
+            f"within {timeout:g} s ({reason}); start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store"
+        ) from None
 
 
 def build_logger(
@@ -79,7 +138,7 @@ def build_logger(
     run_id: str | None = None,
 ) -> MLFlowLogger:
     """An :class:`MLFlowLogger` on an explicit store (MLflow >= 3.13 refuses the implicit file store)."""
-    ensure_store_writable(tracking_uri)
+    check_tracking_uri(tracking_uri)
     if urlparse(artifact_location).scheme in ("", "file"):  # a local folder (else e.g. mlflow-artifacts:/, s3://)
         artifact_location = str(Path(artifact_location.removeprefix("file://")).resolve())
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
@@ -92,3 +151,15 @@ def build_logger(
         run_id=run_id,
         log_model=False,
     )
+
+
+def log_config_files(logger: MLFlowLogger, config: Mapping[str, Any], dataset_meta: Mapping[str, Any]) -> None:
+    """The resolved run config and the dataset's ``meta.json`` as ``config/config.yaml`` and
+    ``config/dataset_meta.json`` artifacts of the logger's run (call on rank 0)."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        (folder / "dataset_meta.json").write_text(json.dumps(dict(dataset_meta), indent=2))
+        logger.experiment.log_artifacts(logger.run_id, str(folder), "config")

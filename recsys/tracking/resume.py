@@ -3,12 +3,21 @@ id, or a checkpoint path; plus the periodic ``last.ckpt`` writer that makes resu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import signal
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from recsys.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +39,7 @@ def _from_run(run) -> ResumePoint:
     output_dir = Path(run.data.tags.get("output_dir", ""))
     last = output_dir / "checkpoints" / LAST
     if not last.exists():
-        raise FileNotFoundError(f"run {run.info.run_id} has no checkpoint at {last}; nothing to resume from")
+        raise CheckpointError(f"run {run.info.run_id} has no checkpoint at {last}; nothing to resume from")
     return ResumePoint(str(last), run.info.run_id, output_dir)
 
 
@@ -47,10 +56,13 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
         return ResumePoint()
     if resume != "auto" and not RUN_ID.match(str(resume)):
         if not Path(resume).exists():
-            raise FileNotFoundError(f"resume={resume}: no such checkpoint (give a path, an MLflow run id or 'auto')")
+            raise CheckpointError(f"resume={resume}: no such checkpoint (give a path, an MLflow run id or 'auto')")
         return ResumePoint(str(resume))
     from mlflow.tracking import MlflowClient
 
+    from recsys.tracking.mlflow import check_tracking_uri
+
+    check_tracking_uri(tracking_uri)  # seconds, not MLflow's minutes of retries
     client = MlflowClient(tracking_uri=tracking_uri)
     if resume != "auto":
         return _from_run(client.get_run(resume))
@@ -70,45 +82,91 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
     return ResumePoint()
 
 
-class PeriodicCheckpoint(pl.Callback):
-    """Saves ``<dirpath>/last.ckpt`` every ``every_n_steps`` optimiser steps (and the best/last epoch
-    checkpoints come from ModelCheckpoint). Lightning writes checkpoint files atomically (a temporary file
-    moved into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full
-    disk leaves the previous ``last.ckpt`` intact."""
+class PeriodicCheckpoint(Checkpoint):
+    """The one ``<dirpath>/last.ckpt``: written every ``every_n_steps`` steps (one step = one training batch,
+    whatever the number of optimisers: :meth:`recsys.training.base.SparseDenseModule.optimisation_step`) and at
+    the end of every
+    training epoch (after its validation), so it always holds the newest state (ModelCheckpoint writes only
+    ``best.ckpt``; ``resume=`` reads this file).
+
+    A :class:`Checkpoint` subclass, so Lightning runs its epoch-end hook after the LightningModule's and after
+    early stopping, as for ModelCheckpoint. Lightning writes checkpoint files atomically (a temporary file moved
+    into place), and the DMP strategy writes DCP folders under a temporary name, so a crash or a full disk
+    leaves the previous ``last.ckpt`` intact."""
 
     def __init__(self, dirpath: str, every_n_steps: int) -> None:
         if every_n_steps < 1:
-            raise ValueError(f"checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
+            raise ConfigError(f"checkpoint.every_n_steps must be >= 1, got {every_n_steps}")
         self.path = str(Path(dirpath) / LAST)
         self.every_n_steps = every_n_steps
 
+    def _save(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimisers, loops, RNG
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimisers, loops, RNG
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """SIGTERM: Lightning lets the running step finish, then raises :class:`SIGTERMException` between
+        steps (every rank together under DDP); the state there is saved as ``last.ckpt``."""
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+            self._save(trainer)
 
 
-def check_checkpoint(path: str, module) -> None:
+@contextlib.contextmanager
+def exit_on_sigterm(logger, is_zero: bool) -> Iterator[None]:
+    """Around ``trainer.fit`` / ``trainer.test``: on SIGTERM (what schedulers and ``kubectl delete`` send) Lightning
+    finishes the running step and raises :class:`SIGTERMException` (a ``SystemExit`` with status 0), and
+    :class:`PeriodicCheckpoint` writes ``last.ckpt``. Here the MLflow run is marked KILLED, one line says how to
+    resume, and the process exits with 143 (128 + SIGTERM), so a scheduler sees an interrupted job."""
+    try:
+        yield
+    except SIGTERMException:
+        if is_zero:
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+            print(
+                f"stopped by SIGTERM; the state is in last.ckpt: rerun the same command with resume=auto "
+                f"(or resume={logger.run_id}) to continue MLflow run {logger.run_id}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def check_checkpoint(path: str, module, sharded: bool = False) -> None:
     """Fail early, with the file named, on a truncated file or a checkpoint of another model.
 
-    Sharded (DCP folder) checkpoints are checked by the strategy when it loads them.
+    Sharded (DCP folder) checkpoints are checked by the strategy when it loads them; a folder is refused
+    where training is not sharded (``sharded=False``), as only ``trainer=dmp`` reads one.
     """
     import torch
 
     if Path(path).is_dir():
+        if not sharded:
+            inside = sorted(p.name for p in Path(path).glob("*.ckpt") if p.is_file())
+            hint = f"; give a file, e.g. resume={Path(path) / inside[0]}" if inside else "; give a .ckpt file"
+            raise CheckpointError(
+                f"resume={path}: a folder is a sharded (DCP) checkpoint, which only trainer=dmp reads{hint}"
+            )
         return
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, unsafe pickle
-        raise ValueError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
+        raise CheckpointError(f"resume={path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
     saved = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
-        raise ValueError(f"resume={path}: not a training checkpoint (no state_dict)")
+        raise CheckpointError(f"resume={path}: not a training checkpoint (no state_dict)")
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in saved.items()}
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise CheckpointError(
             f"resume={path}: the checkpoint belongs to another model ({len(missing)} missing, "
             f"{len(unexpected)} unexpected, {len(mismatched)} differently shaped tensors; e.g. "
             f"{(missing + unexpected + mismatched)[:3]})"

@@ -1,6 +1,7 @@
 """What every training LightningModule shares: a *sparse* optimiser (TorchRec embedding tables) and a *dense* one
 (everything else) under manual optimisation, so TorchRec's DistributedModelParallel can replace the sparse
-one with its fused optimiser (../shared/specs/stack.md §1: fused optimisers ignore Lightning's closure).
+one with its fused optimiser (fused optimisers update the tables inside the backward and ignore Lightning's closure,
+so automatic optimisation cannot drive them; docs/distributed.md).
 
 :class:`SparseDenseModule` owns ``configure_optimizers`` (plain or through
 :meth:`~recsys.distributed.strategy.TorchRecStrategy.sharded_optimizers` under ``trainer=dmp``) and the
@@ -10,14 +11,15 @@ training step; a task supplies :meth:`SparseDenseModule.compute_losses`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.types import ShardedModule
+
+from recsys.compat import EmbeddingBagCollection, EmbeddingCollection, ShardedModule
 
 # the module's non-blocking batch copy below is meant to replace the datamodule's default
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
@@ -43,6 +45,32 @@ def split_sparse_dense(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.P
 
     visit(module, False)
     return sparse, dense
+
+
+@contextmanager
+def uncounted(optimizer: Any) -> Iterator[None]:
+    """Step ``optimizer`` without advancing Lightning's step counter.
+
+    Under manual optimisation Lightning counts every ``LightningOptimizer.step()`` as one global step, so two
+    optimisers would make ``trainer.global_step`` advance twice per batch (``max_steps`` and every step-based
+    interval off by 2x). Lightning injects the counting into each ``LightningOptimizer`` as its
+    ``_on_before_step`` / ``_on_after_step`` hooks for the duration of a batch; swapping them for no-ops around
+    all but one ``step()`` keeps one step = one batch. The step itself still goes through the strategy and the
+    precision plugin (gradient scaling, DMP).
+    """
+    before, after = getattr(optimizer, "_on_before_step", None), getattr(optimizer, "_on_after_step", None)
+    if before is None or after is None:  # a plain torch optimiser (no trainer): nothing is counted
+        yield
+        return
+    optimizer._on_before_step = optimizer._on_after_step = _do_nothing
+    try:
+        yield
+    finally:
+        optimizer._on_before_step, optimizer._on_after_step = before, after
+
+
+def _do_nothing() -> None:
+    return None
 
 
 class SparseDenseModule(pl.LightningModule):
@@ -88,13 +116,21 @@ class SparseDenseModule(pl.LightningModule):
         return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     def optimisation_step(self, loss: torch.Tensor) -> None:
-        """Zero the gradients, backpropagate ``loss`` (fused table updates happen here), step all optimisers."""
+        """Zero the gradients, backpropagate ``loss`` (fused table updates happen here), step all optimisers.
+
+        One call is one *step*: ``trainer.global_step`` (hence ``max_steps``, ``checkpoint.every_n_steps`` and
+        checkpoint step counters) advances by 1, not by the number of optimisers (see :func:`uncounted`).
+        """
         opts = self._optimizers()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        for opt in opts:
-            opt.step()
+        for i, opt in enumerate(opts):
+            if i == len(opts) - 1:
+                opt.step()
+            else:
+                with uncounted(opt):
+                    opt.step()
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Batch dataclasses (``.to(device, non_blocking)``) are copied to a GPU without blocking the host

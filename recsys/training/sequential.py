@@ -6,7 +6,9 @@ under ``trainer=dmp`` DistributedModelParallel shards the item table and swaps i
 (the tied output layer then reads the table through the sharded lookup: ``SASRec.embed``). Losses and
 scores come from ``recsys/losses/sequential.py`` (shared with the GPU benchmark's plain loop).
 
-Evaluation ranks every item at each user's newest position (history items removed), batched:
+Evaluation ranks every item at each user's newest position, batched, with the user's history items removed
+(``exclude_history=True``, config ``eval.exclude_history``: the official MQSA-TED / S3-Rec protocol) or kept
+rankable (``False``: RecBole's):
 ``val/hr@K``, ``val/ndcg@K`` (and ``test/``) for K in ``ks``, over all ranks' users under DDP/DMP; these are the names
 Lightning sees
 (``checkpoint.monitor``, early stopping, ``trainer.test`` results, e.g. ``val/ndcg@20``). MLflow forbids
@@ -54,6 +56,8 @@ class SequentialModule(SparseDenseModule):
             official L2 (1e-4 · ½Σθ² on all weights) is Adam's ``weight_decay`` (the same gradient).
         ks: cut-offs of HR@K / NDCG@K.
         pad_class: keep the padding id as an extra softmax class with logit 0 (the official code).
+        exclude_history: evaluation protocol: remove each user's history items from the full ranking (True,
+            the official MQSA-TED / S3-Rec protocol) or keep them rankable (False, RecBole's).
     """
 
     def __init__(
@@ -64,15 +68,18 @@ class SequentialModule(SparseDenseModule):
         dense_optimizer: OptimizerFactory,
         ks: Sequence[int] = DEFAULT_KS,
         pad_class: bool = True,
+        exclude_history: bool = True,
     ) -> None:
         super().__init__(model, sparse_optimizer, dense_optimizer)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
+        self.exclude_history = bool(exclude_history)
         self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
         self.num_items = model.num_items
         self.has_graph = graph is not None
         for part in _GRAPH_PARTS:
             self.register_buffer(f"graph_{part}", getattr(graph, part) if graph is not None else None, persistent=False)
         self._eval: dict[str, list[np.ndarray]] = defaultdict(list)
+        self._epoch_test: dict[str, list[np.ndarray]] = defaultdict(list)  # test split ranked after each epoch
         self._util: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.util_history: list[dict[str, list[float]]] = []
 
@@ -83,8 +90,8 @@ class SequentialModule(SparseDenseModule):
         return TransitionGraph(*(getattr(self, f"graph_{p}") for p in _GRAPH_PARTS), num_items=self.num_items)
 
     def forward(self, batch: SeqBatch) -> torch.Tensor:
-        """``[B, I]`` scores at the newest position (history items at ``-inf``)."""
-        return last_position_scores(self.model, batch)
+        """``[B, I]`` scores at the newest position (history items at ``-inf`` under ``exclude_history``)."""
+        return last_position_scores(self.model, batch, self.exclude_history)
 
     # ---- training (the step itself: SparseDenseModule.training_step) --------------------------------
     def compute_losses(self, batch: SeqBatch, out: SeqOutput) -> dict[str, torch.Tensor]:
@@ -113,29 +120,34 @@ class SequentialModule(SparseDenseModule):
                     logger.experiment.log_artifact(logger.run_id, str(plot), "plots")
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def _rank(self, batch: SeqBatch) -> None:
-        self._eval["rank"].append(last_position_ranks(self.model, batch).cpu().numpy())
+    def _rank(self, batch: SeqBatch, into: dict[str, list[np.ndarray]] | None = None) -> None:
+        into = self._eval if into is None else into
+        into["rank"].append(last_position_ranks(self.model, batch, self.exclude_history).cpu().numpy())
         if batch.user is not None:  # identifies a batch the distributed sampler repeated
-            self._eval["user"].append(batch.user.cpu().numpy())
+            into["user"].append(batch.user.cpu().numpy())
 
-    def validation_step(self, batch: SeqBatch, batch_idx: int) -> None:
-        self._rank(batch)
+    def validation_step(self, batch: SeqBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            self._rank(batch)
+        else:  # the datamodule's test_each_epoch loader: ranked apart, published as epoch_test/*
+            self._rank(batch, self._epoch_test)
 
     def test_step(self, batch: SeqBatch, batch_idx: int) -> None:
         self._rank(batch)
 
-    def evaluation_metrics(self, prefix: str) -> dict[str, float]:
+    def evaluation_metrics(self, prefix: str, ranked: dict[str, list[np.ndarray]] | None = None) -> dict[str, float]:
         """HR/NDCG over everything ranked since the last call (then cleared); with several ranks, over all
         ranks' rows (batches the sampler repeated are dropped), so every rank computes the same values."""
-        identity = ["user"] if "user" in self._eval else ["rank"]
-        cols = gather_batches(dict(self._eval), identity)
-        self._eval.clear()
+        ranked = self._eval if ranked is None else ranked
+        identity = ["user"] if "user" in ranked else ["rank"]
+        cols = gather_batches(dict(ranked), identity)
+        ranked.clear()
         if not cols.get("rank"):
             return {}
         return rank_metrics(torch.from_numpy(np.concatenate(cols["rank"])), self.ks, prefix=f"{prefix}/")
 
-    def _publish(self, prefix: str) -> None:
-        metrics = self.evaluation_metrics(prefix)
+    def _publish(self, prefix: str, ranked: dict[str, list[np.ndarray]] | None = None) -> None:
+        metrics = self.evaluation_metrics(prefix, ranked)
         if not metrics or self.trainer.sanity_checking:
             return
         headline = f"{prefix}/ndcg@{max(self.ks)}"
@@ -144,6 +156,8 @@ class SequentialModule(SparseDenseModule):
 
     def on_validation_epoch_end(self) -> None:
         self._publish("val")
+        if self._epoch_test:
+            self._publish("epoch_test", self._epoch_test)
 
     def on_test_epoch_end(self) -> None:
         self._publish("test")

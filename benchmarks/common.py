@@ -1,0 +1,127 @@
+"""What every benchmark shares: run an entry point as a user would, read what it wrote, write result files.
+
+Benchmarks add timing around the package's own entry points (``python -m pipelines.train ...``); they never
+assemble models, losses or metrics themselves. A run's results are read from the files the entry point writes
+(``metrics.json`` in the run folder) and from its MLflow run (per-epoch metric history).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclass
+class PipelineRun:
+    """One finished ``python -m <entry> ...`` subprocess."""
+
+    argv: list[str]
+    returncode: int
+    seconds: float
+    stderr_tail: str
+
+    @property
+    def command(self) -> str:
+        return " ".join(["python", "-m", *self.argv])
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_entry(
+    entry: str, args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 3600
+) -> PipelineRun:
+    """``python -m <entry> <args>`` from the repository root; ``env`` adds to the environment."""
+    argv = [entry, *args]
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return PipelineRun(argv, proc.returncode, time.perf_counter() - start, proc.stderr[-3000:])
+
+
+def train(args: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None) -> tuple[PipelineRun, dict]:
+    """``python -m pipelines.train <args> hydra.run.dir=<run_dir>``; returns the run and its ``metrics.json``
+    (empty if it failed)."""
+    run = run_entry("pipelines.train", [*args, f"hydra.run.dir={run_dir}"], env)
+    path = Path(run_dir) / "metrics.json"
+    return run, (json.loads(path.read_text()) if run.ok and path.exists() else {})
+
+
+def metric_history(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[str, list[float]]:
+    """Per-epoch values of MLflow metrics (MLflow's names: ``@`` dropped, e.g. ``val/ndcg10``), in step order."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    out = {}
+    for name in names:
+        points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+        out[name] = [p.value for p in points]
+    return out
+
+
+def mean_std(values: Sequence[float], digits: int = 4) -> str:
+    """``mean ± sample std`` (the mean alone for one value, ``–`` for none)."""
+    values = [float(v) for v in values]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table: header ``columns``, one line per row (cells formatted with ``str``)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Append one JSON line per row (a crash keeps the lines already written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def machine_load() -> str:
+    """``load average`` (1/5/15 min) and cores, to state with the timings."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}/{five:.2f}/{fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
