@@ -90,7 +90,7 @@ def test_throughput_callback_logs_windows_and_the_steady_rate(tmp_path):
     recorder, meter = _Recorder(), Throughput(every_n_steps=2, warmup_steps=1)
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=14,  # two optimisers: Lightning counts each one's step, 7 batches
+        max_steps=7,
         logger=recorder,
         callbacks=[meter],
         enable_checkpointing=False,
