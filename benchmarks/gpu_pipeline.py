@@ -99,7 +99,8 @@ def train_result(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     name = next((m for m in TEST_METRICS if m in metrics), None)
     return {
-        "samples_per_s": metrics.get("time/train_samples_per_s"),
+        # steady-state rate of the Throughput callback (+experiment=dare_scale) when the run has one
+        "samples_per_s": metrics.get("perf/steady_samples_per_s", metrics.get("time/train_samples_per_s")),
         "sec_per_epoch": metrics.get("time/sec_per_epoch"),
         "test_metric": name,
         "test_value": metrics.get(name) if name else None,
@@ -205,12 +206,27 @@ def run_pytest(case: Case, ctx: Context) -> dict:
 ML100K = ["data=ml100k", "data.path={data}/ml-100k"]
 BEAUTY = ["data=beauty", "data.path={data}/seqrec/Beauty.txt"]
 SEQ_EPOCHS = ["trainer.max_epochs=20"]
+SCALE = ["+experiment=dare_scale"]  # DARE, Taobao vocabulary, batch 2048, seq 200, K 20 (data generated, cached)
+ADAGRAD = [
+    "objective.sparse_optimizer._target_=recsys.ops.sparse_update.RowWiseAdagrad",
+    "objective.sparse_optimizer.lr=0.05",
+]
 
 CASES = {
     c.name: c
     for c in [
         Case("dare", "pipelines.train", "dare", "ml100k", ["recsys=dare", *ML100K]),
         Case("twin", "pipelines.train", "twin", "ml100k", ["recsys=twin", *ML100K]),
+        Case("dare_scale", "pipelines.train", "dare", "scale", SCALE),
+        Case("dare_scale_bf16", "pipelines.train", "dare", "scale", [*SCALE, "trainer.precision=bf16-mixed"]),
+        Case("dare_scale_adagrad", "pipelines.train", "dare", "scale", [*SCALE, *ADAGRAD]),
+        Case(
+            "dare_scale_d128",
+            "pipelines.train",
+            "dare",
+            "scale",
+            [*SCALE, "recsys.embedding_dim=128", "recsys.attention_dim=128"],
+        ),
         Case("din", "pipelines.train", "din", "ml100k", ["recsys=din", *ML100K]),
         Case("mqsa_ted", "pipelines.train", "mqsa_ted", "beauty", ["recsys=mqsa_ted", *BEAUTY, *SEQ_EPOCHS]),
         Case("sasrec", "pipelines.train", "sasrec", "beauty", ["recsys=sasrec", *BEAUTY, *SEQ_EPOCHS]),

@@ -165,3 +165,16 @@ def test_fixed_shape_step_does_not_synchronise_the_gpu(variant, table):
         step(model, batch, OPTIMIZERS["row_wise_adagrad"])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_torch_jagged_ops_read_nothing_from_the_device_given_the_total():
+    """The torch fallbacks of recsys.ops.jagged (what CUDA runs without FBGEMM's kernels) are shape-static."""
+    from recsys.ops.jagged import dense_to_jagged_torch, jagged_to_padded_dense_torch, lengths_to_offsets_torch
+
+    values, lengths = torch.randn(10, 3), torch.tensor([3, 0, 7])
+    offsets = lengths_to_offsets_torch(lengths)
+    dense = jagged_to_padded_dense_torch(values, offsets, 7)
+    assert torch.equal(dense_to_jagged_torch(dense, offsets, total=10), values)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = dense_to_jagged_torch(jagged_to_padded_dense_torch(values, offsets, 7), offsets, total=10)
+    assert fake.shape == (10, 3)

@@ -94,7 +94,7 @@ def prepare_scale_samples(
 ) -> Path:
     """Write (or reuse) the dataset ``scale`` and return its folder. Defaults: the Taobao UserBehavior
     vocabulary, full 200-long histories, one positive per two negatives."""
-    rows = {**{"train": 409_600, "val": 20_480, "test": 20_480}, **dict(rows or {})}
+    rows = {**{"train": 1_048_576, "val": 20_480, "test": 20_480}, **dict(rows or {})}
     if not 1 <= min_len <= max_len or min(num_users, num_items, num_categories) < 1 or skew <= 0:
         raise ValueError(
             f"scale samples: need 1 <= min_len <= max_len, sizes >= 1 and skew > 0; got min_len={min_len}, "

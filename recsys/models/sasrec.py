@@ -176,11 +176,10 @@ class SASRec(nn.Module):
         """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``;
         their layout; the item matrix ``[I + 1, d]`` or ``None`` (see :meth:`lookup`)."""
         items, table = self.lookup(batch, with_table)
-        layout = Layout(batch.jagged(SEQ_ITEM)[1])
+        layout = Layout(batch.jagged(SEQ_ITEM)[1], total=items.shape[0])  # the token count is known on the host
         if layout.width > self.max_len:
             raise ValueError(f"a sequence has {layout.width} items, more than max_len={self.max_len}")
-        rows = torch.repeat_interleave(torch.arange(layout.batch, device=layout.lengths.device), layout.lengths)
-        pos = self.positions(layout.position + (self.max_len - layout.lengths)[rows])
+        pos = self.positions(layout.position + (self.max_len - layout.lengths)[layout.rows])
         x = nn.functional.dropout(items * math.sqrt(self.dim) + pos, self.dropout, self.training)
         return x, layout, table
 

@@ -73,7 +73,8 @@ def masked_scores(
     if not exclude_history:
         return scores
     excluded, lengths = batch.jagged(EXCLUDE_ITEM)
-    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    rows = torch.arange(lengths.numel(), device=lengths.device)
+    rows = torch.repeat_interleave(rows, lengths, output_size=excluded.numel())  # no read of sum(lengths)
     scores[rows, excluded - 1] = float("-inf")
     return scores
 

@@ -33,22 +33,32 @@ LN_EPS = 1e-8
 
 
 class Layout:
-    """Where jagged tokens sit in a right-padded ``[B, T]`` batch (``T`` = longest row)."""
+    """Where jagged tokens sit in a right-padded ``[B, T]`` batch (``T`` = longest row).
 
-    def __init__(self, lengths: torch.Tensor) -> None:
+    ``total``: the number of tokens ``sum(lengths)`` when the caller knows it on the host (the jagged values'
+    length): then only ``T`` is read from the device (one sync per batch), not the token count as well.
+    """
+
+    def __init__(self, lengths: torch.Tensor, total: int | None = None) -> None:
         self.lengths = lengths
         self.offsets = lengths_to_offsets(lengths)
         self.width = max(int(lengths.max()), 1) if lengths.numel() else 1
+        self.total = int(self.offsets[-1]) if total is None else total
 
     @property
     def batch(self) -> int:
         return self.lengths.numel()
 
     @cached_property
+    def rows(self) -> torch.Tensor:
+        """``[N]`` row of each token."""
+        batch = torch.arange(self.batch, device=self.lengths.device)
+        return torch.repeat_interleave(batch, self.lengths, output_size=self.total)
+
+    @cached_property
     def position(self) -> torch.Tensor:
         """``[N]`` index of each token within its row (0 = oldest)."""
-        rows = torch.repeat_interleave(torch.arange(self.batch, device=self.lengths.device), self.lengths)
-        return torch.arange(rows.numel(), device=rows.device) - self.offsets[:-1][rows]
+        return torch.arange(self.total, device=self.lengths.device) - self.offsets[:-1][self.rows]
 
     @cached_property
     def last(self) -> torch.Tensor:
@@ -61,7 +71,7 @@ class Layout:
 
     def unpad(self, dense: torch.Tensor) -> torch.Tensor:
         """``[B, T, D] -> [N, D]``."""
-        return dense_to_jagged(dense, self.offsets, int(self.offsets[-1]))
+        return dense_to_jagged(dense, self.offsets, self.total)
 
 
 def causal_window_mean(x: torch.Tensor, layout: Layout, window: int) -> torch.Tensor:

@@ -69,13 +69,17 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 def jagged_to_padded_dense_torch(
     values: torch.Tensor, offsets: torch.Tensor, max_len: int, padding_value: float = 0.0
 ) -> torch.Tensor:
-    """``values [sum(L), D]`` -> ``[B, max_len, D]``, right-padded; rows longer than max_len are cut."""
+    """``values [sum(L), D]`` -> ``[B, max_len, D]``, right-padded; rows longer than max_len are cut.
+
+    Shape-static (no host sync): every slot gathers a clamped index, padding slots are then overwritten."""
     lengths = offsets[1:] - offsets[:-1]
     batch = lengths.numel()
+    if values.shape[0] == 0:
+        return values.new_full((batch, max_len, values.shape[-1]), padding_value)
     mask = padding_mask(lengths, max_len)
-    out = values.new_full((batch, max_len, values.shape[-1]), padding_value)
-    starts = offsets[:-1].unsqueeze(1) + torch.arange(max_len, device=values.device).unsqueeze(0)
-    return out.masked_scatter(mask.unsqueeze(-1), values[starts[mask]]) if mask.any() else out
+    slots = offsets[:-1].unsqueeze(1) + torch.arange(max_len, device=values.device).unsqueeze(0)
+    gathered = values[slots.clamp(max=values.shape[0] - 1)]  # [B, max_len, D]
+    return torch.where(mask.unsqueeze(-1), gathered, gathered.new_full((), padding_value))
 
 
 def jagged_to_padded_dense(
@@ -87,11 +91,15 @@ def jagged_to_padded_dense(
     return jagged_to_padded_dense_torch(values, offsets, max_len, padding_value)
 
 
-def dense_to_jagged_torch(dense: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Inverse of padding: ``[B, N, D]`` -> ``[sum(L), D]`` keeping the first L_b slots of each row."""
+def dense_to_jagged_torch(dense: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Inverse of padding: ``[B, N, D]`` -> ``[sum(L), D]`` keeping the first L_b slots of each row.
+
+    With ``total`` (= ``sum(L)``, known on the host) no host sync; without it, one read of ``offsets[-1]``."""
     lengths = offsets[1:] - offsets[:-1]
-    mask = padding_mask(lengths, dense.shape[1])
-    return dense[mask]
+    total = int(offsets[-1]) if total is None else total
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=dense.device), lengths, output_size=total)
+    slots = torch.arange(total, device=dense.device) - offsets[:-1][rows]
+    return dense[rows, slots]
 
 
 def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -99,4 +107,4 @@ def dense_to_jagged(dense: torch.Tensor, offsets: torch.Tensor, total: int | Non
     if fbgemm_supports(dense.device.type) and dense.dtype in FBGEMM_FLOAT_DTYPES:
         out, _ = torch.ops.fbgemm.dense_to_jagged(dense, [offsets], total)
         return out
-    return dense_to_jagged_torch(dense, offsets)
+    return dense_to_jagged_torch(dense, offsets, total)

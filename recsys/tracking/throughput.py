@@ -71,6 +71,7 @@ class Throughput(pl.Callback):
             return
         self.steady = self.samples / (self._now(pl_module) - self._total[0] - self.paused)
         self._publish(trainer, {"perf/steady_samples_per_s": self.steady})
+        trainer.callback_metrics["perf/steady_samples_per_s"] = torch.tensor(self.steady)  # -> the run's metrics.json
 
     @staticmethod
     def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:

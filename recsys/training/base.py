@@ -146,9 +146,12 @@ class SparseDenseModule(pl.LightningModule):
         losses = self.compute_losses(batch, out)
         self.optimisation_step(losses["total"])
         bs = batch.batch_size
-        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
+        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one).
+        # prog_bar only with a bar: Lightning turns progress-bar metrics into Python floats every step (a host
+        # read of the loss, i.e. a device sync), whether a bar shows them or not.
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
         self.log(
-            "train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
+            "train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=bar, batch_size=bs, sync_dist=True
         )
         for name, value in losses.items():
             if name != "total":
