@@ -26,8 +26,8 @@ TASKS = ("income", "marital")
 COMMON = [
     "recsys=fields",
     "data=census",
-    "task.dense_optimizer.lr=0.001",
-    "task.sparse_optimizer.lr=0.001",
+    "objective.dense_optimizer.lr=0.001",
+    "objective.sparse_optimizer.lr=0.001",
     "data.batch_size=256",
 ]
 MODELS = {
