@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/cpu-lock.tx
 	$(PY) -m pip install -r requirements/cpu.txt -c requirements/cpu-lock.txt $(FBGEMM)
 	@echo "[4/5] torchrec 1.8.0 (--no-deps: its metadata would pull the CUDA fbgemm-gpu)"
 	$(PY) -m pip install --no-deps torchrec==1.8.0
+	@echo "      hydra-optuna-sweeper 1.3.0 (--no-deps: its metadata pins optuna<3; optuna 5 came with step 3)"
+	$(PY) -m pip install --no-deps hydra-optuna-sweeper==1.3.0
 	@echo "[5/5] this package, editable"
 	$(PY) -m pip install --no-deps -e .
 	touch $@

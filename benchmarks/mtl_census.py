@@ -4,6 +4,7 @@
     python -m benchmarks.mtl_census --set data.source.dense_pwl=16 --backbone-name fields-pwl16   # tuned inputs
     python -m benchmarks.mtl_census --models mmoe --seeds 1 --set mtl.num_experts=4   # one tuning run
     python -m benchmarks.mtl_census --import-rechub rechub_census.jsonl   # rows of ../shared/peers/rechub_census.py
+    python -m benchmarks.mtl_census --import-lightgbm lgbm_census.jsonl   # rows of ../shared/peers/lgbm_census.py
     python -m benchmarks.mtl_census --table                            # rewrite benchmarks/results/mtl.md
 
 Fixed split ``split_seed2026`` (79,810 / 9,976 / 9,976 rows), tasks income > 50K and never-married; every
@@ -25,8 +26,8 @@ TASKS = ("income", "marital")
 COMMON = [
     "recsys=fields",
     "data=census",
-    "task.dense_optimizer.lr=0.001",
-    "task.sparse_optimizer.lr=0.001",
+    "objective.dense_optimizer.lr=0.001",
+    "objective.sparse_optimizer.lr=0.001",
     "data.batch_size=256",
 ]
 MODELS = {
@@ -60,6 +61,28 @@ def import_rechub(path: Path, out: Path) -> None:
     append_rows(out, rows)
 
 
+def import_lightgbm(path: Path, out: Path) -> None:
+    """Rows of the per-task LightGBM peer runner (test AUC per task and seed) -> our row format
+    (``implementation: lightgbm``). It reports no logloss and has no epochs: both are null."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        rows.append(
+            {
+                "model": "lightgbm",
+                "backbone": "gbdt-per-task",
+                "dataset": r["dataset"],
+                "seed": r["seed"],
+                "task": r["task"],
+                "auc": r["auc"],
+                "logloss": None,
+                "sec_per_epoch": None,
+                "implementation": "lightgbm",
+            }
+        )
+    append_rows(out, rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -71,10 +94,14 @@ def main(argv=None) -> None:
     p.add_argument("--backbone-name", default="fields", help="the rows' backbone label (name a --set variant)")
     p.add_argument("--out", type=Path, default=RESULTS / "mtl.jsonl")
     p.add_argument("--import-rechub", type=Path, default=None)
+    p.add_argument("--import-lightgbm", type=Path, default=None)
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table from --out")
     args = p.parse_args(argv)
     if args.import_rechub is not None:
         import_rechub(args.import_rechub, args.out)
+        return
+    if args.import_lightgbm is not None:
+        import_lightgbm(args.import_lightgbm, args.out)
         return
     if not args.table:
         run_grid(

@@ -175,7 +175,8 @@ def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
-    """Mean ± sample std over seeds of test AUC / logloss per (implementation, backbone, model, task)."""
+    """Mean ± sample std over seeds of test AUC / logloss per (implementation, backbone, model, task);
+    null values (a peer that does not report logloss or epochs) show as ``–``."""
     rows = [r for r in rows if r["dataset"] == dataset]
     keys = list(dict.fromkeys((r["implementation"], r["backbone"], r["model"]) for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
@@ -189,9 +190,10 @@ def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
                 if (r["implementation"], r["backbone"], r["model"], r["task"]) == (impl, backbone, model, t)
             ]
             seeds |= {r["seed"] for r in sel}
-            secs += [r["sec_per_epoch"] for r in sel]
-            cells += [mean_std([r["auc"] for r in sel]), mean_std([r["logloss"] for r in sel])]
-        body.append([impl, backbone, model, len(seeds), *cells, f"{np.mean(secs):.1f}"])
+            secs += [r["sec_per_epoch"] for r in sel if r["sec_per_epoch"] is not None]
+            losses = [r["logloss"] for r in sel if r["logloss"] is not None]
+            cells += [mean_std([r["auc"] for r in sel]), mean_std(losses)]
+        body.append([impl, backbone, model, len(seeds), *cells, f"{np.mean(secs):.1f}" if secs else "–"])
     columns = ["implementation", "backbone", "model", "seeds"]
     columns += [f"{t} {m}" for t in tasks for m in ("AUC", "logloss")] + ["s/epoch"]
     return markdown_table(columns, body).rstrip("\n")

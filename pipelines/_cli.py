@@ -53,12 +53,12 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         started = False
 
         @functools.wraps(task)
-        def job(cfg: DictConfig) -> None:
+        def job(cfg: DictConfig) -> Any:
             nonlocal started
             started = True
             quiet_third_party_logs()  # after Hydra set up logging, before the job imports or logs anything
             try:
-                task(cfg)
+                return task(cfg)  # a sweeper (Optuna) reads the job's return value
             except Exception as err:
                 found = user_error(err)
                 if found is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 from pathlib import Path
@@ -42,7 +43,7 @@ from recsys.tracking.mlflow import (
 )
 from recsys.tracking.progress import LineProgress, wants_line_progress
 from recsys.tracking.resume import check_checkpoint, exit_on_sigterm, find_resume_point
-from recsys.tracking.sweep import PARENT_ENV
+from recsys.tracking.sweep import OVERRIDES_TAG, PARENT_ENV
 
 log = logging.getLogger("pipelines.train")
 register_rank_resolver()  # ${recsys_rank_subdir:} in configs/trainer/dmp.yaml (one Hydra dir per torchrun rank)
@@ -139,6 +140,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tags.update(path_tags)
     if os.environ.get(PARENT_ENV):  # a job of a multirun sweep: nest under its parent run
         tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
+        if HydraConfig.initialized():  # the job's overrides: the parent finds the best Optuna trial's run by them
+            tags[OVERRIDES_TAG] = json.dumps(list(HydraConfig.get().overrides.task))[:5000]
     with run.rank_zero_first():  # the first MLflow client migrates a new sqlite store; ranks must not race
         logger = instantiate(cfg.logger, run_name=name, tags=tags, run_id=resume.run_id)
     mark_model_training(logger.experiment, logger.experiment_id)  # the UI's model-training view, not GenAI's
@@ -160,6 +163,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
+        if checkpoint is not None and checkpoint.best_model_score is not None:  # the sweep objective (see main)
+            metrics[f"best/{checkpoint.monitor}"] = float(checkpoint.best_model_score)
         if cfg.test_after_fit:
             results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
@@ -199,9 +204,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def objective_value(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """The best validation value of ``checkpoint.monitor`` over the run (its last value without a
+    ``model_checkpoint`` callback; NaN if never logged): what a sweeper (Optuna) optimises."""
+    monitor = str(cfg.checkpoint.monitor)
+    return float(metrics.get(f"best/{monitor}", metrics.get(monitor, float("nan"))))
+
+
 @entry_point("train")
-def main(cfg: DictConfig) -> None:
-    train(cfg)
+def main(cfg: DictConfig) -> float:
+    return objective_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

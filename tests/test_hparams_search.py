@@ -1,0 +1,122 @@
+"""Hyper-parameter search (Optuna sweeper): the search configs, the budget a rerun resumes, the sweep's MLflow
+parent run with the best trial, and a 2-trial toy search end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from pipelines.train import objective_value
+from recsys.errors import ConfigError
+from recsys.tracking.optuna_study import best_trial, optuna_direction, resume_study
+from recsys.tracking.sweep import OVERRIDES_TAG, best_child
+from tests.conftest import REPO
+from tests.test_train_e2e import TINY, TINY_SYNTHETIC
+
+SEARCHES = ("dare", "sasrec", "mqsa_ted", "mmoe")
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_every_search_space_names_keys_of_its_model(search):
+    cfg = _compose([f"hparams_search={search}", "paths.root_dir=/tmp/x"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_ == "hydra_plugins.recsys_optuna.sweeper.BudgetedOptunaSweeper"
+    assert sweeper.study_name == f"{search}-{cfg.data.name}" and sweeper.storage == "sqlite:////tmp/x/logs/optuna.db"
+    assert sweeper.direction == cfg.checkpoint.mode == "max"
+    assert cfg.hydra.runtime.choices["recsys"] == ("fields" if search == "mmoe" else search)
+    for key in sweeper.params:  # a typo in a searched key would only fail at the first trial
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", (search, key)
+    # one learning rate for both optimisers: the sparse one follows the searched dense one
+    tuned = _compose([f"hparams_search={search}", "objective.dense_optimizer.lr=0.0042"])
+    assert tuned.objective.sparse_optimizer.lr == 0.0042
+
+
+def test_direction_follows_checkpoint_mode():
+    assert optuna_direction("max") == "maximize" and optuna_direction("min") == "minimize"
+    assert optuna_direction(["max", "minimize"]) == ["maximize", "minimize"]
+    with pytest.raises(ConfigError, match="'up'"):
+        optuna_direction("up")
+
+
+def test_objective_is_the_best_validation_value_not_the_last():
+    cfg = OmegaConf.create({"checkpoint": {"monitor": "val/auc"}})
+    assert objective_value(cfg, {"val/auc": 0.61, "best/val/auc": 0.70}) == 0.70
+    assert objective_value(cfg, {"val/auc": 0.61}) == 0.61
+
+
+def test_budget_counts_finished_trials_and_fails_the_stale_ones(tmp_path):
+    storage, name = f"sqlite:///{tmp_path}/sub/optuna.db", "s"
+    assert resume_study(storage, name, 5).remaining == 5  # no study yet (and the folder is created)
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    study.ask()  # a trial a killed sweep left running
+    resume = resume_study(storage, name, 3)
+    assert (resume.existing, resume.finished, resume.remaining, resume.stale) == (3, 2, 1, 1)
+    assert study.trials[2].state == optuna.trial.TrialState.FAIL
+    assert resume_study(storage, name, 2).remaining == 0  # never beyond the budget
+    best = best_trial(storage, name)
+    assert best.value == max(t.value for t in study.trials[:2]) and best.finished == 2
+    assert best.overrides == [f"x={best.params['x']}"]
+
+
+def test_best_child_is_found_by_its_overrides():
+    def run(overrides):
+        return type("R", (), {"data": type("D", (), {"tags": {OVERRIDES_TAG: json.dumps(overrides)}})})()
+
+    a, b = run(["lr=0.1", "k=2", "seed=0"]), run(["lr=0.2", "k=2", "seed=0"])
+    assert best_child([a, b], ["lr=0.2", "k=2"]) is b
+    assert best_child([a, b], ["lr=0.3"]) is None
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_two_trial_search_nests_trials_records_the_best_and_resumes(tmp_path):
+    """A toy DARE search: budget 1, then the same study with budget 2 twice (the 2nd run resumes: one more
+    trial; the 3rd has nothing left to run)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def search(n_trials):
+        cmd = [sys.executable, "-m", "pipelines.train", "-m", "hydra/sweeper=optuna", "hparams_search=dare"]
+        cmd += [f"paths.root_dir={tmp_path}", *TINY, *TINY_SYNTHETIC, "trainer.max_epochs=1", "test_after_fit=false"]
+        cmd += ["trainer.limit_train_batches=3", f"hydra.sweeper.n_trials={n_trials}"]
+        env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return optuna.load_study(study_name="dare-synthetic", storage=f"sqlite:///{tmp_path}/logs/optuna.db")
+
+    assert len(search(1).trials) == 1
+    study = search(2)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.trials[0].params != study.trials[1].params  # the resumed sampler drew a new point
+    assert len(search(2).trials) == 2  # the budget is reached: nothing beyond it
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("synthetic").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_parent") == "true"]
+    assert len(parents) == 1, "one parent per study, reopened by each rerun"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    best = study.best_trial
+    assert parent.data.metrics["optuna/best_value"] == pytest.approx(best.value)
+    assert parent.data.metrics["optuna/trials"] == 2
+    assert json.loads(parent.data.tags["optuna/best_params"]) == best.params
+    assert parent.data.tags["optuna/best_trial"] == str(best.number)
+    best_run = client.get_run(parent.data.tags["optuna/best_run_id"])
+    assert best_run.data.metrics["val/auc"] == pytest.approx(best.value)  # 1 epoch: best = last
+    for name, value in best.params.items():
+        assert best_run.data.params[name] == str(value)
+    assert "best_trial/config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "best_trial")}
