@@ -126,7 +126,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
         max_steps=2,
         callbacks=[periodic],
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=True,  # PeriodicCheckpoint is a Checkpoint: Lightning adds no default ModelCheckpoint
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(tmp_path),

@@ -57,6 +57,12 @@ PLAN = {
     "python -m pipelines.score input=/shared/logs model=/shared/runs/<run> output=/shared/scores engine=ray "
     "ray.address=auto": "<...>",
     "python -m pipelines.train -m recsys=din,dare trainer.max_epochs=1": RUN,
+    "python -m pipelines.train -m hydra/sweeper=optuna hparams_search=dare hydra.sweeper.n_trials=20": (
+        "20 trials of 2 epochs: an hour of CPU; tests/test_optuna_sweep.py runs a 2-trial search"
+    ),
+    "python -m pipelines.train -m hparams_search=sasrec data=sports test_after_fit=false": (
+        "needs the Sports file; tests/test_optuna_sweep.py runs a 2-trial search"
+    ),
     "python -m pipelines.compare experiment=synthetic metric=test/auc": RUN,
     "python -m pipelines.train recsys=dare resume=auto": "needs a killed run: tests/test_fault_tolerance.py",
     "python -m pipelines.train recsys=dare resume=<mlflow run id>": "<...>",

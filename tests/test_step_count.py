@@ -104,7 +104,7 @@ def _fit(tmp_path, **trainer_kwargs) -> tuple[TinyModule, pl.Trainer, SaveSpy, S
         accelerator="cpu",
         logger=logger,
         callbacks=[spy, periodic],
-        enable_checkpointing=False,
+        enable_checkpointing=True,  # PeriodicCheckpoint is a Checkpoint: Lightning adds no default ModelCheckpoint
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -131,7 +131,8 @@ def test_every_n_steps_saves_every_n_batches_and_the_checkpoint_counts_batches(t
     # 4, not 3: with the 2x bug every_n_steps=3 also saved at batches 3, 6, 9 (2b % 3 == 0 iff b % 3 == 0)
     module, trainer, spy, _ = _fit(tmp_path, every_n_steps=4, max_epochs=2)
     assert module.batches_seen == 2 * BATCHES_PER_EPOCH
-    assert spy.saves == [(4, 4), (8, 8), (12, 12), (16, 16), (20, 20)]
+    # every 4 batches, and at each epoch end (10, 20) with the newest state; an epoch's last batch is saved once
+    assert spy.saves == [(4, 4), (8, 8), (10, 10), (12, 12), (16, 16), (20, 20)]
     state = torch.load(tmp_path / "checkpoints" / LAST, map_location="cpu", weights_only=True)
     assert state["global_step"] == 20
 

@@ -85,8 +85,8 @@ def find_resume_point(resume: str | None, tracking_uri: str, experiment: str, co
 class PeriodicCheckpoint(Checkpoint):
     """The one ``<dirpath>/last.ckpt``: written every ``every_n_steps`` steps (one step = one training batch,
     whatever the number of optimisers: :meth:`recsys.training.base.SparseDenseModule.optimisation_step`) and at
-    the end of every
-    training epoch (after its validation), so it always holds the newest state (ModelCheckpoint writes only
+    the end of every training epoch (after its validation), so it always holds the newest state (ModelCheckpoint
+    writes only
     ``best.ckpt``; ``resume=`` reads this file).
 
     A :class:`Checkpoint` subclass, so Lightning runs its epoch-end hook after the LightningModule's and after
@@ -104,8 +104,8 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimisers, loops, RNG
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
+        if trainer.global_step % self.every_n_steps == 0 and batch_idx + 1 != trainer.num_training_batches:
+            self._save(trainer)  # (the epoch's last batch: on_train_epoch_end saves the newer state)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
