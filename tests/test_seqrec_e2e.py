@@ -143,7 +143,7 @@ def test_benchmark_goes_through_pipelines_train_and_reads_per_epoch_history(tmp_
     args = [
         "--datasets", str(data), "--models", "sasrec", "--seeds", "0", "--max-epochs", "2",
         "--work", str(tmp_path / "work"), "--out", str(out), "--table", str(table),
-        "trainer.enable_model_summary=false",
+        "--protocol", "history_kept", "trainer.enable_model_summary=false",
     ]  # fmt: skip
     rows = seqrec.main(args)
     assert [r["model"] for r in rows] == ["sasrec"] and rows[0]["entry"] == "pipelines.train"
@@ -153,4 +153,6 @@ def test_benchmark_goes_through_pipelines_train_and_reads_per_epoch_history(tmp_
     assert row["seconds_to_recbole_best"] is None  # no RecBole reference for a custom file
     assert seqrec.seconds_to_reach([0.1, 0.3, 0.5], [2.0, 3.0, 4.0], 0.25) == 5.0
     assert seqrec.seconds_to_reach([0.1], [2.0], 0.25) is None
-    assert "| tiny | sasrec | cpu | pipelines.train | 1 |" in table.read_text()
+    assert row["protocol"] == "history_kept" and "eval.exclude_history=false" in row["command"]
+    assert row["selection"] == "val/ndcg@20, patience 20"
+    assert "| tiny | history_kept | sasrec | cpu | pipelines.train | 1 |" in table.read_text()
