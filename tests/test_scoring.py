@@ -90,8 +90,9 @@ def test_scores_equal_the_models_forward(bundle_dir, tmp_path):
     np.testing.assert_allclose(scored["score_click"].to_numpy(), expected, rtol=0, atol=1e-6)
     meta = pq.read_metadata(tmp_path / "out" / "part-0000.parquet").metadata
     assert meta[b"recsys.model"] == b"tiny-dare" and len(meta[b"recsys.weights_sha256"]) == 64
+    assert meta[b"recsys.weights_verified"] == b"true"  # load_bundle checked the hash against weights.pt
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["rows_in"] == summary["rows_scored"] == len(table)
+    assert summary["rows_in"] == summary["rows_scored"] == len(table) and summary["weights_verified"]
 
 
 def _write_many(bundle_dir: Path, folder: Path, copies: int) -> None:

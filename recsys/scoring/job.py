@@ -298,9 +298,8 @@ def score_file(
     return stats
 
 
-def read_stats(target: Path) -> ScoreStats:
+def read_stats(meta: pq.FileMetaData) -> ScoreStats:
     """A finished output's counts, from its footer (rows only, for outputs of jobs that wrote no counts)."""
-    meta = pq.read_metadata(target)
     raw = (meta.metadata or {}).get(STATS_KEY)
     if raw is None:
         return ScoreStats(rows_in=meta.num_rows, rows_scored=meta.num_rows)
@@ -314,15 +313,17 @@ def summarise(
     job: Plan, identity: dict[str, Any], last_run: dict[str, Any], failed: Iterable[str] = ()
 ) -> dict[str, Any]:
     """``_summary.json``: counts over every finished output of the folder, plus what this invocation did."""
-    total = ScoreStats()
+    total, verified = ScoreStats(), True
     done = [t for t in job.targets if t.exists()]
     for target in done:
-        total.add(read_stats(target))
+        meta = pq.read_metadata(target)
+        total.add(read_stats(meta))
+        verified &= (meta.metadata or {}).get(b"recsys.weights_verified") == b"true"
     summary = {
         "model": identity.get("model"),
         "run_id": identity.get("run_id"),
         "weights_sha256": identity.get("weights_sha256"),
-        "weights_verified": bool(identity.get("weights_verified")),
+        "weights_verified": bool(done) and verified,  # every output's footer: the hash was checked on load
         "files": len(job.files),
         "files_done": len(done),
         "files_failed": sorted(failed),
@@ -453,7 +454,7 @@ def read_identity(bundle: Path, cfg) -> dict[str, Any]:
 
 def loaded_identity(identity: dict[str, Any], loaded) -> dict[str, Any]:
     """``identity`` plus whether the loaded bundle verified its weights against the recorded sha256."""
-    verified = getattr(loaded, "weights_sha256", None)
+    verified = getattr(loaded, "weights_sha256", None) or None  # "" = not checked
     if verified is not None and identity.get("weights_sha256") and verified != identity["weights_sha256"]:
         from recsys.errors import BundleError
 
