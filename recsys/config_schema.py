@@ -117,12 +117,6 @@ TRAIN_RULES: tuple[tuple[str, Number | Choice], ...] = (
     *((f"mtl{pattern}", rule) for pattern, rule in MODEL_RULES),
 )
 
-SCORE_RULES: tuple[tuple[str, Number | Choice], ...] = (
-    ("threads", Number(low=1, nullable=True)),  # null = PyTorch's default
-    ("batch_size", POSITIVE_INT),
-    ("top_n", POSITIVE_INT),
-)
-
 
 def leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """``(dotted key, value)`` for every leaf; list items as ``key[i]``; ``_target_``-style keys skipped."""
@@ -161,8 +155,3 @@ def validate_train(config: Mapping[str, Any]) -> None:
                 f"trainer.accelerator={accelerator}: no CUDA GPU is visible on this machine; "
                 "use trainer=cpu, or trainer=default (GPU when there is one)"
             )
-
-
-def validate_score(config: Mapping[str, Any]) -> None:
-    """The scoring config (resolved, plain dict)."""
-    check(config, SCORE_RULES)

@@ -36,7 +36,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # leaf keys whose values are locations on this machine: tags (``path.<key>``), not params, so the UI's compare
 # view (parallel coordinates) shows what was trained, not where its files went
-PATH_KEYS = ("path", "dir", "cache_dir", "output_dir", "root_dir", "log_dir", "tracking_uri", "artifact_location")
+PATH_KEYS = (
+    "path",
+    "dir",
+    "dirpath",
+    "cache_dir",
+    "output_dir",
+    "root_dir",
+    "log_dir",
+    "tracking_uri",
+    "artifact_location",
+)
 
 
 def params_and_path_tags(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
