@@ -23,6 +23,7 @@ from pipelines._cli import entry_point
 from recsys.errors import ConfigError
 from recsys.io import atomic_write_bytes
 from recsys.tracking.figures import pyplot, save_figure
+from recsys.tracking.mlflow import check_tracking_uri
 
 # params that are not part of a group's identity (they vary between seeds, or name the run)
 SEED_PARAMS = ("seed", "data.seed", "data.fingerprint", "run_name")
@@ -183,6 +184,7 @@ def plot_curves(tracking_uri: str, runs: pl.DataFrame, metric: str, path: Path) 
 
 
 def compare(tracking_uri: str, experiment: str, metric: str, curve_metric: str, out: Path) -> dict[str, Path]:
+    check_tracking_uri(tracking_uri)  # a dead server: one line in seconds, not minutes of retries
     runs, notes = load_runs(tracking_uri, experiment, metric)
     table = summary_table(runs, metric)
     out.mkdir(parents=True, exist_ok=True)
