@@ -217,6 +217,10 @@ CASES = {
     for c in [
         Case("dare", "pipelines.train", "dare", "ml100k", ["recsys=dare", *ML100K]),
         Case("twin", "pipelines.train", "twin", "ml100k", ["recsys=twin", *ML100K]),
+        # the AUC of bf16-mixed against "dare" (32-true), same seed
+        Case(
+            "dare_bf16", "pipelines.train", "dare", "ml100k", ["recsys=dare", *ML100K, "trainer.precision=bf16-mixed"]
+        ),
         Case("dare_scale", "pipelines.train", "dare", "scale", SCALE),
         Case("dare_scale_bf16", "pipelines.train", "dare", "scale", [*SCALE, "trainer.precision=bf16-mixed"]),
         Case("dare_scale_adagrad", "pipelines.train", "dare", "scale", [*SCALE, *ADAGRAD]),
