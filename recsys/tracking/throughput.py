@@ -3,8 +3,10 @@
 After ``warmup_steps`` optimiser steps (lazy inits, allocator growth, Triton autotuning), every
 ``every_n_steps`` steps the callback waits for the device (one ``torch.cuda.synchronize`` per window, not
 per step) and logs ``perf/samples_per_s`` and ``perf/step_ms`` over the window; at the end of fitting,
-``perf/steady_samples_per_s`` over everything since the warm-up (validation time excluded). Data loading,
-the host-to-device copies, the step, logging and periodic checkpoints are all inside the window.
+``perf/steady_samples_per_s`` over all complete windows (validation and what follows the last window, e.g. the
+epoch-end checkpoint of a run stopped by ``max_steps``, excluded; with no complete window, everything since the
+warm-up). Data loading, the host-to-device copies, the step, logging and periodic checkpoints are all inside
+the windows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Throughput(pl.Callback):
         self.paused = 0.0  # seconds spent in validation since the measurement started
         self._val_start = 0.0
         self.steady: float | None = None
+        self.window_seconds = 0.0  # summed over complete windows
+        self.window_samples = 0
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
@@ -48,6 +52,8 @@ class Throughput(pl.Callback):
             now = self._now(pl_module)
             start, done = self._window
             seconds = now - start
+            self.window_seconds += seconds
+            self.window_samples += self.samples - done
             self._publish(
                 trainer,
                 {
@@ -69,7 +75,10 @@ class Throughput(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._total is None or self.samples == 0:
             return
-        self.steady = self.samples / (self._now(pl_module) - self._total[0] - self.paused)
+        if self.window_seconds > 0:
+            self.steady = self.window_samples / self.window_seconds
+        else:
+            self.steady = self.samples / (self._now(pl_module) - self._total[0] - self.paused)
         self._publish(trainer, {"perf/steady_samples_per_s": self.steady})
         trainer.callback_metrics["perf/steady_samples_per_s"] = torch.tensor(self.steady)  # -> the run's metrics.json
 
