@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -35,6 +36,8 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, markdown_table, read_jsonl, run_entry, write_text_atomic
 
+# (optional package, test module that imports it at the top and holds no gpu test)
+OPTIONAL_TEST_MODULES = (("optuna", "tests/test_hparams_search.py"),)
 # test metric read from metrics.json, in order of preference
 TEST_METRICS = ("test/auc", "test/ndcg@10", "test/click/auc", "test/mean_auc")
 
@@ -191,6 +194,8 @@ def run_score(case: Case, ctx: Context) -> dict:
 
 def run_pytest(case: Case, ctx: Context) -> dict:
     argv = ["pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
+    # test modules of optional extras that hold no gpu test (a GPU box without the `tune` extra cannot collect them)
+    argv += [f"--ignore={path}" for module, path in OPTIONAL_TEST_MODULES if importlib.util.find_spec(module) is None]
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, check=False)
     lines = proc.stdout.strip().splitlines()
