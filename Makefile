@@ -36,7 +36,7 @@ train: venv
 test: venv
 	$(PY) -m pytest tests -q -m "not gpu" $(ARGS)
 
-# the fast unit loop: no subprocess pipelines, no multi-process runs (under a minute)
+# the fast unit loop: no subprocess pipelines, no multi-process runs
 unit: venv
 	$(PY) -m pytest tests -q -m "not slow and not e2e and not gpu" $(ARGS)
 
