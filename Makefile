@@ -32,11 +32,11 @@ $(VENV)/.installed: pyproject.toml requirements/cpu.txt requirements/cpu-lock.tx
 train: venv
 	$(PY) -m pipelines.train recsys=dare $(ARGS)
 
-# everything but the CUDA-only tests (10-20 minutes on 2 CPU cores; see README)
+# everything but the CUDA-only tests (tens of minutes on 2 CPU cores; see README)
 test: venv
 	$(PY) -m pytest tests -q -m "not gpu" $(ARGS)
 
-# the fast unit loop: no subprocess pipelines, no multi-process runs (under a minute)
+# the fast unit loop: no subprocess pipelines, no multi-process runs
 unit: venv
 	$(PY) -m pytest tests -q -m "not slow and not e2e and not gpu" $(ARGS)
 

@@ -9,6 +9,9 @@ from mlflow.tracking import MlflowClient
 from pipelines.compare import compare, load_runs, plot_final, summary_table
 from recsys.tracking.callbacks import plot_curves as plot_training_curves
 
+# an MLflow sqlite store is created (schema migrations: ~20 s on 2 cores)
+pytestmark = pytest.mark.slow
+
 
 def _run(client, exp, recsys, group, seed, auc, epochs, val_aucs):
     run = client.create_run(

@@ -311,6 +311,7 @@ def test_load_meta_missing(tmp_path):
 # ---------------------------------------------------------------------------------------------- MovieLens
 
 
+@pytest.mark.slow
 def test_ml100k_counts(tmp_path):
     events = read_ml100k_log(ML100K)
     n_u = events.group_by("user").len()["len"].to_numpy()

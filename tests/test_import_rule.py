@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 CORE = ["recsys/models", "recsys/modules", "recsys/ops", "recsys/losses", "recsys/metrics", "mtl"]
@@ -57,6 +59,7 @@ def core_modules() -> list[str]:
     return names
 
 
+@pytest.mark.slow
 def test_core_modules_import_without_framework_packages():
     modules = core_modules()
     assert "recsys.models.target_attention" in modules and "mtl.mmoe" in modules and len(modules) > 20
@@ -73,6 +76,7 @@ def test_core_modules_import_without_framework_packages():
     assert not result["failed"], "\n".join(f"{m}:\n{tb}" for m, tb in result["failed"].items())
 
 
+@pytest.mark.slow
 def test_the_probe_catches_a_violation(tmp_path):
     """The blocker is not vacuous: a module of the repository that imports polars is reported."""
     proc = subprocess.run(

@@ -88,6 +88,7 @@ def check_triton_cases() -> None:
     print("triton cases ok")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton): interpreter cases skipped")
 def test_triton_backend_matches_the_reference_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
