@@ -102,7 +102,7 @@ def train_result(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     name = next((m for m in TEST_METRICS if m in metrics), None)
     return {
-        # steady-state rate of the Throughput callback (+experiment=dare_scale) when the run has one
+        # steady-state rate of the Throughput callback (+benchmark=dare_scale) when the run has one
         "samples_per_s": metrics.get("perf/steady_samples_per_s", metrics.get("time/train_samples_per_s")),
         "sec_per_epoch": metrics.get("time/sec_per_epoch"),
         "test_metric": name,
@@ -211,7 +211,7 @@ def run_pytest(case: Case, ctx: Context) -> dict:
 ML100K = ["data=ml100k", "data.path={data}/ml-100k"]
 BEAUTY = ["data=beauty", "data.path={data}/seqrec/Beauty.txt"]
 SEQ_EPOCHS = ["trainer.max_epochs=20"]
-SCALE = ["+experiment=dare_scale"]  # DARE, Taobao vocabulary, batch 2048, seq 200, K 20 (data generated, cached)
+SCALE = ["+benchmark=dare_scale"]  # DARE, Taobao vocabulary, batch 2048, seq 200, K 20 (data generated, cached)
 ADAGRAD = [
     "objective.sparse_optimizer._target_=recsys.ops.sparse_update.RowWiseAdagrad",
     "objective.sparse_optimizer.lr=0.05",

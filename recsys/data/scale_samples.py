@@ -11,7 +11,7 @@ directly, in the documented schema, with ``num_items`` as the vocabulary:
   target attention finds), the others negatives drawn from the same popularity;
 * users uniform in ``1..num_users``; ``rows`` per split.
 
-Deterministic for a seed and cached like every dataset (``data=scale``; ``configs/experiment/dare_scale.yaml``).
+Deterministic for a seed and cached like every dataset (``data=scale``; ``configs/benchmark/dare_scale.yaml``).
 """
 
 from __future__ import annotations
