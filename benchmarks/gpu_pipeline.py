@@ -316,7 +316,7 @@ def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> N
     """The table of ``lines`` (latest line per case), the side-by-side table and the recipe."""
     latest = {line["case"]: line for line in lines}
     cols = ["case", "entry", "model", "dataset", "device", "status", "seconds", "samples/s or rows/s", "s/epoch"]
-    cols += ["test metric", "peak GPU MB", "torch / torchrec / fbgemm"]
+    cols += ["test metric", "peak GPU MB", "torch / torchrec / fbgemm", "commit", "GPU shared with"]
 
     def num(value, digits=1):
         return "–" if value is None else f"{value:,.{digits}f}"
@@ -337,6 +337,8 @@ def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> N
             else line.get("summary", "–"),
             num(line.get("peak_gpu_mb"), 0),
             f"{line['torch']} / {line['torchrec']} / {line['fbgemm']}",
+            line.get("commit", "–"),
+            line.get("gpu_shared_with", "alone"),
         ]
         for case, line in latest.items()
     ]
@@ -347,7 +349,8 @@ def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> N
     ]  # fmt: skip
     text = (
         "# The real entry points on one GPU (`python -m benchmarks.gpu_pipeline`)\n\n"
-        "One line per command, run one after another on an NVIDIA H200 (nothing else running on it); "
+        "The latest line per command on an NVIDIA H200 (all lines, older commits included, in gpu_pipeline.jsonl); "
+        "`GPU shared with` says what ran beside it (timings of shared runs measure a shared GPU and host); "
         "`seconds` = wall time of the whole command (start-up, data preparation, training, test, bundle export); "
         "`samples/s` = training samples per second of epoch wall time (validation included).\n\n"
         + markdown_table(cols, body)
