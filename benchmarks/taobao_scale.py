@@ -1,4 +1,5 @@
-"""Shared pieces of the scale benchmarks: Taobao-size vocabulary, the DARE model, the result-line format.
+"""Shared pieces of the scale benchmarks: Taobao-size vocabulary, the DARE model (built from the configs by the
+training builder), the result-line format.
 
 Taobao UserBehavior (DARE protocol) has 4,068,791 items and 9,408 categories; tables get one extra
 padding row each (``recsys.data.vocab.Vocab``). DARE has four such tables: attention and
@@ -8,19 +9,20 @@ representation x item and category (plus two 201-row position tables, which stay
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from mtl.single import SingleTower
 from mtl.spec import TaskSpec
 from recsys.data.vocab import Vocab
 from recsys.models.ranking import RankingModel
-from recsys.models.target_attention import TargetAttentionBackbone
 
 TAOBAO_ITEMS, TAOBAO_CATEGORIES, TAOBAO_USERS = 4_068_791, 9_408, 987_994
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 SCALE_JSONL = RESULTS / "scale.jsonl"
 FIELDS = (
     "model",
@@ -47,20 +49,26 @@ def table_rows(items: int = TAOBAO_ITEMS) -> dict[str, int]:
 def build_dare(
     dim: int, seq_len: int = 200, top_k: int = 20, table_device: torch.device | None = None, items: int = TAOBAO_ITEMS
 ) -> RankingModel:
-    """DARE (``configs/recsys/dare.yaml``) at Taobao size: embedding and attention widths both ``dim``,
-    BN-MLP 200-80 head; tables on ``table_device`` (``meta`` for DMP). ``items`` shrinks the item
-    vocabulary for smoke tests only."""
-    backbone = TargetAttentionBackbone(
-        taobao_vocab(items),
-        seq_len,
-        embedding_dim=dim,
-        attention_dim=dim,
-        decoupled=True,
-        top_k=top_k,
-        device=table_device,
+    """DARE from ``configs/recsys/dare.yaml`` and ``configs/mtl/single.yaml`` at Taobao size, built by the same
+    registry and builder as a training run: embedding and attention widths both ``dim``; tables on
+    ``table_device`` (``meta`` for DMP). ``items`` shrinks the item vocabulary for smoke tests only."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from recsys.models.ranking import build_ranking_model
+    from recsys.registry import factory
+
+    overrides = [f"paths.root_dir={REPO}", f"recsys.embedding_dim={dim}", f"recsys.attention_dim={dim}"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"recsys.top_k={top_k}"])
+    backbone = factory(OmegaConf.to_container(cfg.recsys, resolve=True), "recsys")
+    if table_device is not None:
+        backbone = partial(backbone, device=table_device)
+    inputs = SimpleNamespace(
+        backbone_inputs=lambda: {"vocab": taobao_vocab(items), "max_len": seq_len}, tasks=[TaskSpec("click")]
     )
-    tower = SingleTower(backbone.output_dim, [TaskSpec("click")], hidden=(200, 80))
-    return RankingModel(backbone, tower, init_std=0.01)
+    tower = factory(OmegaConf.to_container(cfg.mtl, resolve=True), "mtl")
+    return build_ranking_model(inputs, backbone, tower, init_std=cfg.model.init_std)
 
 
 def result_line(
