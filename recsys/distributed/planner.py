@@ -42,7 +42,7 @@ from recsys.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_KEY = "default"
-# sharding types the sharders offer but that fail or are missing on CPU (stack.md §2 matrix)
+# sharding types the sharders offer but that fail or are missing on CPU (checked with fbgemm-gpu-cpu)
 _CPU_EXCLUDED = {EmbeddingCollection: {"data_parallel"}}
 _KERNELS_CPU = ("fused", "dense")
 _KERNELS_CUDA = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
