@@ -45,7 +45,7 @@ from recsys import registry
 from recsys.data.cache import META_FILE, DatasetMeta
 from recsys.errors import BundleError, UserError
 from recsys.io import atomic_write_bytes, write_json_atomic
-from recsys.safe_load import UnreadableTensorFile, describe, load_tensors
+from recsys.safe_load import UnreadableTensorFile, describe, load_tensors, shape_mismatch
 
 ID_COLUMNS = ("user", "item", "category")
 BUNDLE_FILE = "bundle.json"
@@ -295,15 +295,9 @@ def _build_model(
 
     with torch.device("meta"):  # nothing allocated: shapes come from the config and meta.json
         shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    missing, unexpected = sorted(set(shapes) - set(found)), sorted(set(found) - set(shapes))
-    other = sorted(k for k in set(shapes) & set(found) if shapes[k] != found[k])
-    if missing or unexpected or other:
-        raise BundleError(
-            f"{files.path / WEIGHTS_FILE} does not match the model in its config.yaml ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(other)} differently shaped tensors; e.g. "
-            f"{(missing + unexpected + other)[:3]})"
-        )
+    mismatch = shape_mismatch(shapes, state)
+    if mismatch:
+        raise BundleError(f"{files.path / WEIGHTS_FILE} does not match the model in its config.yaml ({mismatch})")
     model = build()
     model.load_state_dict(state)
     return model.eval()

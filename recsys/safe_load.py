@@ -9,6 +9,7 @@ what the file named.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,3 +38,17 @@ def load_tensors(source: str | Path | IO[bytes]) -> Any:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UnreadableTensorFile(describe(err)) from err
+
+
+def shape_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, Any]) -> str | None:
+    """None when ``found`` (name -> tensor) has exactly the names and shapes of ``expected`` (name -> shape), else
+    one line: ``N missing, N unexpected, N differently shaped tensors; e.g. [...]``."""
+    shapes = {k: tuple(v.shape) for k, v in found.items()}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    other = sorted(k for k in set(expected) & set(shapes) if tuple(expected[k]) != shapes[k])
+    if not (missing or unexpected or other):
+        return None
+    return (
+        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(other)} differently shaped tensors; "
+        f"e.g. {(missing + unexpected + other)[:3]}"
+    )

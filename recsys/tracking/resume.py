@@ -144,7 +144,7 @@ def check_checkpoint(path: str, module, sharded: bool = False) -> None:
     Sharded (DCP folder) checkpoints are checked by the strategy when it loads them; a folder is refused
     where training is not sharded (``sharded=False``), as only ``trainer=dmp`` reads one.
     """
-    from recsys.safe_load import load_tensors
+    from recsys.safe_load import load_tensors, shape_mismatch
 
     if Path(path).is_dir():
         if not sharded:
@@ -161,13 +161,6 @@ def check_checkpoint(path: str, module, sharded: bool = False) -> None:
     saved = state.get("state_dict") if isinstance(state, dict) else None
     if not isinstance(saved, dict):
         raise CheckpointError(f"resume={path}: not a training checkpoint (no state_dict)")
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in saved.items()}
-    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-    if missing or unexpected or mismatched:
-        raise CheckpointError(
-            f"resume={path}: the checkpoint belongs to another model ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(mismatched)} differently shaped tensors; e.g. "
-            f"{(missing + unexpected + mismatched)[:3]})"
-        )
+    mismatch = shape_mismatch({k: tuple(v.shape) for k, v in module.state_dict().items()}, saved)
+    if mismatch:
+        raise CheckpointError(f"resume={path}: the checkpoint belongs to another model ({mismatch})")
