@@ -131,6 +131,16 @@ class Trained:
     setting: str
 
 
+def _root() -> Path:
+    """Where ``pipelines.train`` writes logs and caches (``paths.root_dir``: ``$RECSYS_ROOT`` or the checkout)."""
+    return Path(os.environ.get("RECSYS_ROOT", REPO))
+
+
+def _work(args: argparse.Namespace) -> Path:
+    """This benchmark's runs, MLflow store and plots: ``<root>/logs/benchmarks/<tag>``."""
+    return _root() / "logs" / "benchmarks" / args.tag
+
+
 def _store(work: Path) -> str:
     return f"sqlite:///{work / 'mlflow.db'}"
 
@@ -138,7 +148,7 @@ def _store(work: Path) -> str:
 def train_model(model: str, seed: int, dims: tuple[int, int], setting: str, args: argparse.Namespace) -> Trained:
     """One ``pipelines.train`` run with ``dims = (embedding_dim, attention_dim)`` (fixed ``--epochs``,
     validation every ``--val-every`` of an epoch)."""
-    work = REPO / "logs" / "benchmarks" / args.tag
+    work = _work(args)
     run_dir = work / f"{model}-e{dims[0]}-a{dims[1]}-seed{seed}-{int(time.time())}"
     argv = [
         f"recsys={model}",
@@ -177,7 +187,7 @@ def _cached_split(bundle_meta, split: str):
     from recsys.data.cache import cached_dataset
     from recsys.data.ctr_table import CTRTable
 
-    root = Path(os.environ.get("RECSYS_ROOT", REPO)) / ".cache" / "data"
+    root = _root() / ".cache" / "data"
     directory = cached_dataset(root, bundle_meta.name, bundle_meta.fingerprint)
     if directory is None:
         raise FileNotFoundError(f"no cached dataset {bundle_meta.name} {bundle_meta.fingerprint} under {root}")
@@ -219,7 +229,7 @@ def retrieval_ndcg(t: Trained, args: argparse.Namespace, cache: dict) -> dict:
 
 
 def iters_to_acc(t: Trained, args: argparse.Namespace) -> tuple[dict, list[tuple[int, float]]]:
-    work = REPO / "logs" / "benchmarks" / args.tag
+    work = _work(args)
     curve = metric_steps(_store(work), t.metrics["run_id"], ["val/auc"])["val/auc"]
     step = next((s for s, v in curve if v >= args.target_auc), None)
     last = curve[-1][0] if curve else 0
@@ -236,7 +246,7 @@ def _plots(rows: list[dict], curves: dict[str, list[tuple[int, float]]], args: a
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = REPO / "logs" / "benchmarks" / args.tag / "plots"
+    out_dir = _work(args) / "plots"
     name = args.label or args.data
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -284,7 +294,7 @@ def _save(fig, path: Path) -> Path:
 def _log_mlflow(paths: dict[str, Path], results: Path, args: argparse.Namespace) -> str:
     import mlflow
 
-    mlflow.set_tracking_uri(_store(REPO / "logs" / "benchmarks" / args.tag))
+    mlflow.set_tracking_uri(_store(_work(args)))
     mlflow.set_experiment("dare_analysis")
     with mlflow.start_run(run_name=args.tag) as run:
         params = {"data": args.label or args.data, "dim": args.dim, "epochs": args.epochs}
@@ -374,7 +384,7 @@ def main() -> None:
     all_rows = read_jsonl(out_path)
     write_text_atomic(args.results / f"{args.tag}.md", markdown(all_rows))
     print(markdown(rows))
-    print(f"plots logged to MLflow run {run_id} ({_store(REPO / 'logs' / 'benchmarks' / args.tag)})")
+    print(f"plots logged to MLflow run {run_id} ({_store(_work(args))})")
 
 
 if __name__ == "__main__":

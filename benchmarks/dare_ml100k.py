@@ -183,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     raw_path = args.results / f"{args.tag}_runs.jsonl"
-    work = REPO / "logs" / "benchmarks" / args.tag
+    work = Path(os.environ.get("RECSYS_ROOT", REPO)) / "logs" / "benchmarks" / args.tag
     rows = read_jsonl(raw_path)
     done = {(r["model"], r.get("dim", 16), r["seed"], r.get("patience"), r.get("max_epochs")) for r in rows}
     for dim in args.dims:

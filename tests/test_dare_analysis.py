@@ -3,7 +3,11 @@ generator's planted (category, position) option."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +16,7 @@ from benchmarks.common import paired_interval
 from benchmarks.dare_analysis import binary_mi, ground_truth_relevance, mi_scores, ndcg_at_k, relative_positions
 from recsys.data.synthetic import generate_log
 from recsys.errors import ConfigError
+from tests.conftest import REPO
 
 
 def _mi_from_joint(x: np.ndarray, y: np.ndarray) -> float:
@@ -107,3 +112,56 @@ def test_mi_ground_truth_finds_the_planted_lag():
     scores = mi_scores(cat[:, -1], cat[:, :-1], np.full(600, width), num_categories=int(cat.max()))
     per_position = np.array([[scores[t, p, t] for p in range(1, width + 1)] for t in np.unique(cat[:, -1])])
     assert (per_position.mean(axis=0).argmax() + 1) == lag
+
+
+def test_best_epoch_is_the_first_maximum():
+    from benchmarks.dare_ml100k import best_epoch
+
+    assert best_epoch([0.6, 0.7, 0.7, 0.65]) == 2
+    assert best_epoch([]) == 0
+
+
+def _benchmark(tmp_path, module, *args):
+    env = {**os.environ, "RECSYS_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", module, "--results", str(tmp_path / "results"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (tmp_path / "results" / f"{args[args.index('--tag') + 1]}.jsonl").open()]
+
+
+TINY = ["data.source.generator.num_users=60", "data.batch_size=256", "trainer=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_dare_ml100k_records_dim_best_epoch_and_the_paired_interval(tmp_path):
+    summary = _benchmark(
+        tmp_path, "benchmarks.dare_ml100k", "--data", "synthetic", "--models", "twin", "dare", "--seeds", "1", "2",
+        "--dims", "8", "--patience", "1", "--max-epochs", "2", "--batch-size", "256", "--tag", "t", *TINY,
+    )  # fmt: skip
+    runs = [json.loads(line) for line in (tmp_path / "results" / "t_runs.jsonl").open()]
+    assert {(r["model"], r["seed"], r["dim"], r["patience"]) for r in runs} == {
+        (m, s, 8, 1) for m in ("twin", "dare") for s in (1, 2)
+    }
+    assert all(1 <= r["best_epoch"] <= r["epochs_run"] <= 2 for r in runs)
+    (pair,) = [s for s in summary if "paired" in s]
+    auc = {(r["model"], r["seed"]): r["auc"] for r in runs}
+    assert pair["auc_diff"] == pytest.approx(np.mean([auc["dare", s] - auc["twin", s] for s in (1, 2)]))
+    assert pair["ci95"][0] <= pair["auc_diff"] <= pair["ci95"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_dare_analysis_writes_every_analysis(tmp_path):
+    rows = _benchmark(
+        tmp_path, "benchmarks.dare_analysis", "--models", "twin", "dare", "--dim", "8", "--ratios", "0.5",
+        "--target-auc", "0.5", "--tag", "a", *TINY,
+    )  # fmt: skip
+    kinds = {(r["model"], r["analysis"]) for r in rows}
+    assert kinds == {(m, a) for m in ("twin", "dare") for a in ("retrieval_ndcg", "iters_to_acc", "att_dim_ratio")}
+    ndcg = [r["value"] for r in rows if r["analysis"] == "retrieval_ndcg"]
+    assert all(0.0 <= v <= 1.0 for v in ndcg)
+    assert len([r for r in rows if r["analysis"] == "att_dim_ratio"]) == 4  # ratio 1 and 0.5 per model
+    assert (tmp_path / "results" / "a.md").read_text().count("| retrieval_ndcg |") == 2
+    plots = tmp_path / "logs" / "benchmarks" / "a" / "plots"
+    assert {p.name for p in plots.iterdir()} == {"retrieval_ndcg.png", "iters_to_acc.png", "att_dim_ratio.png"}
