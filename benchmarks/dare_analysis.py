@@ -379,7 +379,8 @@ def main() -> None:
                 row = {**_row(t, args, "att_dim_ratio", t.metrics["test/auc"], f"{setting} (test AUC)"), "ratio": ratio}
                 append_jsonl(out_path, [row])
                 rows.append(row)
-    paths = _plots(rows, curves, args)
+    label = args.label or args.data  # bars and ratio lines over every seed recorded for this dataset so far
+    paths = _plots([r for r in read_jsonl(out_path) if r["dataset"] == label], curves, args)
     run_id = _log_mlflow(paths, out_path, args)
     all_rows = read_jsonl(out_path)
     write_text_atomic(args.results / f"{args.tag}.md", markdown(all_rows))
