@@ -65,16 +65,40 @@ def train(args: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = No
     return run, (json.loads(path.read_text()) if run.ok and path.exists() else {})
 
 
-def metric_history(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[str, list[float]]:
-    """Per-epoch values of MLflow metrics (MLflow's names: ``@`` dropped, e.g. ``val/ndcg10``), in step order."""
+def metric_steps(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """``(step, value)`` points of MLflow metrics (MLflow's names: ``@`` dropped, e.g. ``val/ndcg10``), in step
+    order; the step is the trainer's global step (optimiser steps) at logging time."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     out = {}
     for name in names:
         points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
-        out[name] = [p.value for p in points]
+        out[name] = [(int(p.step), float(p.value)) for p in points]
     return out
+
+
+def metric_history(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[str, list[float]]:
+    """Per-epoch values of MLflow metrics (MLflow's names: ``@`` dropped, e.g. ``val/ndcg10``), in step order."""
+    return {name: [v for _, v in points] for name, points in metric_steps(tracking_uri, run_id, names).items()}
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a[i] - b[i]`` and its two-sided Student-t ``level`` interval
+    ``(mean, low, high)`` over the ``n`` pairs (``n - 1`` degrees of freedom); one pair gives an unbounded
+    interval (``-inf, inf``)."""
+    from scipy import stats
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_interval needs two equally long, non-empty sequences, got {len(a)} and {len(b)}")
+    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n == 1:
+        return mean, float("-inf"), float("inf")
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / n**0.5
+    return mean, mean - half, mean + half
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:

@@ -1,12 +1,23 @@
-"""DIN, TWIN and DARE on MovieLens-100k CTR, several seeds each (issue 2's benchmark; run by hand).
+"""DIN, TWIN and DARE (and TWIN-4E / TWIN w/ proj.) on MovieLens-100k CTR, paired seeds, trained to convergence.
 
-    .venv/bin/python -m benchmarks.dare_ml100k [--models din twin dare] [--seeds 1 2 3 4 5] [--epochs 2]
+    .venv/bin/python -m benchmarks.dare_ml100k [--models din twin dare] [--seeds 1 2 3 4 5] [--dims 16 64]
+        [--patience 3] [--max-epochs 30] [--data ml100k] [--tag dare_ml100k] [hydra overrides ...]
 
-Each (model, seed) is one `python -m pipelines.train` subprocess (so peak RSS is per run), tracked in
-the default MLflow store like any run. Raw results go to `benchmarks/results/dare_ml100k_runs.jsonl`
-(resumable: finished pairs are skipped); the summary (one object per model: model, dataset, seeds,
-auc_mean, auc_std, logloss_mean, sec_per_epoch, peak_rss_mb) to `benchmarks/results/dare_ml100k.jsonl`,
-and a markdown table to `benchmarks/results/dare_ml100k.md`.
+Each (model, dim, seed) is one ``python -m pipelines.train`` subprocess (so peak RSS is per run) with early
+stopping on ``val/auc`` (``+callbacks.early_stopping`` with ``--patience``; ``--patience 0`` = no early
+stopping, a fixed ``--max-epochs``); the test AUC is the best-validation checkpoint's. ``--dims`` sets
+``recsys.embedding_dim`` and ``recsys.attention_dim`` together (DARE's attention table = its representation
+width, as in the paper's dim-16 / dim-64 tables).
+
+Paired seeds: ``seed=<s>`` sets ``data.seed`` (configs/data/*.yaml: ``seed: ${seed}``), i.e. the training
+batch order, identically for every model; negatives are fixed by the dataset cache (``protocol.seed``), so
+model i and model j at seed s see the same rows in the same order and differ only by the model.
+
+Raw rows (resumable: finished (model, dim, seed, patience, max_epochs) are skipped) go to
+``<results>/<tag>_runs.jsonl``, each with ``dim``, ``patience``, ``best_epoch`` (1-based epoch of the highest
+``val/auc`` in the run's MLflow history) and ``epochs_run``; the summary (one object per model x dim, plus one
+``paired`` object per dim: DARE - TWIN test AUC over the seeds both finished, with its 95 % Student-t interval)
+to ``<results>/<tag>.jsonl`` and a markdown table to ``<results>/<tag>.md``.
 """
 
 from __future__ import annotations
@@ -15,38 +26,66 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, markdown_table
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    append_jsonl,
+    machine_load,
+    markdown_table,
+    metric_history,
+    paired_interval,
+    read_jsonl,
+    train,
+    write_text_atomic,
+)
+
+EARLY_STOP = (
+    "+callbacks.early_stopping={{_target_:pytorch_lightning.callbacks.EarlyStopping,"
+    "monitor:val/auc,mode:max,patience:{}}}"
+)
 
 
-def run_one(model: str, seed: int, epochs: int, batch_size: int, extra: list[str]) -> dict:
-    out_dir = REPO / "logs" / "benchmarks" / "dare_ml100k" / f"{model}-seed{seed}-{int(time.time())}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipelines.train",
+def overrides(model: str, data: str, dim: int, seed: int, patience: int, max_epochs: int, batch_size: int) -> list[str]:
+    """The ``pipelines.train`` overrides of one run (early stopping on val/auc when ``patience > 0``)."""
+    args = [
         f"recsys={model}",
-        "data=ml100k",
+        f"data={data}",
         f"seed={seed}",
-        f"trainer.max_epochs={epochs}",
+        f"recsys.embedding_dim={dim}",
+        f"recsys.attention_dim={dim}",
+        f"trainer.max_epochs={max_epochs}",
         f"data.batch_size={batch_size}",
         "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={out_dir}",
-        *extra,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{model} seed {seed} failed:\n{proc.stderr[-3000:]}")
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    return [*args, EARLY_STOP.format(patience)] if patience > 0 else args
+
+
+def best_epoch(val_auc: list[float]) -> int:
+    """1-based index of the first maximum of the per-epoch ``val/auc`` history (0 for an empty history)."""
+    return 1 + max(range(len(val_auc)), key=lambda i: (val_auc[i], -i)) if val_auc else 0
+
+
+def run_one(model: str, seed: int, dim: int, args: argparse.Namespace, work: Path) -> dict:
+    run_dir = work / f"{model}-d{dim}-seed{seed}-{int(time.time())}"
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    argv = overrides(model, args.data, dim, seed, args.patience, args.max_epochs, args.batch_size) + args.overrides
+    run, metrics = train(argv, run_dir, env={"MLFLOW_TRACKING_URI": uri})
+    if not run.ok:
+        raise RuntimeError(f"{model} dim {dim} seed {seed} failed:\n{run.stderr_tail}")
+    val_auc = metric_history(uri, metrics["run_id"], ["val/auc"])["val/auc"]
     return {
         "model": model,
-        "dataset": "ml100k",
+        "dataset": args.data,
+        "dim": dim,
         "seed": seed,
-        "epochs": epochs,
-        "batch_size": batch_size,
+        "patience": args.patience,
+        "max_epochs": args.max_epochs,
+        "best_epoch": best_epoch(val_auc),
+        "epochs_run": len(val_auc),
+        "batch_size": args.batch_size,
         "auc": metrics["test/auc"],
         "logloss": metrics["test/logloss"],
         "gauc_user": metrics["test/gauc_user"],
@@ -55,76 +94,112 @@ def run_one(model: str, seed: int, epochs: int, batch_size: int, extra: list[str
         "sec_per_epoch": metrics["time/sec_per_epoch"],
         "peak_rss_mb": metrics["system/peak_rss_mb"],
         "run_id": metrics["run_id"],
+        "command": run.command,
         "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
+        "load": machine_load(),
     }
 
 
-def summarise(rows: list[dict], models: list[str]) -> list[dict]:
+def summarise(rows: list[dict], models: list[str], dims: list[int]) -> list[dict]:
+    """One object per (model, dim) with rows, then one ``paired`` DARE - TWIN object per dim."""
     out = []
-    for model in models:
-        mine = [r for r in rows if r["model"] == model]
-        if not mine:
-            continue
-        aucs = [r["auc"] for r in mine]
-        out.append(
-            {
-                "model": model,
-                "dataset": "ml100k",
-                "seeds": sorted(r["seed"] for r in mine),
-                "auc_mean": statistics.mean(aucs),
-                "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                "logloss_mean": statistics.mean(r["logloss"] for r in mine),
-                "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in mine),
-                "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
-            }
-        )
+    for dim in dims:
+        for model in models:
+            mine = [r for r in rows if r["model"] == model and r.get("dim", 16) == dim]
+            if not mine:
+                continue
+            aucs = [r["auc"] for r in mine]
+            out.append(
+                {
+                    "model": model,
+                    "dataset": mine[0]["dataset"],
+                    "dim": dim,
+                    "seeds": sorted(r["seed"] for r in mine),
+                    "patience": mine[0].get("patience"),
+                    "auc_mean": statistics.mean(aucs),
+                    "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+                    "logloss_mean": statistics.mean(r["logloss"] for r in mine),
+                    "gauc_user_mean": statistics.mean(r["gauc_user"] for r in mine),
+                    "best_epochs": [r.get("best_epoch") for r in sorted(mine, key=lambda r: r["seed"])],
+                    "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in mine),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+                }
+            )
+        out.extend(paired(rows, dim, "dare", "twin"))
     return out
 
 
-def markdown(summary: list[dict], rows: list[dict]) -> str:
+def paired(rows: list[dict], dim: int, a: str, b: str) -> list[dict]:
+    """``a - b`` test AUC over the seeds both models finished at ``dim`` (empty without a common seed)."""
+    by = {(r["model"], r["seed"]): r["auc"] for r in rows if r.get("dim", 16) == dim}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    if not seeds:
+        return []
+    mean, low, high = paired_interval([by[a, s] for s in seeds], [by[b, s] for s in seeds])
+    return [{"paired": f"{a}-{b}", "dim": dim, "seeds": seeds, "auc_diff": mean, "ci95": [low, high]}]
+
+
+def markdown(summary: list[dict]) -> str:
+    models = [s for s in summary if "model" in s]
     body = [
         [
             s["model"],
+            s["dim"],
             len(s["seeds"]),
             f"{s['auc_mean']:.4f} ± {s['auc_std']:.4f}",
             f"{s['logloss_mean']:.4f}",
-            f"{statistics.mean(r['gauc_user'] for r in rows if r['model'] == s['model']):.4f}",
+            f"{s['gauc_user_mean']:.4f}",
+            s["patience"],
+            ",".join(str(e) for e in s["best_epochs"]),
             f"{s['sec_per_epoch']:.1f}",
             f"{s['peak_rss_mb']:.0f}",
         ]
-        for s in summary
+        for s in models
     ]
-    columns = ["model", "seeds", "test AUC (mean ± std)", "logloss", "GAUC user", "s/epoch", "peak RSS (MB)"]
-    return markdown_table(columns, body)
+    columns = ["model", "dim", "seeds", "test AUC (mean ± std)", "logloss", "GAUC user", "patience"]
+    text = markdown_table([*columns, "best epoch per seed", "s/epoch", "peak RSS (MB)"], body)
+    pairs = [
+        [p["paired"], p["dim"], len(p["seeds"]), f"{p['auc_diff']:+.4f}", f"[{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"]
+        for p in summary
+        if "paired" in p
+    ]
+    if pairs:
+        text += "\n" + markdown_table(["paired", "dim", "seeds", "test AUC difference", "95 % t-interval"], pairs)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["din", "twin", "dare"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--dims", nargs="+", type=int, default=[16, 64])
+    parser.add_argument("--patience", type=int, default=3, help="early-stopping patience on val/auc (0 = off)")
+    parser.add_argument("--max-epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--data", default="ml100k", help="data config (configs/data/)")
     parser.add_argument("--tag", default="dare_ml100k", help="results file stem")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
 
-    raw_path = RESULTS / f"{args.tag}_runs.jsonl"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in raw_path.read_text().splitlines()] if raw_path.exists() else []
-    done = {(r["model"], r["seed"]) for r in rows}
-    for seed in args.seeds:
-        for model in args.models:
-            if (model, seed) in done:
-                continue
-            row = run_one(model, seed, args.epochs, args.batch_size, args.overrides)
-            rows.append(row)
-            with raw_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
-    summary = summarise(rows, args.models)
-    (RESULTS / f"{args.tag}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in summary))
-    (RESULTS / f"{args.tag}.md").write_text(markdown(summary, rows))
-    print(markdown(summary, rows))
+    raw_path = args.results / f"{args.tag}_runs.jsonl"
+    work = Path(os.environ.get("RECSYS_ROOT", REPO)) / "logs" / "benchmarks" / args.tag
+    rows = read_jsonl(raw_path)
+    done = {(r["model"], r.get("dim", 16), r["seed"], r.get("patience"), r.get("max_epochs")) for r in rows}
+    for dim in args.dims:
+        for seed in args.seeds:
+            for model in args.models:
+                if (model, dim, seed, args.patience, args.max_epochs) in done:
+                    continue
+                row = run_one(model, seed, dim, args, work)
+                rows.append(row)
+                append_jsonl(raw_path, [row])
+                print(row, flush=True)
+    mine = [r for r in rows if r.get("patience") == args.patience and r.get("max_epochs") == args.max_epochs]
+    summary = summarise(mine, args.models, args.dims)
+    write_text_atomic(args.results / f"{args.tag}.jsonl", "".join(json.dumps(s) + "\n" for s in summary))
+    write_text_atomic(args.results / f"{args.tag}.md", markdown(summary))
+    print(markdown(summary))
 
 
 if __name__ == "__main__":

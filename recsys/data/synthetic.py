@@ -15,6 +15,15 @@ Measured on the defaults with the DARE protocol (all splits, AUC of simple score
 history): "target category among the last 10 behaviours" 0.87; count of the target category over
 all 200 slots 0.89; the same count weighted by exp(-age / 10..30) 0.91.
 
+Optional planted (category, relative position) structure (``echo_lags``, ``echo_prob``; off by default, so the
+default data is unchanged): with probability ``echo_prob`` an event (at step >= lag) repeats the category of
+the event ``lag`` steps before it (``lag`` drawn uniformly from ``echo_lags``; the item drawn by popularity
+within that category). The category of the behaviour at relative position ``lag`` then carries information
+about the next click's category beyond "recent behaviours of the favourite categories", which is what the
+mutual-information ground truth of DARE's retrieval analysis (``benchmarks/dare_analysis.py``) ranks: the
+pairs (category = target category, relative position in ``echo_lags``) come first. Without it the planted
+structure the MI finds is (category = target category, recent positions) through the favourites and drift.
+
 Popularity-sampled negatives rarely share a category with the user's *current* favourites, so
 "the target category occurs in the recent history" separates positives from negatives well, but
 not perfectly (popularity events and drift blur it).
@@ -81,6 +90,28 @@ class _PopularitySampler:
         return self.order[pos]
 
 
+def _plant_echoes(
+    rng: np.random.Generator,
+    sampler: _PopularitySampler,
+    category: np.ndarray,
+    item: np.ndarray,
+    step: np.ndarray,
+    lags: np.ndarray,
+    prob: float,
+) -> np.ndarray:
+    """Events ``[N]`` (users' steps contiguous) -> events where, with probability ``prob``, the event at step
+    ``s >= lag`` takes the category of the event at step ``s - lag`` (item by popularity within it). Steps are
+    visited in order, so an echo of an echo repeats the already-echoed category."""
+    item = item.copy()
+    lag = lags[rng.integers(0, len(lags), size=len(item))]
+    echo = (rng.random(len(item)) < prob) & (step >= lag)
+    for s in range(1, int(step.max()) + 1 if len(step) else 0):
+        rows = np.flatnonzero(echo & (step == s))
+        if rows.size:
+            item[rows] = sampler.draw(rng, category[item[rows - lag[rows]]], rows.size)
+    return item
+
+
 def _timestamps(rng: np.random.Generator, lengths: np.ndarray) -> np.ndarray:
     """Strictly increasing Unix seconds within each user (gaps of 10 s to 1 h)."""
     starts = _START_TIME + rng.integers(0, 30 * 86_400, size=len(lengths))
@@ -102,12 +133,22 @@ def generate_log(
     seed: int = 0,
     drift_phases: int = 6,
     zipf_exponent: float = 1.0,
+    echo_lags: tuple[int, ...] | list[int] = (),
+    echo_prob: float = 0.0,
 ) -> pl.DataFrame:
-    """A ``LOG_SCHEMA`` click log (behaviour ``pv``), grouped by user, time-ordered; ids start at 1."""
+    """A ``LOG_SCHEMA`` click log (behaviour ``pv``), grouped by user, time-ordered; ids start at 1.
+
+    ``echo_lags``/``echo_prob``: the planted (category, relative position) structure of the module docstring
+    (``echo_prob = 0`` draws nothing extra: the log is that of the same call without them)."""
     if not 1 <= min_len <= max_len:
         raise ConfigError(f"synthetic: need 1 <= min_len <= max_len, got {min_len}, {max_len}.")
     if min(num_users, num_items, num_categories, interests_per_user, drift_phases) < 1:
         raise ConfigError("synthetic: sizes, interests_per_user and drift_phases must be >= 1.")
+    if not 0.0 <= echo_prob <= 1.0 or (echo_prob > 0 and (not echo_lags or min(echo_lags) < 1)):
+        raise ConfigError(
+            f"synthetic: echo_prob={echo_prob} must be in [0, 1] and, when > 0, echo_lags={list(echo_lags)} "
+            "a non-empty list of lags >= 1."
+        )
     rng = np.random.default_rng(seed)
     category, weight = _item_catalogue(rng, num_items, num_categories, zipf_exponent)
     favs = _favourites(rng, num_users, num_categories, interests_per_user, drift_phases)
@@ -122,6 +163,8 @@ def generate_log(
         sampler.draw(rng, fav_cat, len(user)),
         sampler.draw(rng, None, len(user)),
     )
+    if echo_prob > 0:
+        item = _plant_echoes(rng, sampler, category, item, step, np.asarray(echo_lags), echo_prob)
     return pl.DataFrame(
         {
             "user": user + 1,
@@ -141,7 +184,11 @@ def _generator_params(generator: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         raise ConfigError(f"synthetic: unknown generator parameter(s) {unknown}; known: {sorted(defaults)}.")
-    return {**defaults, **given}
+    params = {**defaults, **given}
+    params["echo_lags"] = [int(lag) for lag in params["echo_lags"] or ()]
+    if not params["echo_prob"]:  # off: the same parameters (and dataset fingerprint) as before the option
+        del params["echo_lags"], params["echo_prob"]
+    return params
 
 
 def prepare_synthetic(

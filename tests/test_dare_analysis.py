@@ -1,0 +1,167 @@
+"""DARE analysis helpers (benchmarks/dare_analysis.py, benchmarks/common.py) on hand examples, and the synthetic
+generator's planted (category, position) option."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks.common import paired_interval
+from benchmarks.dare_analysis import binary_mi, ground_truth_relevance, mi_scores, ndcg_at_k, relative_positions
+from recsys.data.synthetic import generate_log
+from recsys.errors import ConfigError
+from tests.conftest import REPO
+
+
+def _mi_from_joint(x: np.ndarray, y: np.ndarray) -> float:
+    """Textbook MI (nats) of two 0/1 arrays from their empirical joint distribution."""
+    total = 0.0
+    for a in (0, 1):
+        for b in (0, 1):
+            pxy = np.mean((x == a) & (y == b))
+            if pxy > 0:
+                total += pxy * math.log(pxy / (np.mean(x == a) * np.mean(y == b)))
+    return total
+
+
+def test_binary_mi_known_values():
+    assert binary_mi(2, 2, 2, 4) == pytest.approx(math.log(2))  # X == Y, fair coin: H(Y) = ln 2
+    assert binary_mi(1, 2, 2, 4) == pytest.approx(0.0)  # independent
+    assert binary_mi(0, 2, 2, 4) == pytest.approx(math.log(2))  # X == 1 - Y: as informative
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    y[:30] = x[:30]
+    counts = ((x & y).sum(), x.sum(), y.sum(), 50)
+    assert binary_mi(*counts) == pytest.approx(_mi_from_joint(x, y))
+
+
+def test_relative_positions_latest_is_one():
+    pos, mask = relative_positions(np.array([3, 1]), 4)
+    assert pos.tolist() == [[3, 2, 1, 0], [1, 0, 0, 0]]
+    assert mask.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_mi_scores_hand_example():
+    # 4 clicks, categories 1..2; the latest behaviour (relative position 1) always has the target's category,
+    # the older one (position 2) is independent of it.
+    target = np.array([1, 1, 2, 2])
+    hist = np.array([[2, 1], [1, 1], [2, 2], [1, 2]])  # oldest first
+    scores = mi_scores(target, hist, np.array([2, 2, 2, 2]), num_categories=2)
+    assert scores.shape == (3, 3, 3)
+    assert scores[1, 1, 1] == pytest.approx(math.log(2))
+    assert scores[2, 1, 2] == pytest.approx(math.log(2))
+    assert scores[1, 2, 1] == pytest.approx(0.0)
+    assert scores[2, 2, 1] == pytest.approx(0.0)
+    # ground truth of the first row with top=1: only its latest behaviour (slot 1)
+    rel = ground_truth_relevance(scores, target, hist, np.array([2, 2, 2, 2]), top=1)
+    assert rel[0].tolist() == pytest.approx([0.0, math.log(2)])
+
+
+def test_ground_truth_ignores_padding():
+    scores = np.ones((2, 4, 2))
+    rel = ground_truth_relevance(scores, np.array([1]), np.array([[1, 1, 0]]), np.array([2]), top=3)
+    assert rel.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_ndcg_hand_example():
+    relevance = np.array([[3.0, 2.0, 0.0, 1.0], [3.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    retrieved = np.array([[0, 1], [3, 2], [0, 1]])
+    ndcg = ndcg_at_k(retrieved, relevance)
+    ideal = 3 + 2 / math.log2(3)
+    assert ndcg[0] == pytest.approx(1.0)
+    assert ndcg[1] == pytest.approx(1.0 / ideal)
+    assert math.isnan(ndcg[2])  # nothing relevant: undefined, left out of the mean
+
+
+def test_paired_interval_hand_example():
+    mean, low, high = paired_interval([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * sd 1 / sqrt(3)
+    assert (mean, low, high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert paired_interval([0.5], [0.25])[1:] == (float("-inf"), float("inf"))
+    with pytest.raises(ValueError):
+        paired_interval([1.0], [1.0, 2.0])
+
+
+def test_synthetic_echo_default_off_and_planted_when_on():
+    base = generate_log(num_users=40, min_len=30, max_len=40, seed=1)
+    assert base.equals(generate_log(num_users=40, min_len=30, max_len=40, seed=1, echo_lags=[], echo_prob=0.0))
+
+    def lag_match(frame, lag):
+        cat, user = frame["category"].to_numpy(), frame["user"].to_numpy()
+        same_user = user[lag:] == user[:-lag]
+        return np.mean(cat[lag:][same_user] == cat[:-lag][same_user])
+
+    echoed = generate_log(num_users=40, min_len=30, max_len=40, seed=1, echo_lags=[4], echo_prob=0.6)
+    assert lag_match(echoed, 4) > lag_match(base, 4) + 0.3
+    with pytest.raises(ConfigError, match="echo_lags"):
+        generate_log(num_users=5, min_len=30, max_len=40, echo_prob=0.5)
+
+
+def test_mi_ground_truth_finds_the_planted_lag():
+    """On the generator's echo option, the MI ranks (target category, the echo lag) above every other relative
+    position of the target category."""
+    lag, width = 3, 12
+    log = generate_log(num_users=600, min_len=width + 1, max_len=width + 1, seed=2, echo_lags=[lag], echo_prob=0.7)
+    cat = log["category"].to_numpy().reshape(600, width + 1)  # one user per row, oldest first; last = target
+    scores = mi_scores(cat[:, -1], cat[:, :-1], np.full(600, width), num_categories=int(cat.max()))
+    per_position = np.array([[scores[t, p, t] for p in range(1, width + 1)] for t in np.unique(cat[:, -1])])
+    assert (per_position.mean(axis=0).argmax() + 1) == lag
+
+
+def test_best_epoch_is_the_first_maximum():
+    from benchmarks.dare_ml100k import best_epoch
+
+    assert best_epoch([0.6, 0.7, 0.7, 0.65]) == 2
+    assert best_epoch([]) == 0
+
+
+def _benchmark(tmp_path, module, *args):
+    env = {**os.environ, "RECSYS_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", module, "--results", str(tmp_path / "results"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (tmp_path / "results" / f"{args[args.index('--tag') + 1]}.jsonl").open()]
+
+
+TINY = ["data.source.generator.num_users=60", "data.batch_size=256", "trainer=cpu"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_dare_ml100k_records_dim_best_epoch_and_the_paired_interval(tmp_path):
+    summary = _benchmark(
+        tmp_path, "benchmarks.dare_ml100k", "--data", "synthetic", "--models", "twin", "dare", "--seeds", "1", "2",
+        "--dims", "8", "--patience", "1", "--max-epochs", "2", "--batch-size", "256", "--tag", "t", *TINY,
+    )  # fmt: skip
+    runs = [json.loads(line) for line in (tmp_path / "results" / "t_runs.jsonl").open()]
+    assert {(r["model"], r["seed"], r["dim"], r["patience"]) for r in runs} == {
+        (m, s, 8, 1) for m in ("twin", "dare") for s in (1, 2)
+    }
+    assert all(1 <= r["best_epoch"] <= r["epochs_run"] <= 2 for r in runs)
+    (pair,) = [s for s in summary if "paired" in s]
+    auc = {(r["model"], r["seed"]): r["auc"] for r in runs}
+    assert pair["auc_diff"] == pytest.approx(np.mean([auc["dare", s] - auc["twin", s] for s in (1, 2)]))
+    assert pair["ci95"][0] <= pair["auc_diff"] <= pair["ci95"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_dare_analysis_writes_every_analysis(tmp_path):
+    rows = _benchmark(
+        tmp_path, "benchmarks.dare_analysis", "--models", "twin", "dare", "--dim", "8", "--ratios", "0.5",
+        "--target-auc", "0.5", "--tag", "a", *TINY,
+    )  # fmt: skip
+    kinds = {(r["model"], r["analysis"]) for r in rows}
+    assert kinds == {(m, a) for m in ("twin", "dare") for a in ("retrieval_ndcg", "iters_to_acc", "att_dim_ratio")}
+    ndcg = [r["value"] for r in rows if r["analysis"] == "retrieval_ndcg"]
+    assert all(0.0 <= v <= 1.0 for v in ndcg)
+    assert len([r for r in rows if r["analysis"] == "att_dim_ratio"]) == 4  # ratio 1 and 0.5 per model
+    assert (tmp_path / "results" / "a.md").read_text().count("| retrieval_ndcg |") == 2
+    plots = tmp_path / "logs" / "benchmarks" / "a" / "plots"
+    assert {p.name for p in plots.iterdir()} == {"retrieval_ndcg.png", "iters_to_acc.png", "att_dim_ratio.png"}
