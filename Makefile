@@ -34,7 +34,7 @@ train: venv
 
 # everything but the CUDA-only tests (tens of minutes on 2 CPU cores; see README)
 test: venv
-	$(PY) -m pytest tests -q -m "not gpu" $(ARGS)
+	$(PY) -m pytest tests -q -m "not gpu" -n 2 --dist loadfile $(ARGS)
 
 # the fast unit loop: no subprocess pipelines, no multi-process runs
 unit: venv
