@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import torch
 
 from recsys.data.schema import SAMPLE_SCHEMA, Vocab
 
@@ -60,3 +61,17 @@ def fit_one_batch(model, tasks, batch, steps: int, lr: float = 0.01) -> tuple[fl
         for opt in opts:
             opt.step()
     return losses[0], losses[-1]
+
+
+def direct_and_training_forward(model, batch, monkeypatch):
+    """(direct eval path output, training-order forward output) of a target-attention ``model`` in eval mode,
+    with the direct path's slicing exercised (several slices, the last one partial)."""
+    from recsys.models.target_attention import TargetAttentionBackbone
+
+    model.backbone.eval_chunk = 64
+    assert model.backbone._direct_eval()
+    with torch.no_grad():
+        fast = model(batch)
+        monkeypatch.setattr(TargetAttentionBackbone, "_direct_eval", lambda self: False)
+        slow = model(batch)
+    return fast, slow

@@ -19,7 +19,7 @@ from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.modules.tokens import TokenEmbedding
 from recsys.scoring.reader import run_ahead
-from tests.helpers import random_samples
+from tests.helpers import direct_and_training_forward, random_samples
 
 # 500 items > 8 x max_len: without the item dot table, item scores take gathered_dot's row-gather branch,
 # categories its matmul branch
@@ -49,12 +49,7 @@ def test_direct_eval_path_equals_the_training_forward(variant, item_gram, batch,
     if not item_gram:
         monkeypatch.setattr(TokenEmbedding, "GRAM_LIMIT", 0)
     model = make_model(variant)
-    model.backbone.eval_chunk = 64  # several slices, the last one partial
-    assert model.backbone._direct_eval()
-    with torch.no_grad():
-        fast = model(batch)
-        monkeypatch.setattr(TargetAttentionBackbone, "_direct_eval", lambda self: False)
-        slow = model(batch)
+    fast, slow = direct_and_training_forward(model, batch, monkeypatch)
     torch.testing.assert_close(fast.logits["click"], slow.logits["click"], rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.extras["attention"], slow.extras["attention"], rtol=0, atol=1e-5)
     assert torch.equal(fast.extras["topk_index"], slow.extras["topk_index"])

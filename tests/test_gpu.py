@@ -30,10 +30,9 @@ from recsys.data.schema import Vocab
 from recsys.data.seq_batch import SeqBatch, make_seq_kjt
 from recsys.data.tabular import TabularTable
 from recsys.data.transitions import build_transition_graph
-from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.tracking.resume import check_checkpoint
 from tests.conftest import REPO
-from tests.helpers import random_samples
+from tests.helpers import direct_and_training_forward, random_samples
 
 pytestmark = pytest.mark.gpu
 
@@ -200,12 +199,7 @@ def test_tower_forward_and_backward_on_cuda_equal_cpu(mtl):
 def test_direct_eval_path_equals_the_training_forward_on_cuda(recsys, monkeypatch):
     module, batch = _case(recsys)
     model, batch = module.model.to(CUDA).eval(), batch.to(CUDA)
-    model.backbone.eval_chunk = 64  # several slices, the last one partial
-    assert model.backbone._direct_eval()
-    with torch.no_grad():
-        fast = model(batch)
-        monkeypatch.setattr(TargetAttentionBackbone, "_direct_eval", lambda self: False)
-        slow = model(batch)
+    fast, slow = direct_and_training_forward(model, batch, monkeypatch)
     for task in fast.logits:
         torch.testing.assert_close(fast.logits[task], slow.logits[task], rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.extras["attention"], slow.extras["attention"], rtol=0, atol=1e-5)
