@@ -111,9 +111,11 @@ def read_only(folder: Path, batch_size: int) -> float:
     return rows / (time.perf_counter() - start)
 
 
-def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20) -> float:
-    """The model's rows/s on one in-memory batch of full histories, under inference mode as the scorer."""
+def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20, device: str = "cpu") -> float:
+    """The model's rows/s on one in-memory batch of full histories (already on ``device``), under inference
+    mode as the scorer."""
     bundle = load_bundle(bundle_dir)  # outside inference mode, as the scorer (weights keep version counters)
+    model = bundle.model.to(device)
     vocab = bundle.meta.vocab()
     g = torch.Generator().manual_seed(0)
     lengths = torch.full((batch_size,), seq, dtype=torch.int64)
@@ -124,12 +126,15 @@ def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int
         torch.randint(1, vocab.num_items + 1, (batch_size,), generator=g),
         torch.randint(1, vocab.num_categories + 1, (batch_size,), generator=g),
     )
-    batch = CTRBatch(sparse=sparse)
+    batch = CTRBatch(sparse=sparse).to(device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     with torch.inference_mode():
-        bundle.model(batch)  # warm-up
+        model(batch)  # warm-up
+        sync()
         start = time.perf_counter()
         for _ in range(batches):
-            bundle.model(batch)
+            model(batch)
+        sync()
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -238,7 +243,7 @@ def main() -> None:
             if not args.no_bounds:
                 bounds = {
                     "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
-                    "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size), 1),
+                    "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size, device=args.device), 1),
                 }
             runs = [(e, w) for e in args.engine for w in (args.workers if e == "ray" else [1])]
             for threads in args.threads:
