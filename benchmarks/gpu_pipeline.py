@@ -84,6 +84,8 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "torchrec": version("torchrec"),
         "fbgemm": f"{fbgemm_dist} {fbgemm}",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "commit": os.environ.get("RECSYS_COMMIT", "unknown"),  # the device copy has no .git: set by the caller
     }
 
 
@@ -108,6 +110,7 @@ def train_result(run_dir: Path) -> dict:
         "test_metric": name,
         "test_value": metrics.get(name) if name else None,
         "peak_gpu_mb": metrics.get("system/peak_gpu_mb"),
+        "graph_replays": metrics.get("perf/graph_replays"),  # steps that ran as the CUDA graph (cuda_graph=true)
     }
 
 
@@ -227,6 +230,7 @@ CASES = {
             "dare_bf16", "pipelines.train", "dare", "ml100k", ["recsys=dare", *ML100K, "trainer.precision=bf16-mixed"]
         ),
         Case("dare_scale", "pipelines.train", "dare", "scale", SCALE),
+        Case("dare_scale_eager", "pipelines.train", "dare", "scale", [*SCALE, "objective.cuda_graph=false"]),
         Case("dare_scale_bf16", "pipelines.train", "dare", "scale", [*SCALE, "trainer.precision=bf16-mixed"]),
         Case("dare_scale_adagrad", "pipelines.train", "dare", "scale", [*SCALE, *ADAGRAD]),
         Case(
@@ -312,6 +316,32 @@ package runs from the checkout on `PYTHONPATH`. Then:
 """
 
 
+def scale_line(case: Case, line: dict) -> dict:
+    """A ``scale.jsonl`` record of a ``data=scale`` case (``+benchmark=dare_scale``: Taobao vocabulary, batch 2048,
+    seq 200, K 20); ``compiled`` = the step ran as a CUDA graph (``perf/graph_replays`` > 0)."""
+    args = " ".join(case.args)
+    dim = 128 if "embedding_dim=128" in args else 16
+    return {
+        "model": case.model,
+        "setting": f"{case.name}_b2048_seq200_k20_taobao_vocab",
+        "world_size": 1,
+        "device": line.get("gpu", "cuda"),
+        "samples_per_s": line.get("samples_per_s"),
+        "peak_gpu_mb": line.get("peak_gpu_mb"),
+        "table_rows": {"item": 4068792, "category": 9409},
+        "dims": {"item": dim, "category": dim},
+        "entry": case.entry,
+        "precision": "bf16-mixed" if "bf16-mixed" in args else "32-true",
+        "kernels": line.get("kernels", "triton"),
+        "compiled": bool(line.get("graph_replays")),
+        "graph_replays": line.get("graph_replays"),
+        "sparse_optimizer": "RowWiseAdagrad" if "RowWiseAdagrad" in args else "LazyAdam",
+        "command": line.get("command"),
+        "commit": line.get("commit"),
+        "recorded_at": line.get("recorded_at"),
+    }
+
+
 def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> None:
     """The table of ``lines`` (latest line per case), the side-by-side table and the recipe."""
     latest = {line["case"]: line for line in lines}
@@ -374,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every training command")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines are appended here")
     parser.add_argument("--table-only", action="store_true", help="rebuild the markdown table of --out, run nothing")
+    parser.add_argument("--scale-out", type=Path, default=None, help="also append scale.jsonl lines (data=scale cases)")
     args = parser.parse_args(argv)
     if args.table_only:
         side = read_jsonl(RESULTS / "gpu_side_by_side.jsonl")
@@ -388,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
         line = record(CASES[name], ctx, stack)
         with args.out.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
+        if args.scale_out is not None and line["dataset"] == "scale" and line["status"] == "ok":
+            with args.scale_out.open("a") as fh:
+                fh.write(json.dumps(scale_line(CASES[name], line)) + "\n")
         shown = {k: line.get(k) for k in ("case", "status", "seconds", "samples_per_s", "rows_per_s", "test_value")}
         print(json.dumps(shown), flush=True)
 

@@ -142,13 +142,15 @@ def lookups(table: torch.nn.Parameter, seed: int) -> torch.Tensor:
     return (F.embedding(a, table, sparse=True) @ w).pow(2).sum() + (F.embedding(b, table, sparse=True) @ w).sum()
 
 
-def test_row_wise_adagrad_matches_the_dense_rule_and_ignores_untouched_rows():
+# 30 / 40 rows: fewer rows than the 42 lookups (the dense scatter_rows form); 300 / 400: more (dedup_rows slots)
+@pytest.mark.parametrize("rows", [30, 300])
+def test_row_wise_adagrad_matches_the_dense_rule_and_ignores_untouched_rows(rows):
     torch.manual_seed(0)
-    init = torch.randn(30, 4)
+    init = torch.randn(rows, 4)
     sparse = torch.nn.Parameter(init.clone())
     dense = torch.nn.Parameter(init.clone())
     opt = RowWiseAdagrad([sparse], lr=0.1, eps=1e-6)
-    acc = torch.zeros(30)
+    acc = torch.zeros(rows)
     for seed in range(5):
         opt.zero_grad()
         lookups(sparse, seed).backward()
@@ -180,9 +182,10 @@ def test_row_wise_adagrad_dense_gradients_give_the_same_update():
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_lazy_adam_matches_torch_sparse_adam():
+@pytest.mark.parametrize("rows", [40, 400])
+def test_lazy_adam_matches_torch_sparse_adam(rows):
     torch.manual_seed(2)
-    init = torch.randn(40, 5)
+    init = torch.randn(rows, 5)
     ours, ref = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
     o1 = LazyAdam([ours], lr=0.01, betas=(0.8, 0.99), eps=1e-7)
     o2 = torch.optim.SparseAdam([ref], lr=0.01, betas=(0.8, 0.99), eps=1e-7)

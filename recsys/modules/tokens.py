@@ -238,10 +238,26 @@ class TokenEmbedding(nn.Module):
         """``[B, K, token_dim]``: the whole history tokens of the slots in ``ids`` (``Tokens.history``)."""
         return _join(*self._history_parts(ids))
 
+    def _target_and_history(
+        self, target: torch.Tensor, hist: torch.Tensor, target_feature: str, hist_feature: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``target [B]``, ``hist [B, L]`` ids -> rows ``[B, D]``, ``[B, L, D]``; one lookup when both features
+        share a table, so the table gets one sparse gradient per step (two would be summed, and the sum of
+        sparse gradients coalesces: a host sync)."""
+        if self._table_of[target_feature] != self._table_of[hist_feature]:
+            return self._embed(target, target_feature), self._embed(hist, hist_feature)
+        rows = self._embed(torch.cat([target.unsqueeze(1).to(hist.dtype), hist], dim=1), hist_feature)
+        return rows[:, 0], rows[:, 1:]
+
     def lookup(self, ids: HistoryIds) -> Tokens:
         """:class:`Tokens` by direct lookups in local tables: the same values as :meth:`forward` on the KJT,
-        with no jagged op and, for fixed-shape ids, no host sync."""
-        (target_sem, target_pos), (hist_sem, hist_pos) = self._target_parts(ids), self._history_parts(ids)
+        with no jagged op and, for fixed-shape ids, no host sync (one lookup per table)."""
+        t_item, h_item = self._target_and_history(ids.target_item, ids.hist_item, TARGET_ITEM, HIST_ITEM)
+        t_cat, h_cat = self._target_and_history(ids.target_cat, ids.hist_cat, TARGET_CAT, HIST_CAT)
+        target_sem = torch.cat([t_item, t_cat], dim=-1)
+        hist_sem = torch.cat([h_item, h_cat], dim=-1) * ids.mask.unsqueeze(-1)
+        target_pos = self.positions[-1].weight[0].expand(target_sem.shape[0], -1) if self.pos_dim > 0 else None
+        hist_pos = F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
         return Tokens(target_sem, hist_sem, target_pos, hist_pos, ids.mask)
 
     GRAM_LIMIT = 1 << 25  # entries of the cached target x history item dot table (128 MiB of float32)

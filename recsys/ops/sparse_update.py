@@ -12,7 +12,8 @@ Optimisers (``torch.optim.Optimizer`` over 2-D tables; dense gradients are accep
 - :class:`RowWiseAdagrad`: FBGEMM's row-wise Adagrad, one accumulator per row:
   ``G_r += mean_d(g_r^2)``, ``w_r -= lr g_r / (sqrt(G_r) + eps)`` (a ``[rows]`` state: 1/D of Adam's memory);
 - :class:`LazyAdam`: Adam on the touched rows only (``torch.optim.SparseAdam``'s rule; moments of other
-  rows are left as they are), with the step count kept on the host (no sync).
+  rows are left as they are), with the step count kept on the device as a 0-d tensor (no host read, and a
+  CUDA graph of the step replays the bias corrections right).
 
 Both are pure torch (index_select / index_add / index_copy); ``tests/test_sparse_update.py`` checks them
 against dense references and ``torch.optim.SparseAdam``.
@@ -20,7 +21,6 @@ against dense references and ``torch.optim.SparseAdam``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -40,6 +40,20 @@ def dedup_rows(ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, to
     rows = torch.zeros_like(ids).scatter_(0, group, sorted_ids)  # every member of a group writes the same id
     valid = torch.arange(ids.numel(), device=ids.device) <= group[-1]
     return torch.where(valid, rows, rows[:1]), summed, valid
+
+
+def scatter_rows(ids: torch.Tensor, grads: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids [N]``, ``grads [N, D]`` -> ``(summed [rows, D], touched [rows])``: the gradient summed per table row
+    (repeats added) and which rows the ids touched. For tables of at most ``N`` rows (a category table looked up
+    ``B x L`` times) this dense form is smaller than :func:`dedup_rows`'s ``[N, D]`` slots and needs no sort."""
+    summed = torch.zeros(rows, grads.shape[1], dtype=grads.dtype, device=grads.device).index_add_(0, ids, grads)
+    touched = torch.zeros(rows, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+    return summed, touched
+
+
+def _small(weight: torch.Tensor, ids: torch.Tensor | None) -> bool:
+    """Whether the dense form (:func:`scatter_rows`) is the smaller one for this table and batch."""
+    return ids is not None and weight.shape[0] <= ids.numel()
 
 
 def _rows_and_grads(param: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -82,6 +96,8 @@ def rowwise_adagrad_(
 ) -> None:
     """In place: row-wise Adagrad on the rows ``ids [N]`` (repeats summed) with ``grads [N, D]``
     (``ids=None``: ``grads`` is the dense ``[rows, D]`` gradient)."""
+    if _small(weight, ids):  # summed per row; untouched rows get a zero gradient, i.e. no change
+        ids, grads = None, scatter_rows(ids, grads.float(), weight.shape[0])[0]
     if ids is None:
         acc.add_(grads.float().pow(2).mean(1))
         weight.addcdiv_(grads, (acc.sqrt() + eps).unsqueeze(1).to(weight.dtype), value=-lr)
@@ -114,13 +130,16 @@ class LazyAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = 0
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                ids, grads = _rows_and_grads(p)
                 step = state["step"]
-                size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+                if not isinstance(step, torch.Tensor) or step.device != p.device:  # older or CPU-loaded states
+                    step = state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+                step.add_(1)
+                ids, grads = _rows_and_grads(p)
+                # bias corrections on the device: no host read of the step, and a CUDA graph replays them right
+                size = (1 - torch.pow(beta2, step)).sqrt_().div_(1 - torch.pow(beta1, step)).mul_(group["lr"])
                 lazy_adam_(p, state["exp_avg"], state["exp_avg_sq"], ids, grads, size, beta1, beta2, group["eps"])
         return loss
 
@@ -131,16 +150,20 @@ def lazy_adam_(
     exp_avg_sq: torch.Tensor,
     ids: torch.Tensor | None,
     grads: torch.Tensor,
-    step_size: float,
+    step_size: float | torch.Tensor,
     beta1: float,
     beta2: float,
     eps: float,
 ) -> None:
-    """In place: one Adam step (bias corrections folded into ``step_size``) on the rows ``ids`` (repeats
-    summed; ``None``: dense ``grads``, every row)."""
+    """In place: one Adam step (bias corrections folded into ``step_size``, a number or a 0-d tensor on the
+    weights' device) on the rows ``ids`` (repeats summed; ``None``: dense ``grads``, every row)."""
+    touched = None
+    if _small(weight, ids):  # summed per row, and only the touched rows' moments move (the lazy rule)
+        grads, touched = scatter_rows(ids, grads.float(), weight.shape[0])
+        ids = None
     if ids is None:
         rows, summed = None, grads.float()
-        m, v = exp_avg, exp_avg_sq
+        m, v = (exp_avg.clone(), exp_avg_sq.clone()) if touched is not None else (exp_avg, exp_avg_sq)
     else:
         rows, summed, valid = dedup_rows(ids, grads.float())
         m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
@@ -149,6 +172,11 @@ def lazy_adam_(
     v.add_((summed * summed - v).mul_(1 - beta2))
     update = (m / v.sqrt().add_(eps)).mul_(-step_size)
     if rows is None:
+        if touched is not None:  # m, v are copies: write back the touched rows only
+            keep = touched.unsqueeze(1)
+            exp_avg.copy_(torch.where(keep, m, exp_avg))
+            exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
+            update = update * keep
         weight.add_(update.to(weight.dtype))
         return
     # padding slots (valid False) repeat row rows[0]: give them slot 0's values so duplicate writes agree

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -36,20 +37,30 @@ def summarise(prof: profile, steps: int, wall_s: float, on_device: bool, top: in
     host_calls = sum(e.count for e in averages if _device_time(e) == 0 or not on_device)
     lines = [f"steps profiled: {steps}", f"wall per step: {1000 * wall_s / steps:.3f} ms"]
     if on_device:
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
         lines += [
             f"device busy per step: {busy_us / 1000 / steps:.3f} ms (busy / wall = {busy_us / 1e6 / wall_s:.2f})",
             f"device kernels and copies per step: {len(kernels) / steps:.0f}",
         ]
     lines.append(f"host operator calls per step: {host_calls / steps:.0f}")
-    key = _device_time if on_device else (lambda e: float(e.self_cpu_time_total))
-    ranked = sorted(averages, key=key, reverse=True)
-    total = sum(key(e) for e in averages) or 1.0
-    lines += ["", f"top {top} by self {'device' if on_device else 'host'} time (share of the profiled steps):"]
+    if on_device:  # kernels and copies only (an operator's device time is its kernels': no double count)
+        key, pool = _device_time, [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+    else:
+        key, pool = (lambda e: float(e.self_cpu_time_total)), list(averages)
+    ranked = sorted(pool, key=key, reverse=True)
+    total = sum(key(e) for e in pool) or 1.0
+    what = "device kernels and copies by time" if on_device else "host operators by self time"
+    lines += ["", f"top {top} {what} (share of the profiled steps):"]
     for e in ranked[:top]:
         share, ms = 100 * key(e) / total, key(e) / 1000 / steps
-        lines.append(f"{share:6.2f} %  {ms:8.3f} ms/step  {e.count / steps:7.1f} calls/step  {e.key}")
+        lines.append(f"{share:6.2f} %  {ms:8.3f} ms/step  {e.count / steps:7.1f} calls/step  {e.key[:160]}")
+    if on_device:  # which calls of an operator cost the time: its rows by input shapes
+        by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+        lines += ["", "top 10 operators by self device time, by input shapes:"]
+        for e in sorted(by_shape, key=_device_time, reverse=True)[:10]:
+            ms = _device_time(e) / 1000 / steps
+            lines.append(f"{ms:8.3f} ms/step  {e.count / steps:5.1f} calls/step  {e.key}  {e.input_shapes}")
     return "\n".join(lines) + "\n"
 
 
@@ -76,7 +87,7 @@ class StepProfile(pl.Callback):
             activities = [ProfilerActivity.CPU]
             if pl_module.device.type == "cuda":
                 activities.append(ProfilerActivity.CUDA)
-            self._prof = profile(activities=activities)
+            self._prof = profile(activities=activities, record_shapes=True)
             self._start = self._sync(pl_module)
             self._prof.__enter__()
 

@@ -10,6 +10,7 @@ training step; a task supplies :meth:`SparseDenseModule.compute_losses`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +21,9 @@ import torch
 from torch import nn
 
 from recsys.compat import EmbeddingBagCollection, EmbeddingCollection, ShardedModule
+from recsys.training.cuda_graph import GraphedStep
+
+log = logging.getLogger(__name__)
 
 # the module's non-blocking batch copy below is meant to replace the datamodule's default
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
@@ -73,6 +77,15 @@ def _do_nothing() -> None:
     return None
 
 
+def count_step(optimizer: Any) -> None:
+    """Advance Lightning's step counter by one without stepping ``optimizer`` (the counting hooks of
+    :func:`uncounted`, called directly): for steps whose optimisers ran inside a replayed CUDA graph."""
+    before, after = getattr(optimizer, "_on_before_step", None), getattr(optimizer, "_on_after_step", None)
+    if before is not None and after is not None:
+        before()
+        after()
+
+
 class SparseDenseModule(pl.LightningModule):
     """Base of the training tasks: ``self.model``, two optimisers, one manual training step.
 
@@ -81,14 +94,29 @@ class SparseDenseModule(pl.LightningModule):
         sparse_optimizer / dense_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``). Under
             ``TorchRecStrategy`` (``trainer=dmp``) the sparse one is replaced by DMP's fused table optimiser.
 
+        cuda_graph: replay the whole training step as one CUDA graph (:mod:`recsys.training.cuda_graph`) when
+            training on one GPU in 32-bit precision with no LR scheduler (otherwise one warning, eager steps).
+            Graphed steps call the optimisers directly, so Lightning's ``on_before_backward`` /
+            ``on_after_backward`` / ``on_before_optimizer_step`` hooks do not run for them.
+        graph_warmup_steps: eager steps before the graph is recorded.
+
     Subclasses implement :meth:`compute_losses` and may override :meth:`on_train_output`.
     """
 
-    def __init__(self, model: nn.Module, sparse_optimizer: OptimizerFactory, dense_optimizer: OptimizerFactory) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        sparse_optimizer: OptimizerFactory,
+        dense_optimizer: OptimizerFactory,
+        cuda_graph: bool = False,
+        graph_warmup_steps: int = 3,
+    ) -> None:
         super().__init__()
         self.model = model
         self.sparse_optimizer, self.dense_optimizer = sparse_optimizer, dense_optimizer
         self.automatic_optimization = False
+        self.cuda_graph, self.graph_warmup_steps = cuda_graph, graph_warmup_steps
+        self.graphed_step: GraphedStep | None = None
 
     def compute_losses(self, batch: Any, out: Any) -> dict[str, torch.Tensor]:
         """Named scalar losses of ``out = self.model(batch)``; ``total`` is the one optimised."""
@@ -140,11 +168,68 @@ class SparseDenseModule(pl.LightningModule):
             return batch.to(device, non_blocking=True)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    # ---- training -----------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    # ---- CUDA graph -----------------------------------------------------------------------------
+    def graph_blocker(self) -> str | None:
+        """Why this run's steps cannot be graphed (``None``: they can)."""
+        trainer = self._trainer
+        if self.device.type != "cuda":
+            return f"the device is {self.device.type}"
+        if trainer is None:
+            return "no trainer"
+        if str(trainer.precision) != "32-true":
+            return f"precision {trainer.precision} (graphs need 32-true)"
+        if trainer.world_size != 1 or getattr(trainer.strategy, "shards_tables", False):
+            return "more than one device"
+        if trainer.lr_scheduler_configs:
+            return "an LR scheduler changes the learning rate the graph would freeze"
+        return None
+
+    def on_train_start(self) -> None:
+        self.graphed_step = None
+        if not self.cuda_graph:
+            return
+        blocker = self.graph_blocker()
+        if blocker is not None:
+            log.warning("cuda_graph=true but the training step runs eagerly: %s", blocker)
+            return
+        for opt in self._optimizers():
+            raw = getattr(opt, "optimizer", opt)
+            for group in raw.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = True  # torch.optim.Adam & co: step counts on the device
+            for p, state in raw.state.items():  # resumed states: step counts onto the device too
+                if isinstance(state.get("step"), torch.Tensor) and state["step"].device != p.device:
+                    state["step"] = state["step"].to(p.device, torch.float32)
+        self.graphed_step = GraphedStep(self._raw_step, warmup=self.graph_warmup_steps)
+
+    def on_train_end(self) -> None:
+        """``perf/graph_replays`` (steps that ran as the CUDA graph) into the run's metrics."""
+        if self.graphed_step is not None and self._trainer is not None:
+            step = self.graphed_step
+            log.info("CUDA graph: %d steps replayed, %d eager after the warm-up", step.replays, step.eager)
+            self._trainer.callback_metrics["perf/graph_replays"] = torch.tensor(float(step.replays))
+
+    def _raw_step(self, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """One step with the optimisers called directly (what the graph records); counted by the caller."""
         out = self.model(batch)
         losses = self.compute_losses(batch, out)
-        self.optimisation_step(losses["total"])
+        opts = [getattr(opt, "optimizer", opt) for opt in self._optimizers()]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        for opt in opts:
+            opt.step()
+        return losses, out
+
+    # ---- training -----------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.graphed_step is not None:
+            losses, out = self.graphed_step(batch)
+            count_step(self._optimizers()[-1])
+        else:
+            out = self.model(batch)
+            losses = self.compute_losses(batch, out)
+            self.optimisation_step(losses["total"])
         bs = batch.batch_size
         # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one).
         # prog_bar only with a bar: Lightning turns progress-bar metrics into Python floats every step (a host

@@ -49,6 +49,7 @@ class RankingModule(SparseDenseModule):
         sparse_optimizer / dense_optimizer: factories ``params -> Optimizer`` (Hydra ``_partial_``).
         aux_loss_weight: weight of each backbone auxiliary head's BCE (DARE: 1).
         l2_weight: coefficient of :func:`l2_penalty` (DARE: 1e-6).
+        cuda_graph / graph_warmup_steps: see :class:`~recsys.training.base.SparseDenseModule`.
 
     Logged per epoch: ``train/loss``, ``val/auc`` (mean over binary tasks), ``val/<task>/auc``,
     ``val/<task>/logloss``, ``val/<task>/gauc_user``, ``val/<task>/gauc_category`` (and ``/rmse`` for
@@ -63,8 +64,10 @@ class RankingModule(SparseDenseModule):
         dense_optimizer: OptimizerFactory,
         aux_loss_weight: float = 1.0,
         l2_weight: float = 1e-6,
+        cuda_graph: bool = False,
+        graph_warmup_steps: int = 3,
     ) -> None:
-        super().__init__(model, sparse_optimizer, dense_optimizer)
+        super().__init__(model, sparse_optimizer, dense_optimizer, cuda_graph, graph_warmup_steps)
         self.tasks = list(tasks)
         self.aux_loss_weight, self.l2_weight = aux_loss_weight, l2_weight
         self.model_builder = MODEL_BUILDER

@@ -1,0 +1,138 @@
+"""A whole training step (forward, losses, backward, every optimiser) replayed as one CUDA graph.
+
+At Taobao scale the DARE step issues ~600 kernels from ~2,800 host operator calls (``step_profile.txt`` of
+``+benchmark=dare_scale``): the host, not the GPU, sets the pace. A CUDA graph records the step's kernels once and
+replays them with one launch, so the host's work per step shrinks to copying the next batch into the recorded
+input buffers.
+
+:class:`GraphedStep` wraps ``step(batch) -> outputs``:
+
+1. the first ``warmup`` calls run eagerly (lazy state: optimiser moments, cuBLAS handles, Triton autotuning);
+2. the next call copies its batch into *static* buffers, records ``step(static)`` into a graph (recording runs
+   nothing) and replays it once — that replay is this batch's step;
+3. later calls copy their batch into the buffers and replay; the outputs are the same static tensors, refreshed.
+
+A batch whose tensors differ in shape, dtype or device from the recorded one (the last, partial batch of an epoch)
+runs eagerly, as does everything when ``capture`` raised (the step synchronised with the host, e.g.): one warning,
+then eager steps, never a failed run. Requirements on ``step``: it sets gradients to ``None`` before its backward
+(so the recorded backward allocates them from the graph's pool), its optimisers keep their step counts on the device
+(``torch.optim.Adam(capturable=True)``, :class:`recsys.ops.sparse_update.LazyAdam`) and learning rates do not
+change after recording (no LR scheduler).
+
+Plain torch; the ``graph`` factory is injectable so the bookkeeping is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a batch (dataclasses, dicts, lists and tuples, nested), in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in tensor_leaves(getattr(obj, f.name))]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj) for t in tensor_leaves(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensor_leaves(v)]
+    return []
+
+
+def static_copy(obj: Any) -> Any:
+    """A structural copy of ``obj`` whose tensors are fresh clones (the recorded input buffers)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: static_copy(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    if isinstance(obj, dict):
+        return {k: static_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(static_copy(v) for v in obj)
+    return obj
+
+
+def signature(leaves: list[torch.Tensor]) -> tuple:
+    """What must match for a batch to be copied into the recorded buffers."""
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves)
+
+
+class GraphedStep:
+    """Eager for ``warmup`` calls, then one recorded graph replayed per call (see the module docstring).
+
+    Args:
+        step: ``step(batch) -> outputs`` (a full training step).
+        warmup: eager calls before recording (>= 1).
+        graph: factory of the graph object (``torch.cuda.CUDAGraph``); with ``context(graph)`` the recording
+            context (``torch.cuda.graph``). Injected by tests.
+
+    Attributes: ``replays`` (graph steps so far), ``eager`` (eager steps after the warm-up), ``failed`` (the reason
+    recording failed, or ``None``).
+    """
+
+    def __init__(
+        self,
+        step: Callable[[Any], Any],
+        warmup: int = 3,
+        graph: Callable[[], Any] | None = None,
+        context: Callable[[Any], Any] | None = None,
+    ) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (lazy state is created eagerly), got {warmup}")
+        self.step, self.warmup = step, warmup
+        self._graph_factory = graph or torch.cuda.CUDAGraph
+        # thread_local: the loader's pin-memory thread may allocate page-locked memory while the step records
+        self._context = context or (lambda g: torch.cuda.graph(g, capture_error_mode="thread_local"))
+        self.calls = self.replays = self.eager = 0
+        self.failed: str | None = None
+        self._graph: Any = None
+        self._inputs: list[torch.Tensor] = []
+        self._signature: tuple | None = None
+        self._outputs: Any = None
+
+    @property
+    def recorded(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, batch: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.warmup or self.failed is not None:
+            if self.calls > self.warmup:
+                self.eager += 1
+            return self.step(batch)
+        leaves = tensor_leaves(batch)
+        if self._graph is None:
+            return self._record(batch, leaves)
+        if signature(leaves) != self._signature:
+            self.eager += 1
+            return self.step(batch)
+        for buffer, value in zip(self._inputs, leaves):
+            buffer.copy_(value, non_blocking=True)
+        self._graph.replay()
+        self.replays += 1
+        return self._outputs
+
+    def _record(self, batch: Any, leaves: list[torch.Tensor]) -> Any:
+        static = static_copy(batch)
+        graph = self._graph_factory()
+        try:
+            with self._context(graph):
+                outputs = self.step(static)
+        except Exception as err:  # noqa: BLE001 - any recording failure falls back to eager steps
+            self.failed = f"{type(err).__name__}: {err}"
+            log.warning("training step not graphed (recording failed: %s); running it eagerly", self.failed)
+            self.eager += 1
+            return self.step(batch)
+        self._graph, self._outputs = graph, outputs
+        self._inputs, self._signature = tensor_leaves(static), signature(leaves)
+        graph.replay()  # recording ran nothing: this replay is the batch's step
+        self.replays += 1
+        return outputs

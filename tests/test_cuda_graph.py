@@ -1,0 +1,199 @@
+"""The graphed training step (recsys/training/cuda_graph.py).
+
+CPU: the bookkeeping of :class:`GraphedStep` with an injected stand-in for ``torch.cuda.CUDAGraph`` (warm-up calls
+eager, one recording, buffers refreshed per call, eager fallbacks on a new shape or a failed recording).
+GPU (marked ``gpu``): DARE trained through Lightning with ``cuda_graph=True`` reaches the same weights as the eager
+step, and the graph really replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from mtl.single import SingleTower
+from mtl.spec import TaskSpec
+from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
+from recsys.data.schema import Vocab
+from recsys.models.ranking import RankingModel
+from recsys.models.target_attention import TargetAttentionBackbone
+from recsys.ops.sparse_update import LazyAdam
+from recsys.training.cuda_graph import GraphedStep, static_copy, tensor_leaves
+from recsys.training.ranking import RankingModule
+from tests.helpers import random_samples
+
+
+@dataclass
+class _Inner:
+    ids: torch.Tensor
+
+
+@dataclass
+class _Batch:
+    x: torch.Tensor
+    inner: _Inner
+    labels: dict
+
+
+def _batch(value: float, rows: int = 4) -> _Batch:
+    return _Batch(torch.full((rows,), value), _Inner(torch.arange(rows)), {"b": torch.ones(rows), "a": torch.zeros(1)})
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: recording runs the step once (a real graph runs nothing; the test's
+    step only reads its input), replay re-runs it on the recorded buffers and refreshes the recorded outputs."""
+
+    def __init__(self, owner: dict) -> None:
+        self.owner = owner
+
+    def replay(self) -> None:
+        fresh = self.owner["step"](self.owner["static"])
+        self.owner["outputs"]["y"].copy_(fresh["y"])
+
+
+def _fake(owner: dict, fail: bool = False):
+    @contextlib.contextmanager
+    def context(graph):
+        owner["recording"] = True
+        try:
+            if fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+        finally:
+            owner["recording"] = False
+
+    return (lambda: _FakeGraph(owner)), context
+
+
+def test_tensor_leaves_and_static_copy_follow_the_batch_structure():
+    batch = _batch(1.0)
+    leaves = tensor_leaves(batch)
+    assert [t.shape for t in leaves] == [(4,), (4,), (1,), (4,)]  # x, inner.ids, labels a then b
+    static = static_copy(batch)
+    assert isinstance(static, _Batch) and isinstance(static.inner, _Inner)
+    assert all(torch.equal(s, t) and s.data_ptr() != t.data_ptr() for s, t in zip(tensor_leaves(static), leaves))
+
+
+def test_graphed_step_warms_up_records_once_then_replays_with_each_batch():
+    owner: dict = {"recording": False}
+    seen: list[tuple[bool, float]] = []
+
+    def step(batch):
+        if owner["recording"]:
+            owner["static"] = batch
+        seen.append((owner["recording"], float(batch.x[0])))
+        out = {"y": batch.x * 2 + batch.labels["b"]}
+        if owner["recording"]:
+            owner["outputs"] = out  # what the graph's replays refresh
+        return out
+
+    owner["step"] = step
+    graph, context = _fake(owner)
+    graphed = GraphedStep(step, warmup=2, graph=graph, context=context)
+    results = []
+    for value in (1.0, 2.0, 3.0, 4.0, 5.0):
+        results.append(float(graphed(_batch(value))["y"][0]))
+    assert results == [3.0, 5.0, 7.0, 9.0, 11.0]  # every call computed its own batch
+    assert [r for r, _ in seen].count(True) == 1  # one recording (the third call)
+    assert (graphed.replays, graphed.eager, graphed.failed) == (3, 0, None)
+    # the replays ran on the recorded buffers, refreshed with each batch
+    assert owner["static"].x.tolist() == [5.0] * 4
+    # a batch of another shape (an epoch's last, partial batch) runs eagerly and leaves the graph in place
+    out = graphed(_batch(6.0, rows=3))
+    assert out["y"].tolist() == [13.0] * 3 and graphed.eager == 1 and graphed.recorded
+    assert float(graphed(_batch(7.0))["y"][0]) == 15.0 and graphed.replays == 4
+
+
+def test_a_failed_recording_falls_back_to_eager_steps_for_good(caplog):
+    owner: dict = {"recording": False}
+    calls = []
+
+    def step(batch):
+        calls.append(float(batch.x[0]))
+        return {"y": batch.x + 1}
+
+    graph, context = _fake(owner, fail=True)
+    graphed = GraphedStep(step, warmup=1, graph=graph, context=context)
+    values = [float(graphed(_batch(v))["y"][0]) for v in (1.0, 2.0, 3.0)]
+    assert values == [2.0, 3.0, 4.0] and calls == [1.0, 2.0, 3.0]
+    assert graphed.failed.startswith("RuntimeError") and graphed.replays == 0 and graphed.eager == 2
+    assert "not graphed" in caplog.text
+
+
+def test_warmup_must_be_positive():
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedStep(lambda b: b, warmup=0)
+
+
+def test_lazy_adam_keeps_its_step_on_the_device_and_resumes_from_an_integer_step():
+    weight = torch.nn.Parameter(torch.randn(10, 3))
+    opt = LazyAdam([weight], lr=0.1)
+    for _ in range(2):
+        weight.grad = torch.randn(10, 3)
+        opt.step()
+    state = opt.state[weight]
+    assert isinstance(state["step"], torch.Tensor) and float(state["step"]) == 2.0
+    # a state saved by the older optimiser (a Python int step) continues from that count
+    legacy = torch.nn.Parameter(weight.detach().clone())
+    other = LazyAdam([legacy], lr=0.1)
+    other.state[legacy] = {k: (int(v) if k == "step" else v.clone()) for k, v in state.items()}
+    same = torch.randn(10, 3)
+    weight.grad, legacy.grad = same.clone(), same.clone()
+    opt.step()
+    other.step()
+    assert torch.allclose(weight, legacy) and float(other.state[legacy]["step"]) == 3.0
+
+
+VOCAB = Vocab(50, 400, 8)
+TASKS = [TaskSpec("click")]
+
+
+def _dare_module(cuda_graph: bool) -> RankingModule:
+    torch.manual_seed(0)
+    backbone = TargetAttentionBackbone(
+        VOCAB, 16, embedding_dim=8, attention_dim=4, decoupled=True, top_k=4, sparse_grad=True
+    )
+    model = RankingModel(backbone, SingleTower(backbone.output_dim, TASKS, hidden=(16,)))
+    return RankingModule(
+        model,
+        TASKS,
+        lambda p: LazyAdam(p, lr=0.01),
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        cuda_graph=cuda_graph,
+        graph_warmup_steps=2,
+    )
+
+
+@pytest.mark.gpu
+def test_graphed_dare_training_on_cuda_matches_the_eager_step(tmp_path):
+    table = CTRTable.from_frame(random_samples(rows=200, vocab=VOCAB, seed=3), "mem", {"click": "label"}, VOCAB)
+    weights = {}
+    modules = {}
+    for graphed in (False, True):
+        module = _dare_module(graphed)
+        trainer = pl.Trainer(
+            accelerator="gpu",
+            devices=1,
+            max_steps=9,  # 2 eager warm-up steps, 1 recording, then replays; 200 rows / 32 = 6 full + 1 partial
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(tmp_path / str(graphed)),
+        )
+        loader = batch_loader(BatchedCTRDataset(table, pad_to=16), len(table), 32, shuffle=True, seed=1)
+        trainer.fit(module, train_dataloaders=loader)
+        assert trainer.global_step == 9
+        weights[graphed] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        modules[graphed] = copy.copy(module.graphed_step)
+    step = modules[True]
+    assert step is not None and step.failed is None, step and step.failed
+    assert step.replays >= 5 and step.eager >= 1  # the epoch's partial batch ran eagerly
+    assert modules[False] is None
+    for name, value in weights[False].items():
+        assert torch.allclose(value.float(), weights[True][name].float(), atol=1e-5, rtol=1e-4), name
