@@ -169,31 +169,53 @@ def _dare_module(cuda_graph: bool) -> RankingModule:
     )
 
 
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))  # the graph's loss is a recorded buffer: read it now
+
+
+def _train_on_cuda(table: CTRTable, graphed: bool, root) -> tuple[dict, list[float], object]:
+    module = _dare_module(graphed)
+    losses = _Losses()
+    trainer = pl.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=9,  # 2 eager warm-up steps, 1 recording, then replays; 200 rows / 32 = 6 full + 1 partial
+        logger=False,
+        callbacks=[losses],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
+    loader = batch_loader(BatchedCTRDataset(table, pad_to=16), len(table), 32, shuffle=True, seed=1)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 9  # one step per batch, graphed or not
+    weights = {k: v.detach().cpu().float() for k, v in module.state_dict().items() if v.is_floating_point()}
+    return weights, losses.values, copy.copy(module.graphed_step)
+
+
+def _far(a: dict, b: dict, tol: float = 1e-4) -> int:
+    return sum(int(((a[k] - b[k]).abs() > tol).sum()) for k in a)
+
+
 @pytest.mark.gpu
 def test_graphed_dare_training_on_cuda_matches_the_eager_step(tmp_path):
+    """Same data, init and order: the graphed run follows the eager one. The sparse updates sum repeated ids with
+    atomics, so two eager runs already differ in float rounding, and Adam's normalised step turns a rounding
+    difference on a near-zero gradient into a full-size update on that element: the weights are compared by how
+    many elements move apart, against two eager runs; a stale buffer or a skipped replay moves most of them."""
     table = CTRTable.from_frame(random_samples(rows=200, vocab=VOCAB, seed=3), "mem", {"click": "label"}, VOCAB)
-    weights = {}
-    modules = {}
-    for graphed in (False, True):
-        module = _dare_module(graphed)
-        trainer = pl.Trainer(
-            accelerator="gpu",
-            devices=1,
-            max_steps=9,  # 2 eager warm-up steps, 1 recording, then replays; 200 rows / 32 = 6 full + 1 partial
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(tmp_path / str(graphed)),
-        )
-        loader = batch_loader(BatchedCTRDataset(table, pad_to=16), len(table), 32, shuffle=True, seed=1)
-        trainer.fit(module, train_dataloaders=loader)
-        assert trainer.global_step == 9
-        weights[graphed] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        modules[graphed] = copy.copy(module.graphed_step)
-    step = modules[True]
-    assert step is not None and step.failed is None, step and step.failed
+    eager, eager_losses, none = _train_on_cuda(table, False, tmp_path / "eager")
+    again, _, _ = _train_on_cuda(table, False, tmp_path / "again")
+    graph, graph_losses, step = _train_on_cuda(table, True, tmp_path / "graph")
+    assert none is None and step is not None and step.failed is None, step and step.failed
     assert step.replays >= 5 and step.eager >= 1  # the epoch's partial batch ran eagerly
-    assert modules[False] is None
-    for name, value in weights[False].items():
-        assert torch.allclose(value.float(), weights[True][name].float(), atol=1e-5, rtol=1e-4), name
+    elements = sum(v.numel() for v in eager.values())
+    far, noise = _far(graph, eager), _far(again, eager)
+    print(f"elements {elements}: graph vs eager {far} beyond 1e-4, eager vs eager {noise}")
+    assert torch.allclose(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-5)
+    assert far <= max(3 * noise, 0.001 * elements)
