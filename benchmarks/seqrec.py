@@ -170,6 +170,12 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
     tracking_uri = f"sqlite:///{run_dir / 'mlflow.db'}"  # one store per run: concurrent benchmarks never share one
     overrides = our_overrides(model, dataset, path, seed, args)
     overrides.append(f"logger.artifact_location={run_dir / 'mlartifacts'}")
+    tuned = tuned_overrides(model, name, args)
+    if args.tuned_from and tuned is None:
+        log(f"[ours {model} {name}] no complete trial of study {model}-{name} in {args.tuned_from}: not run")
+        return []
+    if tuned is not None:  # the search config (its fixed links, e.g. one lr for both optimisers) + the best trial
+        overrides = [o for o in overrides if not o.startswith("recsys=")] + tuned["overrides"]
     timeout = 24 * 3600.0
     if args.deadline_s is not None:  # stop training in time to test the best checkpoint before the deadline
         budget = int(remaining(args) - TEST_MARGIN_S)
@@ -222,17 +228,38 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
                 "entry": "pipelines.train",
                 "implementation": "ours",
                 "protocol": protocol,
-                "selection": f"val ndcg@20 ({protocol}), patience {args.patience}"
-                + (", training until both protocols stalled" if len(args.protocols) > 1 else ""),
+                "selection": f"val ndcg@20 ({protocol}), patience {args.patience}",
+                "protocols_in_run": list(args.protocols),  # >1: trained until every one's validation stalled
                 "test_from": "checkpoint" if from_checkpoint else "epoch_test",
                 "epoch_times": times,
                 "val_ndcg20": [round(v, 6) for v in history[f"val{sfx}/ndcg20"]][:epochs],
                 "test_ndcg10": [round(v, 6) for v in history[f"epoch_test{sfx}/ndcg10"]][:epochs],
+                **({"tuned": True, **{k: v for k, v in tuned.items() if k != "overrides"}} if tuned else {}),
                 "command": run.command,
                 "machine_load": machine_load(),
             }
         )
     return rows
+
+
+def tuned_overrides(model: str, dataset: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """With ``--tuned-from``: the best complete trial of the Optuna study ``<model>-<dataset>`` (the name
+    configs/hparams_search/<model>.yaml gives it) as overrides on top of ``hparams_search=<model>``, with the trial
+    count and the trial's validation value (the study never read the test split)."""
+    if not args.tuned_from:
+        return None
+    from recsys.tracking.optuna_study import best_trial
+
+    best = best_trial(args.tuned_from, f"{model}-{dataset}")
+    if best is None:
+        return None
+    return {
+        "overrides": [f"hparams_search={model}", *best.overrides],
+        "trials": best.finished,
+        "tuned_params": best.params,
+        "tuned_trial": best.number,
+        "tuned_val_objective": round(best.value, 6),
+    }
 
 
 # ---- RecBole ------------------------------------------------------------------------------------------------
@@ -312,48 +339,80 @@ def run_recbole(dataset: str, seed: int, args: argparse.Namespace) -> list[dict[
 
 
 # ---- table --------------------------------------------------------------------------------------------------
+def _group_key(row: dict[str, Any]) -> tuple:
+    impl = row.get("implementation", "ours")
+    selection = row.get("selection", "val ndcg@20, patience 20")
+    if impl == "ours":  # ours select under the row's own protocol: the rule without the protocol's name
+        selection = re.sub(r" \((history_removed|history_kept)\)", "", selection)
+    return (row["dataset"], impl != "ours", row["model"], row["device"], row.get("entry", "plain loop"), selection)
+
+
+def _impl(is_peer: bool) -> str:
+    return "RecBole" if is_peer else "ours"
+
+
 def write_table(rows: Sequence[dict[str, Any]], table: Path) -> None:
-    """Per dataset and protocol, ours and RecBole's rows next to each other (mean ± std over seeds)."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    """A side-by-side table (per dataset: ours and RecBole, each protocol's test NDCG@10 / HR@10 / NDCG@5 next to
+    each other) and the full table (every metric, per dataset and protocol); mean ± std over seeds."""
+    groups: dict[tuple, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        impl = row.get("implementation", "ours")
-        key = (row["dataset"], row.get("protocol", "history_removed"), impl != "ours", row["model"], row["device"])
-        groups[(*key, row.get("entry", "plain loop"), row.get("selection", "val ndcg@20, patience 20"))].append(row)
-    body = []
-    for (dataset, protocol, is_peer, model, device, entry, selection), group in sorted(groups.items()):
-        reached = [r["seconds_to_recbole_best"] for r in group if r.get("seconds_to_recbole_best") is not None]
-        stopped = sorted({str(r.get("stopped_by", "–")) for r in group})
-        body.append(
-            [dataset, protocol, "RecBole" if is_peer else "ours", model, device, entry, selection, len(group)]
-            + [mean_std([r[m] for r in group]) for m in METRICS]
-            + [
-                mean_std([r["best_epoch"] for r in group if r.get("best_epoch") is not None], 1),
-                ", ".join(stopped),
-                f"{min(r['sec_per_epoch'] for r in group):.2f}" if all(r.get("sec_per_epoch") for r in group) else "–",
-                f"{min(reached):.1f}" if reached else "–",
-            ]
+        groups[_group_key(row)][row.get("protocol", "history_removed")].append(row)
+
+    def cell(group: list[dict[str, Any]], metric: str) -> str:
+        return mean_std([r[metric] for r in group]) if group else "–"
+
+    def reached(group: list[dict[str, Any]]) -> str:
+        values = [r["seconds_to_recbole_best"] for r in group if r.get("seconds_to_recbole_best") is not None]
+        return f"{min(values):.1f}" if values else "–"
+
+    side, full = [], []
+    for (dataset, is_peer, model, device, entry, selection), by_protocol in sorted(groups.items()):
+        removed, kept = by_protocol.get("history_removed", []), by_protocol.get("history_kept", [])
+        side.append(
+            [dataset, _impl(is_peer), model, device, entry, selection, max(len(removed), len(kept))]
+            + [cell(g, m) for m in ("ndcg10", "hr10", "ndcg5") for g in (removed, kept)]
+            + [reached(removed), reached(kept)]
         )
+        for protocol, group in sorted(by_protocol.items()):
+            stopped = sorted({str(r.get("stopped_by", "–")) for r in group})
+            full.append(
+                [dataset, protocol, _impl(is_peer), model, device, entry, selection, len(group)]
+                + [cell(group, m) for m in METRICS]
+                + [
+                    mean_std([r["best_epoch"] for r in group if r.get("best_epoch") is not None], 1),
+                    ", ".join(stopped),
+                    f"{min(r['sec_per_epoch'] for r in group):.2f}"
+                    if all(r.get("sec_per_epoch") for r in group)
+                    else "–",
+                    reached(group),
+                ]
+            )
+    side_columns = ["dataset", "impl.", "model", "device", "entry", "selection", "seeds"]
+    side_columns += [f"{m} {p}" for m in ("NDCG@10", "HR@10", "NDCG@5") for p in ("removed", "kept")]
+    side_columns += ["s to RecBole best, removed", "s to RecBole best, kept"]
     columns = ["dataset", "protocol", "impl.", "model", "device", "entry", "selection", "seeds", *METRICS]
     columns += ["best epoch", "stopped by", "s/epoch", "s to RecBole best"]
     text = (
         "# Sequential recommendation: ours vs RecBole under both protocols (`python -m benchmarks.seqrec`)\n\n"
-        "Full-ranking test metrics, mean ± std over seeds, grouped by dataset and **protocol**: `history_removed` = "
-        "every item of the user's history removed from the ranking (the official MQSA-TED / S3-Rec protocol, "
-        "`eval.exclude_history=true`); `history_kept` = history items stay rankable (RecBole's). Compare rows "
-        "within one (dataset, protocol) block only.\n\n"
-        "**Selection rules.** Ours (`pipelines.train`): the epoch of best validation NDCG@20 *under the row's "
-        "protocol*, early stopping after 20 epochs without a gain; with both protocols in one run (rows with "
-        "'training until both protocols stalled') training continues until both protocols' validation NDCG@20 "
-        "stalled, so each protocol gets the epoch a run under it alone would select. RecBole: its own early "
-        "stopping and checkpoint on validation NDCG@10 with history kept (patience 5); its `history_removed` row "
-        "is that same checkpoint re-ranked with the history removed (`recbole_masked.py`), i.e. RecBole did not "
-        "select under that protocol. `stopped by`: early_stopping | max_epochs | "
-        "killed (cut at the call's deadline) | time_limit (RecBole's budget or our `trainer.max_time`; "
-        "both: selection over the epochs run, `converged` false in the JSON line). `s/epoch`: ours = training + "
-        "validation + per-epoch test ranking (both protocols when both are run), fastest seed; RecBole = training only "
-        "(median). `s to RecBole best` = cumulative epoch time until test NDCG@10 first reached RecBole SASRec's "
-        "test NDCG@10 under the same protocol (for RecBole: its training seconds to its best epoch). Rows with "
-        "entry `plain loop` come from the deleted plain-loop harness.\n\n" + markdown_table(columns, body)
+        "Full-ranking test metrics, mean ± std over seeds. **Protocols**: `removed` (`history_removed`) = every "
+        "item of the user's history removed from the ranking (the official MQSA-TED / S3-Rec protocol, "
+        "`eval.exclude_history=true`); `kept` (`history_kept`) = history items stay rankable (RecBole's). Compare "
+        "numbers of one protocol only.\n\n"
+        "**Selection rules.** Ours (`pipelines.train`): for each protocol, the epoch of best validation NDCG@20 "
+        "*under that protocol*, early stopping after `patience` epochs without a gain; one training run gives both "
+        "protocols (`eval.both_protocols`, training until both protocols' validation stalled, so each protocol "
+        "gets the epoch a run under it alone would select; `protocols_in_run` in the JSON line). RecBole: its own "
+        "early stopping and checkpoint on validation NDCG@10 with history kept (patience 5); its `removed` numbers "
+        "are that same checkpoint re-ranked with the history removed (`recbole_masked.py`): RecBole never selects "
+        "under the removed protocol. Rows with entry `plain loop` come from the deleted plain-loop harness "
+        "(history removed only).\n\n"
+        "## Side by side\n\n" + markdown_table(side_columns, side) + "\n## Every metric\n\n"
+        "`stopped by`: early_stopping | max_epochs | killed (cut at the call's deadline) | time_limit (RecBole's "
+        "budget or our `trainer.max_time`; both: selection over the epochs run, `converged` false in the JSON "
+        "line). `s/epoch`: ours = training + validation + per-epoch test ranking (under both protocols when both "
+        "are run), fastest seed; RecBole = training only (median). `s to RecBole best` = cumulative epoch time "
+        "until test NDCG@10 first reached RecBole SASRec's test NDCG@10 under the same protocol (for RecBole: its "
+        "training seconds to its best epoch).\n\n" + markdown_table(columns, full)
     )
     write_text_atomic(table, text)
 
@@ -385,6 +444,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recbole-margin-s", type=float, default=100.0, help="deadline room for prep and tests")
     parser.add_argument("--recbole-batch-size", type=int, default=256)
     parser.add_argument("--recbole-threads", type=int, default=None)
+    parser.add_argument(
+        "--tuned-from",
+        default=None,
+        help="Optuna storage URL (sqlite:///.../optuna.db): ours run with the best trial of study <model>-<dataset> "
+        "(python -m pipelines.train -m hparams_search=<model> data=<dataset> ...); rows gain tuned, trials",
+    )
     parser.add_argument("--work", type=Path, default=REPO / "logs" / "benchmarks" / "seqrec")
     parser.add_argument("--out", type=Path, default=RESULTS / "seqrec.jsonl")
     parser.add_argument("--table", type=Path, default=RESULTS / "seqrec.md")
@@ -392,7 +457,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--table-only",
         action="store_true",
         help="run nothing: fill our rows' seconds_to_recbole_best from the RecBole rows in --out "
-        "(rows without a reference yet) and rebuild --table",
+        "(rows written before a RecBole row of their dataset and protocol existed) and rebuild --table",
     )
     parser.add_argument("extra", nargs="*", help="Hydra overrides added to every run of ours")
     args = parser.parse_args(argv)
@@ -402,8 +467,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def finalize(path: Path, table: Path) -> None:
     rows = read_jsonl(path)
+    # rows of this benchmark whose reference was not a measured RecBole row when they were written (rows from before
+    # the field existed keep what they recorded)
     updated = [
-        fill_recbole_reference(r, rows) if (r.get("recbole_reference") or {}).get("source") != "measured" else r
+        fill_recbole_reference(r, rows)
+        if "recbole_reference" in r and (r["recbole_reference"] or {}).get("source") != "measured"
+        else r
         for r in rows
     ]
     if updated != read_jsonl(path):

@@ -183,7 +183,8 @@ def test_benchmark_runs_ours_once_for_both_protocols_beside_recbole(tmp_path):
         assert row["entry"] == "pipelines.train" and row["dataset"] == "tiny" and row["device"] == "cpu"
         assert len(row["epoch_times"]) == len(row["val_ndcg20"]) == len(row["test_ndcg10"]) == 2
         assert row["best_epoch"] == 1 + row["val_ndcg20"].index(max(row["val_ndcg20"]))
-        assert row["selection"] == f"val ndcg@20 ({protocol}), patience 20, training until both protocols stalled"
+        assert row["selection"] == f"val ndcg@20 ({protocol}), patience 20"
+        assert row["protocols_in_run"] == ["history_removed", "history_kept"]
         assert row["stopped_by"] == "max_epochs" and row["converged"]
         assert row["recbole_reference"]["source"] == "measured"
         assert row["ndcg10"] == row["test_ndcg10"][row["best_epoch"] - 1]  # the selected epoch's test ranking
@@ -193,5 +194,6 @@ def test_benchmark_runs_ours_once_for_both_protocols_beside_recbole(tmp_path):
     assert seqrec.seconds_to_reach([0.1], [2.0], 0.25) is None
     text = table.read_text()
     assert "| tiny | history_kept | RecBole | sasrec |" in text and "| tiny | history_kept | ours | sasrec |" in text
+    assert "| tiny | ours | sasrec | cpu | pipelines.train | val ndcg@20, patience 20 | 1 |" in text  # side by side
     seqrec.main(["--table-only", "--out", str(out), "--table", str(tmp_path / "again.md")])
     assert (tmp_path / "again.md").read_text() == text
