@@ -23,7 +23,7 @@ tar xzf .device/recbole_whl/recbole_site.tar.gz -C "$W/recbole_site" || exit 3
 export OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 DATASETS=${SEQREC16_DATASETS:-beauty sports yelp}
 # shellcheck disable=SC2206  # SEQREC16_ARGS: extra benchmark arguments, split on spaces
-COMMON=(--trainer "${SEQREC16_TRAINER:-gpu}" --seeds 0 --data-dir "${SEQREC16_DATA:-.device/data/seqrec}"
+COMMON=(--trainer "${SEQREC16_TRAINER:-gpu}" --seeds 0 --data-dir "${SEQREC16_DATA:-$PWD/.device/data/seqrec}"
     --deadline-s "$DEADLINE" --work "$W/runs" ${SEQREC16_ARGS:-})
 lane() {  # lane NAME ARGS...: one benchmark process in the background, its own jsonl and log
     local name=$1
