@@ -51,6 +51,8 @@ cat "$W"/tuned_*.jsonl > "$OUTDIR/seqrec_tuned.jsonl" 2>/dev/null
     for d in $DATASETS; do
         python3 - "$W/$d/optuna.db" "$d" <<'PY'
 import sys
+import warnings
+warnings.simplefilter("ignore")
 import optuna
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.load_study(study_name=f"mqsa_ted-{sys.argv[2]}", storage=f"sqlite:///{sys.argv[1]}")
@@ -58,5 +60,5 @@ for t in study.trials:
     print(sys.argv[2], t.number, t.state.name, t.value, t.params, t.duration)
 PY
     done
-    for f in "$W"/*.log; do echo "== $(basename "$f")"; grep -v -i "warn" "$f" | tail -4; done
+    for f in "$W"/*.log; do echo "== $(basename "$f")"; grep -v -i "warn\|return cls" "$f" | tail -4; done
 } > "$OUTDIR/sweep.log" 2>&1
