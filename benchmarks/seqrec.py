@@ -362,7 +362,10 @@ def write_table(rows: Sequence[dict[str, Any]], table: Path) -> None:
         return mean_std([r[metric] for r in group]) if group else "–"
 
     def reached(group: list[dict[str, Any]]) -> str:
-        values = [r["seconds_to_recbole_best"] for r in group if r.get("seconds_to_recbole_best") is not None]
+        # rows of ours written before `recbole_reference` existed measured against RecBole's history-kept level
+        # whatever their own protocol: not shown
+        same_protocol = [r for r in group if r.get("implementation") == "recbole" or "recbole_reference" in r]
+        values = [r["seconds_to_recbole_best"] for r in same_protocol if r.get("seconds_to_recbole_best") is not None]
         return f"{min(values):.1f}" if values else "–"
 
     side, full = [], []
@@ -414,7 +417,19 @@ def write_table(rows: Sequence[dict[str, Any]], table: Path) -> None:
         "until test NDCG@10 first reached RecBole SASRec's test NDCG@10 under the same protocol (for RecBole: its "
         "training seconds to its best epoch).\n\n" + markdown_table(columns, full)
     )
-    write_text_atomic(table, text)
+    write_text_atomic(table, text + kept_notes(table))
+
+
+def kept_notes(table: Path) -> str:
+    """The hand-written part of an existing table file: from its first ``## `` heading that this module does not
+    write (notes on the runs, added below the tables), to the end."""
+    if not table.exists():
+        return ""
+    lines = table.read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("## ") and not line.startswith(("## Side by side", "## Every metric")):
+            return "\n" + "".join(lines[i:])
+    return ""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -197,3 +197,27 @@ def test_benchmark_runs_ours_once_for_both_protocols_beside_recbole(tmp_path):
     assert "| tiny | ours | sasrec | cpu | pipelines.train | val ndcg@20, patience 20 | 1 |" in text  # side by side
     seqrec.main(["--table-only", "--out", str(out), "--table", str(tmp_path / "again.md")])
     assert (tmp_path / "again.md").read_text() == text
+
+
+def test_benchmark_table_puts_protocols_side_by_side_and_keeps_notes(tmp_path):
+    from benchmarks import seqrec
+
+    def row(impl, protocol, ndcg10):
+        rule = "val ndcg@20 ({}), patience 20" if impl == "ours" else "valid ndcg@10 (history_kept), patience 5"
+        selection = rule.format(protocol)
+        return {"implementation": impl, "model": "sasrec", "dataset": "yelp", "device": "cuda", "seed": 0,
+                "entry": "e", "protocol": protocol, "selection": selection, "best_epoch": 3, "sec_per_epoch": 1.0,
+                **dict.fromkeys(seqrec.METRICS, 0.0), "ndcg10": ndcg10}  # fmt: skip
+
+    rows = [row("ours", "history_removed", 0.02), row("ours", "history_kept", 0.03)]
+    rows += [row("recbole", "history_kept", 0.04), row("recbole", "history_removed", 0.05)]
+    table = tmp_path / "seqrec.md"
+    table.write_text("# old\n\n| a |\n\n## Notes on these runs\n\n- hand-written\n")
+    seqrec.write_table(rows, table)
+    seqrec.write_table(rows, table)
+    text = table.read_text()
+    assert text.count("## Notes on these runs\n\n- hand-written\n") == 1 and "# old" not in text
+    side = text.split("## Side by side")[1].split("## Every metric")[0]
+    assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side
+    recbole = "| yelp | RecBole | sasrec | cuda | e | valid ndcg@10 (history_kept), patience 5 | 1 | 0.0500 | 0.0400 |"
+    assert recbole in side  # removed before kept: RecBole's re-ranked checkpoint, then its own protocol
