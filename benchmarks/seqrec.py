@@ -415,7 +415,8 @@ def write_table(rows: Sequence[dict[str, Any]], table: Path) -> None:
         "line). `s/epoch`: ours = training + validation + per-epoch test ranking (under both protocols when both "
         "are run), fastest seed; RecBole = training only (median). `s to RecBole best` = cumulative epoch time "
         "until test NDCG@10 first reached RecBole SASRec's test NDCG@10 under the same protocol (for RecBole: its "
-        "training seconds to its best epoch).\n\n" + markdown_table(columns, full)
+        "training seconds to its best epoch; older rows of ours, which compared across protocols, show –).\n\n"
+        + markdown_table(columns, full)
     )
     write_text_atomic(table, text + kept_notes(table))
 
