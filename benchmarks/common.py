@@ -29,6 +29,7 @@ class PipelineRun:
     returncode: int
     seconds: float
     stderr_tail: str
+    timed_out: bool = False  # stopped at ``timeout`` (SIGTERM, then SIGKILL 30 s later)
 
     @property
     def command(self) -> str:
@@ -42,25 +43,39 @@ class PipelineRun:
 def run_entry(
     entry: str, args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 3600
 ) -> PipelineRun:
-    """``python -m <entry> <args>`` from the repository root; ``env`` adds to the environment."""
+    """``python -m <entry> <args>`` from the repository root; ``env`` adds to the environment. Past ``timeout``
+    seconds the process gets SIGTERM (``pipelines.train`` then marks its MLflow run KILLED and exits 143; what it
+    logged per epoch stays readable), SIGKILL 30 s later, and the run comes back with ``timed_out``."""
     argv = [entry, *args]
     start = time.perf_counter()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", *argv],
         cwd=REPO,
         env={**os.environ, **(env or {})},
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        check=False,
     )
-    return PipelineRun(argv, proc.returncode, time.perf_counter() - start, proc.stderr[-3000:])
+    timed_out = False
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    return PipelineRun(argv, proc.returncode, time.perf_counter() - start, (stderr or "")[-3000:], timed_out)
 
 
-def train(args: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None) -> tuple[PipelineRun, dict]:
+def train(
+    args: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None, timeout: float = 3600
+) -> tuple[PipelineRun, dict]:
     """``python -m pipelines.train <args> hydra.run.dir=<run_dir>``; returns the run and its ``metrics.json``
     (empty if it failed)."""
-    run = run_entry("pipelines.train", [*args, f"hydra.run.dir={run_dir}"], env)
+    run = run_entry("pipelines.train", [*args, f"hydra.run.dir={run_dir}"], env, timeout)
     path = Path(run_dir) / "metrics.json"
     return run, (json.loads(path.read_text()) if run.ok and path.exists() else {})
 

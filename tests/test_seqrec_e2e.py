@@ -132,27 +132,92 @@ def test_builder_rejects_task_towers():
         build_sequential_module(FakeData(), functools.partial(SASRec), functools.partial(Tower), 0.01)
 
 
+FAKE_RECBOLE = """import argparse, json, sys
+p = argparse.ArgumentParser()
+for a in ("--data", "--dataset", "--seed", "--max-epochs", "--time-budget-s", "--patience", "--batch-size", "--out",
+          "--threads"):
+    p.add_argument(a)
+p.add_argument("--quiet", action="store_true")
+p.add_argument("--cpu", action="store_true")
+a = p.parse_args()
+m = lambda v: {"HR@5": v, "HR@10": v, "HR@20": v, "NDCG@5": v, "NDCG@10": v, "NDCG@20": v}
+open(a.out, "w").write(json.dumps({"dataset": a.dataset, "epochs_run": 3, "best_epoch": 2,
+    "stopped_by": "time_budget", "sec_per_epoch_median": 2.0, "sec_per_epoch_all": [2.0, 2.5, 3.0],
+    "data_prep_seconds": 1.0, "total_wall_seconds": 9.0, "valid_ndcg10_per_epoch": [0.1, 0.2, 0.15],
+    "test": m(0.2), "test_history_removed": m(0.3), "hparams": {"batch_size": int(a.batch_size)},
+    "env": {"argv": sys.argv[1:]}}))
+"""
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_benchmark_goes_through_pipelines_train_and_reads_per_epoch_history(tmp_path):
-    """benchmarks.seqrec runs the real command; per-epoch val/test NDCG and epoch times come from MLflow."""
+def test_benchmark_runs_ours_once_for_both_protocols_beside_recbole(tmp_path):
+    """benchmarks.seqrec: RecBole's runner (a stand-in script here) gives two protocol rows from one run; ours runs
+    pipelines.train once with both protocols, each row selected by its own validation NDCG@20; per-epoch val/test
+    NDCG and epoch times come from MLflow; seconds_to_recbole_best uses RecBole's row of the same protocol."""
     from benchmarks import seqrec
 
     data = tiny_sequences(tmp_path / "tiny.txt")
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    (peers / "recbole_masked.py").write_text(FAKE_RECBOLE)
     out, table = tmp_path / "seqrec.jsonl", tmp_path / "seqrec.md"
     args = [
-        "--datasets", str(data), "--models", "sasrec", "--seeds", "0", "--max-epochs", "2",
-        "--work", str(tmp_path / "work"), "--out", str(out), "--table", str(table),
-        "--protocol", "history_kept", "trainer.enable_model_summary=false",
+        "--datasets", str(data), "--models", "recbole_sasrec", "sasrec", "--seeds", "0", "--max-epochs", "2",
+        "--work", str(tmp_path / "work"), "--out", str(out), "--table", str(table), "--recbole-dir", str(peers),
+        "--recbole-pythonpath", str(tmp_path), "--deadline-s", "3000", "trainer.enable_model_summary=false",
     ]  # fmt: skip
     rows = seqrec.main(args)
-    assert [r["model"] for r in rows] == ["sasrec"] and rows[0]["entry"] == "pipelines.train"
-    row = rows[0]
-    assert len(row["epoch_times"]) == len(row["val_ndcg10"]) == len(row["test_ndcg10"]) == 2
-    assert row["best_epoch"] in (1, 2) and row["dataset"] == "tiny" and row["device"] == "cpu"
-    assert row["seconds_to_recbole_best"] is None  # no RecBole reference for a custom file
+    assert [(r["implementation"], r["protocol"]) for r in rows] == [
+        ("recbole", "history_kept"),
+        ("recbole", "history_removed"),
+        ("ours", "history_removed"),
+        ("ours", "history_kept"),
+    ]
+    kept, removed = rows[0], rows[1]
+    assert kept["ndcg10"] == 0.2 and removed["ndcg10"] == 0.3 and kept["seconds_to_recbole_best"] == 4.5
+    assert kept["selection"] == "valid ndcg@10 (history_kept), patience 5" and kept["model"] == "sasrec"
+    assert kept["stand_ins"] is not None and "--time-budget-s" in kept["command"]
+    ours = rows[2:]
+    for row, protocol in zip(ours, ("history_removed", "history_kept")):
+        assert row["entry"] == "pipelines.train" and row["dataset"] == "tiny" and row["device"] == "cpu"
+        assert len(row["epoch_times"]) == len(row["val_ndcg20"]) == len(row["test_ndcg10"]) == 2
+        assert row["best_epoch"] == 1 + row["val_ndcg20"].index(max(row["val_ndcg20"]))
+        assert row["selection"] == f"val ndcg@20 ({protocol}), patience 20"
+        assert row["protocols_in_run"] == ["history_removed", "history_kept"]
+        assert row["stopped_by"] == "max_epochs" and row["converged"]
+        assert row["recbole_reference"]["source"] == "measured"
+        assert row["ndcg10"] == row["test_ndcg10"][row["best_epoch"] - 1]  # the selected epoch's test ranking
+    assert ours[0]["test_from"] == "checkpoint" and ours[1]["test_from"] == "epoch_test"
+    assert "eval.both_protocols=true" in ours[0]["command"] and "EarlyStoppingAll" in ours[0]["command"]
     assert seqrec.seconds_to_reach([0.1, 0.3, 0.5], [2.0, 3.0, 4.0], 0.25) == 5.0
     assert seqrec.seconds_to_reach([0.1], [2.0], 0.25) is None
-    assert row["protocol"] == "history_kept" and "eval.exclude_history=false" in row["command"]
-    assert row["selection"] == "val/ndcg@20, patience 20"
-    assert "| tiny | history_kept | sasrec | cpu | pipelines.train | 1 |" in table.read_text()
+    text = table.read_text()
+    assert "| tiny | history_kept | RecBole | sasrec |" in text and "| tiny | history_kept | ours | sasrec |" in text
+    assert "| tiny | ours | sasrec | cpu | pipelines.train | val ndcg@20, patience 20 | 1 |" in text  # side by side
+    seqrec.main(["--table-only", "--out", str(out), "--table", str(tmp_path / "again.md")])
+    assert (tmp_path / "again.md").read_text() == text
+
+
+def test_benchmark_table_puts_protocols_side_by_side_and_keeps_notes(tmp_path):
+    from benchmarks import seqrec
+
+    def row(impl, protocol, ndcg10):
+        rule = "val ndcg@20 ({}), patience 20" if impl == "ours" else "valid ndcg@10 (history_kept), patience 5"
+        selection = rule.format(protocol)
+        return {"implementation": impl, "model": "sasrec", "dataset": "yelp", "device": "cuda", "seed": 0,
+                "entry": "e", "protocol": protocol, "selection": selection, "best_epoch": 3, "sec_per_epoch": 1.0,
+                **dict.fromkeys(seqrec.METRICS, 0.0), "ndcg10": ndcg10}  # fmt: skip
+
+    rows = [row("ours", "history_removed", 0.02), row("ours", "history_kept", 0.03)]
+    rows += [row("recbole", "history_kept", 0.04), row("recbole", "history_removed", 0.05)]
+    table = tmp_path / "seqrec.md"
+    table.write_text("# old\n\n| a |\n\n## Notes on these runs\n\n- hand-written\n")
+    seqrec.write_table(rows, table)
+    seqrec.write_table(rows, table)
+    text = table.read_text()
+    assert text.count("## Notes on these runs\n\n- hand-written\n") == 1 and "# old" not in text
+    side = text.split("## Side by side")[1].split("## Every metric")[0]
+    assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side
+    recbole = "| yelp | RecBole | sasrec | cuda | e | valid ndcg@10 (history_kept), patience 5 | 1 | 0.0500 | 0.0400 |"
+    assert recbole in side  # removed before kept: RecBole's re-ranked checkpoint, then its own protocol

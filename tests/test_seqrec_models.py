@@ -296,6 +296,53 @@ def test_eval_exclude_history_reaches_the_module(value):
     assert module._eval["rank"][0].tolist() == ([math.inf] if value else [3.0])
 
 
+def test_both_protocols_ranks_the_hand_example_under_each_name():
+    """eval.both_protocols: the run's protocol keeps the plain names, the other one is logged beside it."""
+    from recsys.training.sequential import SequentialModule
+
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.1, 0.9, 0.3, 0.8, 0.2, 0.5]])
+    batch = make_batch([[3], [1]], targets=[[3], [4]], exclude=[[3, 5], [2]])
+    for exclude_history, other in ((True, "history_kept"), (False, "history_removed")):
+        module = SequentialModule(
+            _FixedScores(scores), None, torch.optim.Adam, torch.optim.Adam, (5,), True, exclude_history, True
+        )
+        module._rank(batch)
+        metrics = module.evaluation_metrics("val")
+        removed = {"hr@5": 0.5, "ndcg@5": 0.5}  # ranks [inf, 0]: the repeated target is unreachable
+        kept = {"hr@5": 1.0, "ndcg@5": (1 / math.log2(5) + 1 / math.log2(3)) / 2}  # ranks [3, 1]
+        mine, theirs = (removed, kept) if exclude_history else (kept, removed)
+        assert metrics == pytest.approx(
+            {**{f"val/{k}": v for k, v in mine.items()}, **{f"val_{other}/{k}": v for k, v in theirs.items()}}
+        )
+
+
+def test_early_stopping_all_waits_for_every_monitor():
+    from recsys.tracking.callbacks import EarlyStoppingAll
+
+    stopper = EarlyStoppingAll(monitor="val/ndcg@20", also=["val_history_kept/ndcg@20"], mode="max", patience=2)
+    trainer = SimpleNamespace(
+        callback_metrics={},
+        fast_dev_run=False,
+        should_stop=False,
+        current_epoch=0,
+        strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+    )
+    # the run's protocol peaks at epoch 1, the other one keeps improving until epoch 3
+    curves = [(0.5, 0.1), (0.4, 0.2), (0.4, 0.3), (0.4, 0.3), (0.4, 0.3)]
+    stops = []
+    for epoch, (main, other) in enumerate(curves):
+        trainer.current_epoch = epoch
+        trainer.callback_metrics = {"val/ndcg@20": torch.tensor(main), "val_history_kept/ndcg@20": torch.tensor(other)}
+        stopper._run_early_stopping_check(trainer)
+        stops.append(trainer.should_stop)
+    # Lightning's own EarlyStopping on val/ndcg@20 would have stopped after epoch 3 (index 2)
+    assert stops == [False, False, False, False, True] and stopper.stopped_epoch == 4
+    state = stopper.state_dict()
+    again = EarlyStoppingAll(monitor="val/ndcg@20", also=["val_history_kept/ndcg@20"], mode="max", patience=2)
+    again.load_state_dict(state)
+    assert again.also["val_history_kept/ndcg@20"].wait_count == 2 and again.wait_count == 4
+
+
 def test_target_ranks_keeps_scores_unless_told():
     scores = torch.tensor([[3.0, 1.0, 2.0]])
     assert target_ranks(scores, torch.tensor([3])).tolist() == [1.0]

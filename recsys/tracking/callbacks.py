@@ -1,14 +1,17 @@
-"""Lightning callbacks that put a run's files into MLflow: config, data fingerprint, curves, best checkpoint."""
+"""Lightning callbacks that put a run's files into MLflow (config, data fingerprint, curves, best checkpoint), time
+epochs, and stop early on several monitors at once (:class:`EarlyStoppingAll`)."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import MLFlowLogger
 
 from recsys.system import peak_rss_mb
@@ -119,3 +122,39 @@ class EpochTimer(pl.Callback):
         pl_module.log("time/epoch_seconds", seconds, on_epoch=True)
         pl_module.log("time/train_samples_per_s", self._samples / seconds, on_epoch=True)
         pl_module.log("system/peak_rss_mb", peak_rss_mb(), on_epoch=True)
+
+
+class EarlyStoppingAll(EarlyStopping):
+    """Lightning's ``EarlyStopping`` on ``monitor`` and on every metric in ``also``, each with its own best score and
+    wait count (same ``mode``, ``patience``, ``min_delta``): training stops only once *all* of them went ``patience``
+    checks without improving. A sequential run that ranks under both protocols (``eval.both_protocols``) uses it with
+    ``also=[val_history_kept/ndcg@20]``, so each protocol's best validation epoch is the one a run under that
+    protocol alone would have selected (its early stopping would not have stopped the run sooner).
+    """
+
+    def __init__(self, monitor: str, also: Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init__(monitor=monitor, **kwargs)
+        self.also = {name: EarlyStopping(monitor=name, **kwargs) for name in also}
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        logs = trainer.callback_metrics
+        stoppers = [self, *self.also.values()]
+        if trainer.fast_dev_run or not all(s._validate_condition_metric(logs) for s in stoppers):
+            return
+        decisions = [s._evaluate_stopping_criteria(logs[s.monitor].squeeze()) for s in stoppers]
+        should_stop = trainer.strategy.reduce_boolean_decision(all(stop for stop, _ in decisions), all=False)
+        trainer.should_stop = trainer.should_stop or should_stop
+        if should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason_message = "; ".join(reason for _, reason in decisions if reason)
+            if self.verbose:
+                self._log_info(trainer, self.stopping_reason_message, self.log_rank_zero_only)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "also": {name: s.state_dict() for name, s in self.also.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for name, state in state_dict.get("also", {}).items():
+            if name in self.also:
+                self.also[name].load_state_dict(state)

@@ -58,6 +58,11 @@ class SequentialModule(SparseDenseModule):
         pad_class: keep the padding id as an extra softmax class with logit 0 (the official code).
         exclude_history: evaluation protocol: remove each user's history items from the full ranking (True,
             the official MQSA-TED / S3-Rec protocol) or keep them rankable (False, RecBole's).
+        both_protocols: also rank every validation / test batch under the other protocol, published with the
+            protocol's name after the split (``val_history_kept/ndcg@20`` when ``exclude_history``, else
+            ``val_history_removed/...``; ``epoch_test_<protocol>/``, ``test_<protocol>/``). The plain names
+            (``val/...``) stay the run's protocol, which checkpointing reads; training is not affected, so one run
+            gives both protocols' per-epoch validation and test curves (``benchmarks/seqrec.py``).
     """
 
     def __init__(
@@ -69,10 +74,15 @@ class SequentialModule(SparseDenseModule):
         ks: Sequence[int] = DEFAULT_KS,
         pad_class: bool = True,
         exclude_history: bool = True,
+        both_protocols: bool = False,
     ) -> None:
         super().__init__(model, sparse_optimizer, dense_optimizer)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
         self.exclude_history = bool(exclude_history)
+        # the other protocol's name and setting, ranked too under both_protocols (None: not ranked)
+        self.other_protocol = (
+            (protocol_name(not self.exclude_history), not self.exclude_history) if both_protocols else None
+        )
         self.model_builder = MODEL_BUILDER  # how a bundle rebuilds ``model`` without Lightning
         self.num_items = model.num_items
         self.has_graph = graph is not None
@@ -123,6 +133,8 @@ class SequentialModule(SparseDenseModule):
     def _rank(self, batch: SeqBatch, into: dict[str, list[np.ndarray]] | None = None) -> None:
         into = self._eval if into is None else into
         into["rank"].append(last_position_ranks(self.model, batch, self.exclude_history).cpu().numpy())
+        if self.other_protocol is not None:
+            into["rank_other"].append(last_position_ranks(self.model, batch, self.other_protocol[1]).cpu().numpy())
         if batch.user is not None:  # identifies a batch the distributed sampler repeated
             into["user"].append(batch.user.cpu().numpy())
 
@@ -144,7 +156,11 @@ class SequentialModule(SparseDenseModule):
         ranked.clear()
         if not cols.get("rank"):
             return {}
-        return rank_metrics(torch.from_numpy(np.concatenate(cols["rank"])), self.ks, prefix=f"{prefix}/")
+        metrics = rank_metrics(torch.from_numpy(np.concatenate(cols["rank"])), self.ks, prefix=f"{prefix}/")
+        if cols.get("rank_other"):  # both_protocols: the other protocol under <prefix>_<its name>/
+            other = f"{prefix}_{self.other_protocol[0]}/"
+            metrics |= rank_metrics(torch.from_numpy(np.concatenate(cols["rank_other"])), self.ks, prefix=other)
+        return metrics
 
     def _publish(self, prefix: str, ranked: dict[str, list[np.ndarray]] | None = None) -> None:
         metrics = self.evaluation_metrics(prefix, ranked)
@@ -161,6 +177,12 @@ class SequentialModule(SparseDenseModule):
 
     def on_test_epoch_end(self) -> None:
         self._publish("test")
+
+
+def protocol_name(exclude_history: bool) -> str:
+    """``history_removed`` (``exclude_history=True``) or ``history_kept``: the protocol's name in metric names
+    (``val_history_kept/ndcg@20``) and in benchmark results."""
+    return "history_removed" if exclude_history else "history_kept"
 
 
 def build_sequential_module(
