@@ -142,10 +142,12 @@ def prepare_data(args: argparse.Namespace) -> None:
         raise RuntimeError(f"preparing {args.data} failed:\n{run.stderr_tail}")
 
 
-def run_grid(jobs: list[tuple[int, int, str]], args: argparse.Namespace, work: Path, raw_path: Path) -> list[dict]:
+def run_grid(
+    jobs: list[tuple[int, int, str]], args: argparse.Namespace, work: Path, raw_path: Path, start: float
+) -> list[dict]:
     """Run ``jobs`` ((dim, seed, model), in priority order) ``args.parallel`` at a time; append each finished
-    row to ``raw_path`` as it comes. Returns the new rows; failures and cut runs are reported on stderr."""
-    start = time.monotonic()
+    row to ``raw_path`` as it comes; ``args.deadline`` counts from ``start`` (``time.monotonic()``). Returns the
+    new rows; failures and cut runs are reported on stderr."""
     deadline = start + args.deadline if args.deadline else float("inf")
     new: list[dict] = []
     failed: list[str] = []
@@ -282,8 +284,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="train nothing; rewrite the summary")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    start = time.monotonic()  # --deadline counts from here (preparing the data included)
     stop_on_sigterm()
 
+    args.results.mkdir(parents=True, exist_ok=True)
     raw_path = args.results / f"{args.tag}_runs.jsonl"
     work = Path(os.environ.get("RECSYS_ROOT", REPO)) / "logs" / "benchmarks" / args.tag
     rows = read_jsonl(raw_path)
@@ -299,7 +303,7 @@ def main() -> None:
     if jobs and not args.report_only:
         if args.parallel > 1:
             prepare_data(args)
-        new = run_grid(jobs, args, work, raw_path)
+        new = run_grid(jobs, args, work, raw_path, start)
         rows += new
     mine = [r for r in rows if r.get("patience") == args.patience and r.get("max_epochs") == args.max_epochs]
     summary = summarise(mine, args.models, args.dims)

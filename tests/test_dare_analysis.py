@@ -155,6 +155,24 @@ def test_dare_ml100k_records_dim_best_epoch_and_the_paired_interval(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.e2e
+def test_dare_ml100k_run_timeout_stops_runs_and_their_children(tmp_path):
+    env = {**os.environ, "RECSYS_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "benchmarks.dare_ml100k", "--results", str(tmp_path / "results"), "--data", "synthetic",
+        "--models", "twin", "dare", "--seeds", "1", "--dims", "8", "--parallel", "2", "--run-timeout", "4",
+        "--tag", "cut", *TINY,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # runs were cut: the summary is still written, the exit status says so
+    assert proc.stderr.count("stopped after 4 s (--run-timeout 4.0)") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "results" / "cut_runs.jsonl").exists()
+    assert (tmp_path / "results" / "cut.md").exists()
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the cut runs still running: {left}"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_dare_analysis_writes_every_analysis(tmp_path):
     rows = _benchmark(
         tmp_path, "benchmarks.dare_analysis", "--models", "twin", "dare", "--dim", "8", "--ratios", "0.5",
