@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,8 @@ class PipelineRun:
     returncode: int
     seconds: float
     stderr_tail: str
-    timed_out: bool = False  # stopped at ``timeout`` (SIGTERM, then SIGKILL 30 s later)
+    stdout_tail: str = ""
+    timed_out: bool = False  # stopped at ``timeout`` (SIGTERM to its group, SIGKILL after a grace period)
 
     @property
     def command(self) -> str:
@@ -41,41 +43,96 @@ class PipelineRun:
 
 
 def run_entry(
-    entry: str, args: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 3600
+    entry: str,
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 3600,
+    raise_on_timeout: bool = True,
 ) -> PipelineRun:
-    """``python -m <entry> <args>`` from the repository root; ``env`` adds to the environment. Past ``timeout``
-    seconds the process gets SIGTERM (``pipelines.train`` then marks its MLflow run KILLED and exits 143; what it
-    logged per epoch stays readable), SIGKILL 30 s later, and the run comes back with ``timed_out``."""
+    """``python -m <entry> <args>`` from the repository root; ``env`` adds to the environment. The subprocess
+    runs in its own process group; past ``timeout`` seconds (or on any interruption of the caller) the whole
+    group gets SIGTERM (``pipelines.train`` then marks its MLflow run KILLED and exits 143; what it logged per
+    epoch stays readable), SIGKILL 30 s later; then ``subprocess.TimeoutExpired`` is raised, or with
+    ``raise_on_timeout=False`` the run comes back with ``timed_out``."""
     argv = [entry, *args]
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", *argv],
         cwd=REPO,
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
+    ACTIVE.add(proc)
     timed_out = False
     try:
-        _, stderr = proc.communicate(timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        proc.terminate()
+        stdout, stderr = stop_group(proc, grace=30.0)
+        if raise_on_timeout:
+            raise
+    except BaseException:
+        stop_group(proc)
+        raise
+    finally:
+        ACTIVE.discard(proc)
+    seconds = time.perf_counter() - start
+    return PipelineRun(argv, proc.returncode, seconds, (stderr or "")[-3000:], (stdout or "")[-3000:], timed_out)
+
+
+#: subprocesses started by :func:`run_entry` (or registered by a benchmark) that are still running
+ACTIVE: set[subprocess.Popen] = set()
+
+
+def stop_on_sigterm() -> None:
+    """On SIGTERM (e.g. ``timeout``), stop every running subprocess's group (they run in their own sessions and
+    would outlive this process otherwise), then exit with 143 at once (worker threads are not waited for)."""
+
+    def handler(signum, frame):  # noqa: ARG001 - the signal module's signature
+        procs = list(ACTIVE)  # their worker threads are blocked reading them: signal the groups, read nothing
+        for sig, pause in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 0.0)):
+            for proc in procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(pause)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> tuple[str, str]:
+    """SIGTERM to ``proc``'s process group (``start_new_session=True``), SIGKILL after ``grace`` seconds; reaps it
+    and returns what it still printed ``(stdout, stderr)``."""
+    out: tuple = ("", "")
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
         try:
-            _, stderr = proc.communicate(timeout=30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            out = proc.communicate(timeout=wait)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            _, stderr = proc.communicate()
-    return PipelineRun(argv, proc.returncode, time.perf_counter() - start, (stderr or "")[-3000:], timed_out)
+            continue
+    return out[0] or "", out[1] or ""
 
 
 def train(
-    args: Sequence[str], run_dir: Path, env: Mapping[str, str] | None = None, timeout: float = 3600
+    args: Sequence[str],
+    run_dir: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = 3600,
+    raise_on_timeout: bool = True,
 ) -> tuple[PipelineRun, dict]:
     """``python -m pipelines.train <args> hydra.run.dir=<run_dir>``; returns the run and its ``metrics.json``
-    (empty if it failed)."""
-    run = run_entry("pipelines.train", [*args, f"hydra.run.dir={run_dir}"], env, timeout)
+    (empty if it failed). Past ``timeout`` seconds (None: no limit) the subprocess is killed and
+    ``subprocess.TimeoutExpired`` raised."""
+    run = run_entry("pipelines.train", [*args, f"hydra.run.dir={run_dir}"], env, timeout, raise_on_timeout)
     path = Path(run_dir) / "metrics.json"
     return run, (json.loads(path.read_text()) if run.ok and path.exists() else {})
 
@@ -91,6 +148,13 @@ def metric_steps(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[s
         points = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
         out[name] = [(int(p.step), float(p.value)) for p in points]
     return out
+
+
+def run_tag(tracking_uri: str, run_id: str, name: str) -> str | None:
+    """One tag of an MLflow run (e.g. ``device``: ``cuda`` | ``cpu``, set by ``pipelines.train``)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.tags.get(name)
 
 
 def metric_history(tracking_uri: str, run_id: str, names: Iterable[str]) -> dict[str, list[float]]:
@@ -154,6 +218,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def replace_block(path: Path, name: str, text: str) -> None:
+    """Write ``text`` into a markdown file between ``<!-- name:begin -->`` and ``<!-- name:end -->``: the block
+    is replaced where it exists, else appended; everything outside it (hand-written notes) is kept."""
+    path = Path(path)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
+    write_text_atomic(path, new)
 
 
 def machine_load() -> str:

@@ -23,7 +23,8 @@ run; nothing here re-implements a model.
 
 Lines go to ``<results>/<tag>.jsonl`` (fields ``model, dataset, dim, seed, analysis, value, setting`` plus
 ``run_id``, ``command``, ``load``), a table to ``<results>/<tag>.md``; one MLflow run ``<tag>`` (experiment
-``dare_analysis`` of the benchmark's store ``logs/benchmarks/<tag>/mlflow.db``) gets a plot per analysis.
+``dare_analysis`` of the benchmark's store ``logs/benchmarks/<tag>/mlflow.db``) gets, per analysis, its plot
+(``plots/<analysis>.png``) and its table (``tables/<analysis>.md``, every row recorded for the dataset).
 """
 
 from __future__ import annotations
@@ -291,7 +292,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _log_mlflow(paths: dict[str, Path], results: Path, args: argparse.Namespace) -> str:
+def _log_mlflow(paths: dict[str, Path], rows: list[dict], results: Path, args: argparse.Namespace) -> str:
+    """One MLflow run: per analysis its plot (``plots/<analysis>.png``) and its table (``tables/<analysis>.md``,
+    the markdown lines of ``rows`` for that analysis), plus the jsonl results file."""
     import mlflow
 
     mlflow.set_tracking_uri(_store(_work(args)))
@@ -301,6 +304,8 @@ def _log_mlflow(paths: dict[str, Path], results: Path, args: argparse.Namespace)
         mlflow.log_params({**params, "target_auc": args.target_auc})
         for path in paths.values():
             mlflow.log_artifact(str(path), "plots")
+        for analysis in dict.fromkeys(r["analysis"] for r in rows):
+            mlflow.log_text(_table([r for r in rows if r["analysis"] == analysis]), f"tables/{analysis}.md")
         mlflow.log_artifact(str(results))
         return run.info.run_id
 
@@ -321,11 +326,14 @@ def markdown(rows: list[dict]) -> str:
     for invocation in dict.fromkeys(r.get("invocation", "?") for r in rows):
         loads = [r["load"] for r in rows if r.get("invocation", "?") == invocation]
         text.append(f"- `{invocation}` — {loads[0]} (first result) … {loads[-1]} (last)")
+    return "\n".join(text) + "\n\n" + _table(rows)
+
+
+def _table(rows: list[dict]) -> str:
     body = [
         [r["analysis"], r["model"], r["dataset"], r["dim"], r["seed"], _fmt(r["value"]), r["setting"]] for r in rows
     ]
-    columns = ["analysis", "model", "dataset", "dim", "seed", "value", "setting"]
-    return "\n".join(text) + "\n\n" + markdown_table(columns, body)
+    return markdown_table(["analysis", "model", "dataset", "dim", "seed", "value", "setting"], body)
 
 
 def main() -> None:
@@ -380,8 +388,9 @@ def main() -> None:
                 append_jsonl(out_path, [row])
                 rows.append(row)
     label = args.label or args.data  # bars and ratio lines over every seed recorded for this dataset so far
-    paths = _plots([r for r in read_jsonl(out_path) if r["dataset"] == label], curves, args)
-    run_id = _log_mlflow(paths, out_path, args)
+    recorded = [r for r in read_jsonl(out_path) if r["dataset"] == label]
+    paths = _plots(recorded, curves, args)
+    run_id = _log_mlflow(paths, recorded, out_path, args)
     all_rows = read_jsonl(out_path)
     write_text_atomic(args.results / f"{args.tag}.md", markdown(all_rows))
     print(markdown(rows))

@@ -183,7 +183,8 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
         overrides.append(f"+trainer.max_time='00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}'")  # DD:HH:MM:SS
         timeout = remaining(args)
     log(f"[ours {model} {name} seed {seed}] {machine_load()}")
-    run, metrics = train([*overrides, *args.extra], run_dir, {"MLFLOW_TRACKING_URI": tracking_uri}, timeout)
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    run, metrics = train([*overrides, *args.extra], run_dir, env, timeout, raise_on_timeout=False)
     run_id = metrics.get("run_id") or mlflow_run_id(tracking_uri)
     if run_id is None or not (run.ok or run.timed_out or run.returncode == 143):
         raise RuntimeError(f"{run.command} failed (exit {run.returncode}):\n{run.stderr_tail}")
