@@ -95,6 +95,25 @@ def test_scores_equal_the_models_forward(bundle_dir, tmp_path):
     assert summary["rows_in"] == summary["rows_scored"] == len(table) and summary["weights_verified"]
 
 
+def test_files_scored_at_once_equal_files_scored_one_after_another(bundle_dir, tmp_path):
+    """file_workers=3: the three files are read and mapped in three threads, the model runs one batch at a time;
+    every output equals the one-thread job's, byte for byte in its scores, and the summary counts them all."""
+    run(score_cfg(bundle_dir, tmp_path / "one"))
+    run(score_cfg(bundle_dir, tmp_path / "three", file_workers=3))
+    one, three = sorted((tmp_path / "one").glob("part-*.parquet")), sorted((tmp_path / "three").glob("part-*.parquet"))
+    assert [p.name for p in one] == [p.name for p in three] and len(one) == 3
+    for a, b in zip(one, three):
+        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
+    summary = json.loads((tmp_path / "three" / "_summary.json").read_text())
+    assert summary["rows_scored"] == json.loads((tmp_path / "one" / "_summary.json").read_text())["rows_scored"]
+    assert summary["last_run"]["file_workers"] == 3
+
+
+def test_file_workers_must_be_positive(bundle_dir, tmp_path):
+    with pytest.raises(ConfigError, match="file_workers"):
+        run(score_cfg(bundle_dir, tmp_path / "out", file_workers=0))
+
+
 def _write_many(bundle_dir: Path, folder: Path, copies: int) -> None:
     source = pl.concat([pl.read_parquet(p) for p in sorted((bundle_dir / "logs").glob("*.parquet"))])
     folder.mkdir(parents=True, exist_ok=True)

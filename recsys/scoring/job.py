@@ -370,6 +370,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "read_ahead": True,
     "prefetch": 2,
+    "file_workers": 1,
     "device": "cpu",
     "overwrite": False,
     "engine": "local",
@@ -398,6 +399,7 @@ def check_settings(cfg):
     _number(cfg, "threads", 1, optional=True)
     _number(cfg, "top_n", 1)
     _number(cfg, "prefetch", 0)
+    _number(cfg, "file_workers", 1)
     if cfg.get("unseen") not in POLICIES:
         raise ConfigError(f"unseen={cfg.get('unseen')!r}: choose one of {list(POLICIES)}")
     if cfg.get("engine", "local") not in ("local", "ray"):

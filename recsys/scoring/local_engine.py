@@ -1,8 +1,11 @@
-"""``engine=local``: every file in this process, one after the other, the next batches read ahead in a thread."""
+"""``engine=local``: every file in this process — one after the other, or ``file_workers`` files at once — the next
+batches of each file read ahead in a thread."""
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,22 @@ from recsys.scoring.reader import count_rows, log_schema
 from recsys.system import peak_rss_mb
 
 
+class SharedScorer:
+    """A scorer shared by file threads: ``prepare`` (reading, validation, id mapping, pinning) runs in every
+    thread at once; ``finish`` (the model and the output frame) one batch at a time, so the model and its eval
+    caches see one caller, and the scores equal a one-thread job's."""
+
+    def __init__(self, scorer: Any) -> None:
+        self._scorer, self._lock = scorer, threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scorer, name)
+
+    def finish(self, prepared: Any) -> Any:
+        with self._lock:
+            return self._scorer.finish(prepared)
+
+
 def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -> EngineResult:
     """Score ``job.todo`` here. Unreadable files or missing columns stop the job before any output."""
     device = str(cfg.get("device", "cpu"))
@@ -27,24 +46,27 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
         log_schema(file, scorer.required_columns)
     total = sum(count_rows(f) for f, _ in todo)
     stats, start = ScoreStats(), time.perf_counter()
+    prefetch = int(cfg.get("prefetch", 1)) if cfg.get("read_ahead", True) else 0
+    workers = min(int(cfg.get("file_workers", 1)), max(len(todo), 1))
+    shared = SharedScorer(scorer) if workers > 1 else scorer
+    batch_size = int(cfg.batch_size)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="score_file")  # starts no thread until used
     with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
-        for file, target in todo:
-            stats.add(
-                score_file(
-                    scorer,
-                    file,
-                    target,
-                    job.rejects(target),
-                    int(cfg.batch_size),
-                    identity,
-                    bar.update,
-                    int(cfg.get("prefetch", 1)) if cfg.get("read_ahead", True) else 0,
-                )
-            )
+
+        def one(entry: tuple[Path, Path]) -> ScoreStats:  # each file is renamed into place when done
+            file, target = entry
+            return score_file(shared, file, target, job.rejects(target), batch_size, identity, bar.update, prefetch)
+
+        try:
+            for file_stats in pool.map(one, todo) if workers > 1 else map(one, todo):
+                stats.add(file_stats)
+        finally:  # a failed file stops the job: files not yet started are not started; finished ones are kept
+            pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.perf_counter() - start
     facts = {
         "engine": "local",
         "workers": 1,
+        "file_workers": workers,
         "device": device,
         "seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
