@@ -34,7 +34,7 @@ lane() {  # lane NAME ARGS...: one benchmark process in the background, its own 
 }
 for d in $DATASETS; do  # (a) RecBole first: its budget is the longest
     lane "recbole_$d" --models recbole_sasrec --datasets "$d" --recbole-dir .device/peers \
-        --recbole-pythonpath "$W/recbole_site" --recbole-threads 2 --recbole-budget-s 300 --recbole-margin-s 135
+        --recbole-pythonpath "$W/recbole_site" --recbole-threads 2 --recbole-budget-s 300 --recbole-margin-s "${SEQREC16_RECBOLE_MARGIN:-135}"
 done
 for d in $DATASETS; do  # (b) ours, both protocols per run
     for m in sasrec mqsa_ted; do
