@@ -125,6 +125,22 @@ def test_a_failed_recording_falls_back_to_eager_steps_for_good(caplog):
     assert "not graphed" in caplog.text
 
 
+def test_a_batch_with_an_opaque_tensor_holder_is_never_graphed(caplog):
+    """A KJT-like object would be shared by reference with the recorded buffers, and every replay would read the
+    recorded batch: such batches run eagerly."""
+
+    class Opaque:
+        def __init__(self, t: torch.Tensor) -> None:
+            self.t = t
+
+    owner: dict = {"recording": False}
+    graph, context = _fake(owner)
+    graphed = GraphedStep(lambda b: {"y": b["ids"].t + 1}, warmup=1, graph=graph, context=context)
+    values = [float(graphed({"ids": Opaque(torch.tensor([v]))})["y"][0]) for v in (1.0, 2.0, 3.0)]
+    assert values == [2.0, 3.0, 4.0] and not graphed.recorded and graphed.failed.startswith("TypeError")
+    assert "not graphed" in caplog.text
+
+
 def test_warmup_must_be_positive():
     with pytest.raises(ValueError, match="warmup"):
         GraphedStep(lambda b: b, warmup=0)

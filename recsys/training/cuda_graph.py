@@ -13,7 +13,8 @@ input buffers.
 3. later calls copy their batch into the buffers and replay; the outputs are the same static tensors, refreshed.
 
 A batch whose tensors differ in shape, dtype or device from the recorded one (the last, partial batch of an epoch)
-runs eagerly, as does everything when ``capture`` raised (the step synchronised with the host, e.g.): one warning,
+runs eagerly, as does everything when recording failed (the step synchronised with the host, or the batch holds
+something other than tensors in dataclasses, dicts, lists and tuples — a KJT): one warning,
 then eager steps, never a failed run. Requirements on ``step``: it sets gradients to ``None`` before its backward
 (so the recorded backward allocates them from the graph's pool), its optimisers keep their step counts on the device
 (``torch.optim.Adam(capturable=True)``, :class:`recsys.ops.sparse_update.LazyAdam`) and learning rates do not
@@ -47,8 +48,15 @@ def tensor_leaves(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+PLAIN = (type(None), bool, int, float, str)
+
+
 def static_copy(obj: Any) -> Any:
-    """A structural copy of ``obj`` whose tensors are fresh clones (the recorded input buffers)."""
+    """A structural copy of ``obj`` whose tensors are fresh clones (the recorded input buffers). Anything else that
+    could hold tensors (a KeyedJaggedTensor, say) raises ``TypeError``: a graph would keep reading the recorded
+    batch's values through it, so such batches are not graphed."""
+    if isinstance(obj, PLAIN):
+        return obj
     if isinstance(obj, torch.Tensor):
         return obj.clone()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -57,7 +65,7 @@ def static_copy(obj: Any) -> Any:
         return {k: static_copy(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(static_copy(v) for v in obj)
-    return obj
+    raise TypeError(f"a batch field of type {type(obj).__name__} cannot be copied into the graph's input buffers")
 
 
 def signature(leaves: list[torch.Tensor]) -> tuple:
@@ -121,9 +129,9 @@ class GraphedStep:
         return self._outputs
 
     def _record(self, batch: Any, leaves: list[torch.Tensor]) -> Any:
-        static = static_copy(batch)
         graph = self._graph_factory()
         try:
+            static = static_copy(batch)
             with self._context(graph):
                 outputs = self.step(static)
         except Exception as err:  # noqa: BLE001 - any recording failure falls back to eager steps
