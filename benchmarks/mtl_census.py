@@ -56,7 +56,7 @@ MODELS = {
 RECHUB_NAMES = {"SharedBottom": "shared_bottom", "MMOE": "mmoe", "PLE": "ple"}
 SHARED = REPO.parent / "shared"  # the team's shared folder beside the checkout (peers and data)
 #: generated blocks of mtl.md: <!-- census:NAME --> ... <!-- /census:NAME -->
-BLOCKS = ("results", "gap", "search")
+BLOCKS = ("results", "gap", "search", "curves")
 
 
 def import_rechub(path: Path, out: Path) -> None:
@@ -130,20 +130,32 @@ def tuned_overrides(storage: str, model: str, dataset: str = "census") -> tuple[
 
 def search_table(storage: str, models: list[str], dataset: str = "census") -> str:
     """One line per search in ``storage``: searched ranges (configs/hparams_search/<model>.yaml), complete
-    trials, best validation AUC, its values, and the worst/median trial (how much the search mattered)."""
+    trials, best validation AUC, its values, and the worst/median trial (how much the search mattered); then
+    a table of every complete trial."""
     import numpy as np
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from recsys.tracking.optuna_study import best_trial, load_study
 
     url = storage if "://" in storage else f"sqlite:///{Path(storage).resolve()}"
-    body = []
+    body, trials = [], []
     for model in models:
         best = best_trial(url, f"{model}-{dataset}")
         if best is None:
             continue
         study = load_study(url, f"{model}-{dataset}")
         values = [t.value for t in study.trials if t.value is not None]
+        trials += [
+            [
+                model,
+                t.number,
+                f"{t.value:.4f}",
+                ", ".join(f"{k.split('.')[-1]} {short(v)}" for k, v in t.params.items()),
+            ]
+            for t in study.trials
+            if t.value is not None
+        ]
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
             cfg = compose("train", overrides=[f"hparams_search={model}"], return_hydra_config=True)
         space = cfg.hydra.sweeper.params
@@ -155,12 +167,51 @@ def search_table(storage: str, models: list[str], dataset: str = "census") -> st
                 best.finished,
                 f"{best.value:.4f}",
                 f"{float(np.median(values)):.4f} / {min(values):.4f}",
-                "<br>".join(f"`{k}` {space[k]} → **{best.params[k]}**" for k in searched),
-                ", ".join(f"`{k}`" for k in fixed) or "–",
+                "<br>".join(f"`{k}` {space[k]} → **{short(best.params[k])}**" for k in searched),
+                ", ".join(f"`{k}={OmegaConf.select(cfg, k)}`" for k in fixed) or "–",
             ]
         )
     columns = ["search", "trials", "best val AUC", "median / worst", "searched (range → best)", "fixed at default"]
-    return markdown_table(columns, body).rstrip("\n")
+    return (
+        markdown_table(columns, body)
+        + "\n"
+        + markdown_table(["search", "trial", "val AUC", "values"], trials).rstrip("\n")
+    )
+
+
+def curve_table(path: Path, epochs: tuple[int, ...] = (1, 2, 3, 5, 8)) -> str:
+    """Where the runs of ``--curves`` saturate, per (backbone, model) over seeds: mean validation AUC (mean of
+    the tasks) at a few epochs and at the best one, the best epoch, each task's validation AUC there, and the
+    epochs run (early stopping)."""
+    import numpy as np
+
+    runs: dict[tuple, dict[int, list[dict]]] = {}
+    for line in read_rows(path):
+        runs.setdefault((line["backbone"], line["model"]), {}).setdefault(line["seed"], []).append(line)
+    body = []
+    for (backbone, model), seeds in runs.items():
+        curves = [sorted(points, key=lambda p: p["epoch"]) for points in seeds.values()]
+        best = [max(c, key=lambda p: p["val/auc"]) for c in curves]
+        at = [np.mean([c[e - 1]["val/auc"] for c in curves if len(c) >= e] or [np.nan]) for e in epochs]
+        body.append(
+            [
+                backbone,
+                model,
+                len(curves),
+                *(f"{v:.4f}" for v in at),
+                f"{np.mean([b['val/auc'] for b in best]):.4f}",
+                f"{np.mean([b['epoch'] for b in best]):.1f}",
+                " / ".join(f"{np.mean([b[f'val/{t}/auc'] for b in best]):.4f}" for t in TASKS),
+                f"{np.mean([len(c) for c in curves]):.1f}",
+            ]
+        )
+    columns = ["backbone", "model", "runs", *(f"val AUC ep {e}" for e in epochs), "best val AUC", "best epoch"]
+    return markdown_table([*columns, "income / marital at best", "epochs run"], body).rstrip("\n")
+
+
+def short(value) -> str:
+    """A searched value for a table: floats to 3 significant digits."""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def write_blocks(md: Path, blocks: dict[str, str]) -> None:
@@ -190,6 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--md", type=Path, default=RESULTS / "mtl.md", help="its generated blocks are rewritten")
     p.add_argument("--curves", type=Path, default=None, help="append each run's per-epoch validation metrics")
     p.add_argument("--rechub-python", type=Path, default=None, help="run torch-rechub's runner with this python")
+    p.add_argument("--rechub-max-epochs", type=int, default=None, help="cap rechub's epochs (its default: 20)")
     p.add_argument("--lightgbm-python", type=Path, default=None, help="run the LightGBM runner with this python")
     p.add_argument("--peers", type=Path, default=SHARED / "peers", help="folder of the peer runner scripts")
     p.add_argument("--census", type=Path, default=SHARED / "data/mtl/census_kdd", help="census data folder")
@@ -242,6 +294,8 @@ def main(argv=None) -> None:
         if args.rechub_python is not None:
             peer_args = ["--threads", str(args.threads), "--seeds", *map(str, args.seeds)]
             peer_args += ["--data", str(args.census / "census-income.test.gz")]
+            if args.rechub_max_epochs is not None:
+                peer_args += ["--max-epochs", str(args.rechub_max_epochs)]
             side = Path(tempfile.mkdtemp(prefix="mtl-rechub-")) / "rechub_census.jsonl"  # its own copy + history
             peer_args += ["--split-dir", str(args.census / "split_seed2026"), "--out", str(side)]
             import_rechub(run_peer(args.rechub_python, args.peers / "rechub_census.py", peer_args), args.out)
@@ -253,6 +307,8 @@ def main(argv=None) -> None:
     blocks = {"results": results_table(rows, "census"), "gap": gap_table(rows, "census")}
     if args.search_db:
         blocks["search"] = search_table(args.search_db, list(MODELS))
+    if args.curves is not None and args.curves.exists():
+        blocks["curves"] = curve_table(args.curves)
     print(blocks["results"])
     if args.md.exists():
         write_blocks(args.md, blocks)

@@ -42,7 +42,7 @@ unset MLFLOW_TRACKING_URI  # each tower: sqlite stores in its own log folder
 W=${WORK:-/tmp/mtl_census_device}
 rm -rf "$W" && mkdir -p "$W"
 T0=$(date +%s)
-say() { echo "== $1 at $(($(date +%s) - T0)) s, load $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores" | tee -a "$OUT/log.txt"; }
+say() { echo "== $1 at $(($(date +%s) - T0)) s, load $(cut -d' ' -f1-3 /proc/loadavg), $(nproc --all) cores" | tee -a "$OUT/log.txt"; }
 trainer=cpu
 [ "$ACCEL" = gpu ] && trainer=gpu
 wait_all() { [ "$PARALLEL" = 1 ] && wait; true; }

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from benchmarks.common import paired_interval
-from benchmarks.mtl_census import import_lightgbm, main, search_table, tuned_overrides, write_blocks
+from benchmarks.mtl_census import curve_table, import_lightgbm, main, search_table, tuned_overrides, write_blocks
 from benchmarks.mtl_common import (
     FIELDS,
     TUNED_FIELDS,
@@ -106,4 +106,19 @@ def test_tuned_runs_read_the_best_trial_of_the_tower_search(tmp_path):
     assert tuned_overrides(str(tmp_path / "optuna.db"), "switch") == (["data.source.dense_pwl=32"], 3)
     table = search_table(storage, ["mmoe", "switch"])
     assert "| switch | 3 | 0.9730 | 0.9720 / 0.9710 | `data.source.dense_pwl` choice(0, 16, 32, 64) → **32**" in table
-    assert "`recsys.embedding_dim`" in table.splitlines()[-1]  # in the space, not searched: fixed
+    line = next(line for line in table.splitlines() if line.startswith("| switch | 3 |"))
+    assert "`recsys.embedding_dim=8`" in line  # in the space, not searched: its default
+    assert "| switch | 1 | 0.9730 | dense_pwl 32 |" in table  # then every trial
+
+
+def test_curves_table_shows_where_the_runs_saturate(tmp_path):
+    path = tmp_path / "curves.jsonl"
+    lines = [
+        {"model": "switch", "backbone": "fields-tuned", "dataset": "census", "seed": s, "epoch": e,
+         "val/auc": auc, "val/income/auc": auc - 0.02, "val/marital/auc": auc + 0.02}
+        for s in (1, 2)
+        for e, auc in enumerate([0.96, 0.97, 0.972 + s / 1000, 0.971], start=1)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    row = curve_table(path, epochs=(1, 2)).splitlines()[-1]
+    assert row == "| fields-tuned | switch | 2 | 0.9600 | 0.9700 | 0.9735 | 3.0 | 0.9535 / 0.9935 | 4.0 |"
