@@ -1,8 +1,9 @@
 """Shared runner of the multi-task benchmarks: compose the Hydra config, train with early stopping on the
 mean validation AUC, test the best epoch, and write result rows.
 
-Rows (``benchmarks/results/mtl.jsonl``) have exactly the fields :data:`FIELDS`; per-run details (epochs,
-best epoch, validation AUC) go to stderr.
+Rows (``benchmarks/results/mtl.jsonl``) have the fields :data:`FIELDS`, and a tuned configuration's rows also
+:data:`TUNED_FIELDS` (``tuned: true``, ``trials``: the search's complete trials); per-run details (epochs, best
+epoch, validation AUC) go to stderr and, per epoch, to an optional curves file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import numpy as np
 from benchmarks.common import REPO, markdown_table, mean_std
 
 FIELDS = ("model", "backbone", "dataset", "seed", "task", "auc", "logloss", "sec_per_epoch", "implementation")
+TUNED_FIELDS = ("tuned", "trials")
+#: what identifies a row: a rerun of the same (implementation, backbone, model, dataset, seed, task) replaces it
+ROW_KEY = ("implementation", "backbone", "model", "dataset", "seed", "task")
 
 
 def compose(overrides: Sequence[str]):
@@ -35,11 +39,14 @@ def compose(overrides: Sequence[str]):
         )
 
 
-def train_and_test(overrides: Sequence[str], seed: int, max_epochs: int, patience: int) -> dict[str, Any]:
+def train_and_test(
+    overrides: Sequence[str], seed: int, max_epochs: int, patience: int, accelerator: str = "cpu"
+) -> dict[str, Any]:
     """One run: fit with early stopping on ``val/auc`` (mean over binary tasks), test the best epoch.
 
     Returns ``{"test": {metric: value}, "sec_per_epoch": training seconds per epoch (validation excluded),
-    "epochs": run, "best_epoch": 1-based, "best_val_auc": float}``.
+    "epochs": run, "best_epoch": 1-based, "best_val_auc": float, "curve": [{"epoch": 1-based, "val/auc": ...,
+    "val/<task>/auc": ..., "train/loss": ...}, ...]}``.
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
@@ -62,9 +69,14 @@ def train_and_test(overrides: Sequence[str], seed: int, max_epochs: int, patienc
                 self.seconds.append(time.perf_counter() - self._start)
                 self._start = None
 
+    curve: list[dict[str, float]] = []
+
     class EpochLog(pl.Callback):
         def on_validation_end(self, trainer, pl_module) -> None:
             m = trainer.callback_metrics
+            point = {"epoch": trainer.current_epoch + 1}
+            point.update({k: round(float(v), 6) for k, v in m.items() if k.startswith("val/") or k == "train/loss"})
+            curve.append(point)
             log(
                 f"  epoch {trainer.current_epoch + 1}: val auc {float(m.get('val/auc', float('nan'))):.4f} "
                 + " ".join(
@@ -82,7 +94,7 @@ def train_and_test(overrides: Sequence[str], seed: int, max_epochs: int, patienc
         stop = EarlyStopping(monitor="val/auc", mode="max", patience=patience)
         trainer = pl.Trainer(
             max_epochs=max_epochs,
-            accelerator="cpu",
+            accelerator=accelerator,
             devices=1,
             logger=False,
             callbacks=[best, stop, timer, EpochLog()],
@@ -101,6 +113,7 @@ def train_and_test(overrides: Sequence[str], seed: int, max_epochs: int, patienc
         "epochs": trainer.current_epoch,
         "best_epoch": best_epoch,
         "best_val_auc": best_val,
+        "curve": curve,
     }
 
 
@@ -116,22 +129,38 @@ def run_grid(
     threads: int,
     max_epochs: int,
     patience: int,
+    tuned: Mapping[str, int] | None = None,
+    curves: Path | None = None,
+    accelerator: str = "cpu",
 ) -> None:
     """Every model × seed: :func:`train_and_test` with ``common + models[model] + extra`` overrides, a line
-    per run on stderr, result rows appended to ``out`` as each run ends (a crash keeps the finished ones)."""
+    per run on stderr, result rows written to ``out`` as each run ends (a crash keeps the finished ones; a
+    rerun of the same row key replaces the old row). ``tuned``: model -> the search's trial count, for rows
+    of a searched configuration (``tuned: true``, ``trials``). ``curves``: a JSON line per epoch and run."""
     import torch
 
     torch.set_num_threads(threads)
     for model, overrides in models.items():
         for seed in seeds:
-            run = train_and_test([*common, *overrides, *extra], seed, max_epochs, patience)
+            run = train_and_test([*common, *overrides, *extra], seed, max_epochs, patience, accelerator)
             log(
                 f"[{model} seed={seed}] {machine_load()} epochs {run['epochs']} best {run['best_epoch']} "
                 f"val auc {run['best_val_auc']:.4f} test "
                 + " ".join(f"{t} {run['test'][f'test/{t}/auc']:.4f}" for t in tasks)
                 + f" {run['sec_per_epoch']:.1f}s/epoch"
             )
-            append_rows(out, result_rows(model, backbone, dataset, seed, tasks, run))
+            rows = result_rows(model, backbone, dataset, seed, tasks, run)
+            if tuned is not None and model in tuned:
+                rows = [{**row, "tuned": True, "trials": int(tuned[model])} for row in rows]
+            upsert_rows(out, rows)
+            if curves is not None:
+                lines = [
+                    {"model": model, "backbone": backbone, "dataset": dataset, "seed": seed, **point}
+                    for point in run["curve"]
+                ]
+                lines[-1:] = [{**p, "best_epoch": run["best_epoch"]} for p in lines[-1:]]
+                with open(curves, "a") as handle:
+                    handle.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def torch_load_epoch(path: str) -> int:
@@ -166,12 +195,34 @@ def result_rows(
     ]
 
 
+def check_row(row: Mapping[str, Any]) -> None:
+    """:data:`FIELDS` in order, then nothing or exactly :data:`TUNED_FIELDS`."""
+    keys = tuple(row)
+    if keys not in (FIELDS, FIELDS + TUNED_FIELDS):
+        raise ValueError(f"a result row needs the fields {FIELDS} (+ {TUNED_FIELDS} if tuned), got {keys}")
+
+
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         for row in rows:
-            assert tuple(row) == FIELDS, row
+            check_row(row)
             handle.write(json.dumps(row) + "\n")
+
+
+def upsert_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Append ``rows``, dropping earlier rows with the same :data:`ROW_KEY` (a rerun replaces its rows)."""
+    for row in rows:
+        check_row(row)
+    new = {tuple(r[k] for k in ROW_KEY) for r in rows}
+    old = read_rows(path)
+    kept = [r for r in old if tuple(r[k] for k in ROW_KEY) not in new]
+    if len(kept) == len(old):
+        append_rows(path, rows)
+        return
+    from benchmarks.common import write_text_atomic
+
+    write_text_atomic(Path(path), "".join(json.dumps(r) + "\n" for r in [*kept, *rows]))
 
 
 def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
@@ -193,9 +244,46 @@ def results_table(rows: Sequence[dict[str, Any]], dataset: str) -> str:
             secs += [r["sec_per_epoch"] for r in sel if r["sec_per_epoch"] is not None]
             losses = [r["logloss"] for r in sel if r["logloss"] is not None]
             cells += [mean_std([r["auc"] for r in sel]), mean_std(losses)]
-        body.append([impl, backbone, model, len(seeds), *cells, f"{np.mean(secs):.1f}" if secs else "–"])
+        trials = {
+            r.get("trials") for r in rows if (r["implementation"], r["backbone"], r["model"]) == (impl, backbone, model)
+        }
+        trials.discard(None)
+        label = f"{model} (tuned, {'/'.join(map(str, sorted(trials)))} trials)" if trials else model
+        body.append([impl, backbone, label, len(seeds), *cells, f"{np.mean(secs):.1f}" if secs else "–"])
     columns = ["implementation", "backbone", "model", "seeds"]
     columns += [f"{t} {m}" for t in tasks for m in ("AUC", "logloss")] + ["s/epoch"]
+    return markdown_table(columns, body).rstrip("\n")
+
+
+def gap_table(rows: Sequence[dict[str, Any]], dataset: str, reference: str = "lightgbm") -> str:
+    """Our models against the ``reference`` implementation's rows, per task: the mean of the per-seed
+    differences ``ours(seed) - reference(seed)`` over the seeds both have, with its 95 % Student-t interval
+    (same split and seed number; the two sides share no other randomness)."""
+    from benchmarks.common import paired_interval
+
+    rows = [r for r in rows if r["dataset"] == dataset]
+    ref = {(r["task"], r["seed"]): r["auc"] for r in rows if r["implementation"] == reference}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    keys = list(dict.fromkeys((r["backbone"], r["model"]) for r in rows if r["implementation"] == "ours"))
+    body = []
+    for backbone, model in keys:
+        cells, n = [], 0
+        for t in tasks:
+            ours = {
+                r["seed"]: r["auc"]
+                for r in rows
+                if (r["implementation"], r["backbone"], r["model"], r["task"]) == ("ours", backbone, model, t)
+            }
+            seeds = sorted(s for s in ours if (t, s) in ref)
+            if len(seeds) < 2:
+                cells.append("–")
+                continue
+            mean, low, high = paired_interval([ours[s] for s in seeds], [ref[(t, s)] for s in seeds])
+            cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]")
+            n = max(n, len(seeds))
+        if n:
+            body.append([backbone, model, n, *cells])
+    columns = ["backbone", "model", "paired seeds", *(f"{t} AUC − {reference}" for t in tasks)]
     return markdown_table(columns, body).rstrip("\n")
 
 

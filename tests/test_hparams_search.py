@@ -10,6 +10,8 @@ import sys
 
 import optuna
 import pytest
+import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -21,7 +23,8 @@ from recsys.tracking.sweep import OVERRIDES_TAG, best_child
 from tests.conftest import REPO
 from tests.test_train_e2e import TINY, TINY_SYNTHETIC
 
-SEARCHES = ("dare", "sasrec", "mqsa_ted", "mmoe")
+CENSUS_TOWERS = ("mmoe", "ple", "shared_bottom", "switch", "taskexpert")
+SEARCHES = ("dare", "sasrec", "mqsa_ted", *CENSUS_TOWERS)
 
 
 def _compose(overrides):
@@ -36,12 +39,57 @@ def test_every_search_space_names_keys_of_its_model(search):
     assert sweeper._target_ == "hydra_plugins.recsys_optuna.sweeper.BudgetedOptunaSweeper"
     assert sweeper.study_name == f"{search}-{cfg.data.name}" and sweeper.storage == "sqlite:////tmp/x/logs/optuna.db"
     assert sweeper.direction == cfg.checkpoint.mode == "max"
-    assert cfg.hydra.runtime.choices["recsys"] == ("fields" if search == "mmoe" else search)
+    assert cfg.hydra.runtime.choices["recsys"] == ("fields" if search in CENSUS_TOWERS else search)
     for key in sweeper.params:  # a typo in a searched key would only fail at the first trial
         assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", (search, key)
     # one learning rate for both optimisers: the sparse one follows the searched dense one
     tuned = _compose([f"hparams_search={search}", "objective.dense_optimizer.lr=0.0042"])
     assert tuned.objective.sparse_optimizer.lr == 0.0042
+
+
+def test_the_search_files_are_exactly_the_tested_ones():
+    assert {p.stem for p in (REPO / "configs" / "hparams_search").glob("*.yaml")} == set(SEARCHES)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_every_search_file_composes_from_the_command_line(tmp_path):
+    """``python -m pipelines.train hparams_search=<name> --cfg job`` for every file of configs/hparams_search/."""
+    for search in sorted(p.stem for p in (REPO / "configs" / "hparams_search").glob("*.yaml")):
+        cmd = [sys.executable, "-m", "pipelines.train", f"hparams_search={search}", "--cfg", "job"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (search, proc.stderr[-2000:])
+        job = OmegaConf.create(proc.stdout)
+        assert job.recsys._target_ and job.objective.sparse_optimizer.lr == job.objective.dense_optimizer.lr
+
+
+def _bounds(spec: str) -> list:
+    """``choice(a, b, ...)`` -> the values; ``interval(lo, hi)`` -> [lo, hi] (the tower knobs: plain numbers)."""
+    inner = spec[spec.rindex("(") + 1 : spec.index(")")]
+    return [yaml.safe_load(v) for v in inner.split(",")]
+
+
+@pytest.mark.parametrize("tower", CENSUS_TOWERS)
+def test_census_search_trains_with_early_stopping_and_its_extremes_build(tower):
+    """The census tower searches: fields backbone, their tower, early stopping on the validation objective,
+    no test pass; the smallest and the largest value of every searched knob build the tower."""
+    from hydra.utils import instantiate
+
+    from mtl.spec import TaskSpec
+
+    cfg = _compose([f"hparams_search={tower}", "paths.root_dir=/tmp/x"])
+    assert cfg.hydra.runtime.choices["mtl"] == tower and cfg.data.name == "census"
+    stop = cfg.callbacks.early_stopping
+    assert stop.monitor == cfg.checkpoint.monitor == "val/auc" and stop.mode == "max" and stop.patience >= 2
+    assert cfg.test_after_fit is False and cfg.trainer.max_epochs >= 10
+    params = cfg.hydra.sweeper.params
+    assert {"data.source.dense_pwl", "recsys.embedding_dim", "objective.dense_optimizer.lr"} <= set(params)
+    tasks = [TaskSpec("income"), TaskSpec("marital", label="never_married")]
+    for pick in (min, max):
+        fixed = [f"{k}={pick(_bounds(v))}" for k, v in params.items() if k.startswith("mtl.")]
+        tuned = _compose([f"hparams_search={tower}", *fixed])
+        out = instantiate(tuned.mtl)(in_dim=24, tasks=tasks)(torch.randn(5, 24))
+        assert set(out.logits) == {"income", "marital"}, fixed
 
 
 def test_direction_follows_checkpoint_mode():
