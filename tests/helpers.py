@@ -75,3 +75,57 @@ def direct_and_training_forward(model, batch, monkeypatch):
         monkeypatch.setattr(TargetAttentionBackbone, "_direct_eval", lambda self: False)
         slow = model(batch)
     return fast, slow
+
+
+def quiet_trainer(root, **kwargs):
+    """A Lightning ``Trainer`` writing under ``root`` with no checkpointing, progress bar or model summary."""
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        **kwargs,
+    )
+
+
+def fit_tiny_ranking(root, callbacks, logger=False, max_steps: int = 7):
+    """Seven CPU steps of a small TWIN-style ranking model on 64 random samples (batches of 8), with
+    ``callbacks``; returns the trainer."""
+    from mtl.single import SingleTower
+    from mtl.spec import TaskSpec
+    from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
+    from recsys.models.ranking import RankingModel
+    from recsys.models.target_attention import TargetAttentionBackbone
+    from recsys.training.ranking import RankingModule
+
+    vocab, tasks = Vocab(20, 200, 6), [TaskSpec("click")]
+    table = CTRTable.from_frame(random_samples(rows=64, vocab=vocab, seed=5), "mem", {"click": "label"}, vocab)
+    backbone = TargetAttentionBackbone(vocab, 12, embedding_dim=4, top_k=3)
+    model = RankingModel(backbone, SingleTower(backbone.output_dim, tasks, hidden=(8,)))
+    module = RankingModule(model, tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
+    trainer = quiet_trainer(root, accelerator="cpu", max_steps=max_steps, logger=logger, callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=batch_loader(BatchedCTRDataset(table), 64, 8, shuffle=False, seed=0))
+    return trainer
+
+
+#: overrides that make a synthetic-data benchmark run tiny (60 users, CPU)
+TINY_SYNTHETIC = ["data.source.generator.num_users=60", "data.batch_size=256", "trainer=cpu"]
+
+
+def run_benchmark(tmp_path, module, *args):
+    """``python -m <module> --results <tmp>/results <args>`` with ``RECSYS_ROOT`` in ``tmp_path``; the rows of its
+    ``<--tag>.jsonl``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "RECSYS_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", module, "--results", str(tmp_path / "results"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads(line) for line in (tmp_path / "results" / f"{args[args.index('--tag') + 1]}.jsonl").open()]

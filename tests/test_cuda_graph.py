@@ -25,7 +25,7 @@ from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.ops.sparse_update import LazyAdam
 from recsys.training.cuda_graph import GraphedStep, static_copy, tensor_leaves
 from recsys.training.ranking import RankingModule
-from tests.helpers import random_samples
+from tests.helpers import quiet_trainer, random_samples
 
 
 @dataclass
@@ -196,17 +196,8 @@ class _Losses(pl.Callback):
 def _train_on_cuda(table: CTRTable, graphed: bool, root) -> tuple[dict, list[float], object]:
     module = _dare_module(graphed)
     losses = _Losses()
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        max_steps=9,  # 2 eager warm-up steps, 1 recording, then replays; 200 rows / 32 = 6 full + 1 partial
-        logger=False,
-        callbacks=[losses],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(root),
-    )
+    # 9 steps: 2 eager warm-up steps, 1 recording, then replays; 200 rows / 32 = 6 full batches + 1 partial
+    trainer = quiet_trainer(root, accelerator="gpu", devices=1, max_steps=9, logger=False, callbacks=[losses])
     loader = batch_loader(BatchedCTRDataset(table, pad_to=16), len(table), 32, shuffle=True, seed=1)
     trainer.fit(module, train_dataloaders=loader)
     assert trainer.global_step == 9  # one step per batch, graphed or not

@@ -16,7 +16,7 @@ from recsys.models.ranking import RankingModel
 from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad
 from recsys.training.ranking import RankingModule
-from tests.helpers import random_samples
+from tests.helpers import fit_tiny_ranking, random_samples
 
 VOCAB = Vocab(20, 200, 6)
 TASKS = [TaskSpec("click")]
@@ -83,22 +83,8 @@ class _Recorder(pl.loggers.Logger):
 def test_throughput_callback_logs_windows_and_the_steady_rate(tmp_path):
     from recsys.tracking.throughput import Throughput
 
-    table = CTRTable.from_frame(random_samples(rows=64, vocab=VOCAB, seed=5), "mem", {"click": "label"}, VOCAB)
-    backbone = TargetAttentionBackbone(VOCAB, 12, embedding_dim=4, top_k=3)
-    model = RankingModel(backbone, SingleTower(backbone.output_dim, TASKS, hidden=(8,)))
-    module = RankingModule(model, TASKS, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
     recorder, meter = _Recorder(), Throughput(every_n_steps=2, warmup_steps=1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=7,
-        logger=recorder,
-        callbacks=[meter],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
-    trainer.fit(module, train_dataloaders=batch_loader(BatchedCTRDataset(table), 64, 8, shuffle=False, seed=0))
+    trainer = fit_tiny_ranking(tmp_path, [meter], logger=recorder)
     windows = [m for _, m in recorder.metrics if "perf/samples_per_s" in m]
     assert len(windows) == 3 and all(m["perf/samples_per_s"] > 0 and m["perf/step_ms"] > 0 for m in windows)
     assert meter.samples == 6 * 8  # the 6 steps after the warm-up step
