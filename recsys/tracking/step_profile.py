@@ -31,13 +31,19 @@ def _device_time(event: Any) -> float:
     return 0.0
 
 
+def _on_device(event: Any) -> bool:
+    """A kernel or copy on the GPU's timeline — not a ``record_function`` span mirrored there (``Optimizer.step#...``
+    spans cover their kernels, so counting them too would count that time twice)."""
+    return getattr(event, "device_type", None) == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def summarise(prof: profile, steps: int, wall_s: float, on_device: bool, top: int = 20) -> str:
     """The text of ``step_profile.txt`` from a finished profiler over ``steps`` steps taking ``wall_s``."""
     averages = prof.key_averages()
     host_calls = sum(e.count for e in averages if _device_time(e) == 0 or not on_device)
     lines = [f"steps profiled: {steps}", f"wall per step: {1000 * wall_s / steps:.3f} ms"]
     if on_device:
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+        kernels = [e for e in prof.events() if _on_device(e)]
         busy_us = sum(e.time_range.elapsed_us() for e in kernels)
         lines += [
             f"device busy per step: {busy_us / 1000 / steps:.3f} ms (busy / wall = {busy_us / 1e6 / wall_s:.2f})",
@@ -45,7 +51,7 @@ def summarise(prof: profile, steps: int, wall_s: float, on_device: bool, top: in
         ]
     lines.append(f"host operator calls per step: {host_calls / steps:.0f}")
     if on_device:  # kernels and copies only (an operator's device time is its kernels': no double count)
-        key, pool = _device_time, [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA]
+        key, pool = _device_time, [e for e in averages if _on_device(e)]
     else:
         key, pool = (lambda e: float(e.self_cpu_time_total)), list(averages)
     ranked = sorted(pool, key=key, reverse=True)
