@@ -25,7 +25,7 @@ from recsys.models.target_attention import TargetAttentionBackbone
 from recsys.ops.sparse_update import LazyAdam
 from recsys.training.cuda_graph import GraphedStep, static_copy, tensor_leaves
 from recsys.training.ranking import RankingModule
-from tests.helpers import quiet_trainer, random_samples
+from tests.helpers import fit_tiny_ranking, quiet_trainer, random_samples
 
 
 @dataclass
@@ -226,3 +226,18 @@ def test_graphed_dare_training_on_cuda_matches_the_eager_step(tmp_path):
     print(f"elements {elements}: graph vs eager {far} beyond 1e-4, eager vs eager {noise}")
     assert torch.allclose(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-3, atol=1e-5)
     assert far <= max(3 * noise, 0.001 * elements)
+
+
+def test_a_graphed_runs_optimiser_settings_do_not_break_an_eager_resume_on_the_cpu(tmp_path):
+    """A graphed run leaves ``capturable=True`` in its Adam groups (and in its checkpoint); ``torch.optim.Adam``
+    refuses that on CPU parameters. An eager run puts the flag and the step counts back on the host."""
+
+    class GraphedRunsAdam(pl.Callback):  # runs before the module's on_train_start, as a resumed state would
+        def on_train_start(self, trainer, pl_module) -> None:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["capturable"] = True
+
+    trainer = fit_tiny_ranking(tmp_path, [GraphedRunsAdam()], max_steps=3)
+    assert trainer.global_step == 3
+    assert all(not g["capturable"] for opt in trainer.optimizers for g in opt.param_groups)

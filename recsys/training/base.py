@@ -186,21 +186,29 @@ class SparseDenseModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self.graphed_step = None
-        if not self.cuda_graph:
-            return
-        blocker = self.graph_blocker()
+        blocker = self.graph_blocker() if self.cuda_graph else None
         if blocker is not None:
             log.warning("cuda_graph=true but the training step runs eagerly: %s", blocker)
-            return
+        graphing = self.cuda_graph and blocker is None
+        self._capturable_optimizers(graphing)
+        if graphing:
+            self.graphed_step = GraphedStep(self._raw_step, warmup=self.graph_warmup_steps)
+
+    def _capturable_optimizers(self, on: bool) -> None:
+        """``torch.optim.Adam`` & co. with their step counts on the parameters' device (``on``: what a graph needs)
+        or back on the host (the default; also for a graphed run's checkpoint resumed eagerly, e.g. on a CPU, where
+        ``capturable=True`` is refused)."""
         for opt in self._optimizers():
             raw = getattr(opt, "optimizer", opt)
-            for group in raw.param_groups:
-                if "capturable" in group:
-                    group["capturable"] = True  # torch.optim.Adam & co: step counts on the device
-            for p, state in raw.state.items():  # resumed states: step counts onto the device too
-                if isinstance(state.get("step"), torch.Tensor) and state["step"].device != p.device:
-                    state["step"] = state["step"].to(p.device, torch.float32)
-        self.graphed_step = GraphedStep(self._raw_step, warmup=self.graph_warmup_steps)
+            groups = [g for g in raw.param_groups if "capturable" in g]
+            if not groups or (not on and not any(g["capturable"] for g in groups)):
+                continue
+            owned = {id(q) for g in groups for q in g["params"]}
+            for group in groups:
+                group["capturable"] = on
+            for p, state in raw.state.items():
+                if id(p) in owned and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(p.device if on else "cpu", torch.float32)
 
     def on_train_end(self) -> None:
         """``perf/graph_replays`` (steps that ran as the CUDA graph) into the run's metrics."""
