@@ -12,7 +12,7 @@ from the ranking (the official MQSA-TED / S3-Rec protocol: a target that repeats
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -91,10 +91,20 @@ def last_position_scores(model: SASRec, batch: SeqBatch, exclude_history: bool =
 def last_position_ranks(model: SASRec, batch: SeqBatch, exclude_history: bool = True) -> torch.Tensor:
     """``[B]`` 0-based full-ranking rank of each row's target (``inf`` if the target was removed, which
     ``exclude_history=True`` does to a target repeating a history item)."""
+    return ranks_under_protocols(model, batch, (exclude_history,))[0]
+
+
+@torch.no_grad()
+def ranks_under_protocols(model: SASRec, batch: SeqBatch, protocols: Sequence[bool]) -> list[torch.Tensor]:
+    """:func:`last_position_ranks` under each ``exclude_history`` value of ``protocols``, from one model forward
+    (only the scoring against the item table and the ranking are repeated)."""
     out = model(batch, last_only=True)
     flat, buffer = WORKSPACE.take(batch.batch_size, model.num_items, out.hidden)
     try:
-        scores = masked_scores(out.hidden, output_table(model, out), batch, buffer, exclude_history)
-        return target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True)
+        ranks = []
+        for exclude_history in protocols:
+            scores = masked_scores(out.hidden, output_table(model, out), batch, buffer, exclude_history)
+            ranks.append(target_ranks(scores, batch.jagged(TARGET_ITEM)[0], overwrite=True))
+        return ranks
     finally:
         WORKSPACE.give(flat)

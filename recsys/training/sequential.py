@@ -37,7 +37,7 @@ from recsys.errors import ConfigError
 from recsys.losses.sequential import sequential_losses
 from recsys.metrics.topk import DEFAULT_KS, rank_metrics
 from recsys.models.sasrec import SASRec, SeqOutput
-from recsys.models.sequential import build_sequential_model, last_position_ranks, last_position_scores
+from recsys.models.sequential import build_sequential_model, last_position_scores, ranks_under_protocols
 from recsys.tracking.head_plots import plot_head_utilisation
 from recsys.training.base import OptimizerFactory, SparseDenseModule
 
@@ -132,9 +132,9 @@ class SequentialModule(SparseDenseModule):
     # ---- evaluation ---------------------------------------------------------------------------
     def _rank(self, batch: SeqBatch, into: dict[str, list[np.ndarray]] | None = None) -> None:
         into = self._eval if into is None else into
-        into["rank"].append(last_position_ranks(self.model, batch, self.exclude_history).cpu().numpy())
-        if self.other_protocol is not None:
-            into["rank_other"].append(last_position_ranks(self.model, batch, self.other_protocol[1]).cpu().numpy())
+        protocols = [self.exclude_history] + ([] if self.other_protocol is None else [self.other_protocol[1]])
+        for key, ranks in zip(("rank", "rank_other"), ranks_under_protocols(self.model, batch, protocols)):
+            into[key].append(ranks.cpu().numpy())
         if batch.user is not None:  # identifies a batch the distributed sampler repeated
             into["user"].append(batch.user.cpu().numpy())
 
