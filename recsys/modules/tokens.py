@@ -219,16 +219,21 @@ class TokenEmbedding(nn.Module):
     def _target_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target tokens ``(sem [B, Ds], pos [B, Dp] or None)``; the target sits at position 0."""
         sem = torch.cat([self._embed(ids.target_item, TARGET_ITEM), self._embed(ids.target_cat, TARGET_CAT)], dim=-1)
-        pos = self.positions[-1].weight[0].expand(sem.shape[0], -1) if self.pos_dim > 0 else None
-        return sem, pos
+        return sem, self._target_pos(sem.shape[0])
+
+    def _target_pos(self, rows: int) -> torch.Tensor | None:
+        """``[rows, Dp]``: the target's position token (position 0), or ``None`` without positions."""
+        return self.positions[-1].weight[0].expand(rows, -1) if self.pos_dim > 0 else None
+
+    def _history_pos(self, ids: HistoryIds) -> torch.Tensor | None:
+        """``[B, L, Dp]``: the history slots' position tokens, or ``None`` without positions."""
+        return F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
 
     def _history_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
         """History tokens ``(sem [B, L, Ds], pos [B, L, Dp] or None)`` of the slots in ``ids``; padding slots get a
         zero semantic part (as the padded KJT path) and position 0."""
         sem = torch.cat([self._embed(ids.hist_item, HIST_ITEM), self._embed(ids.hist_cat, HIST_CAT)], dim=-1)
-        sem = sem * ids.mask.unsqueeze(-1)
-        pos = F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
-        return sem, pos
+        return sem * ids.mask.unsqueeze(-1), self._history_pos(ids)
 
     def target_tokens(self, ids: HistoryIds) -> torch.Tensor:
         """``[B, token_dim]``: the whole target tokens (``Tokens.target`` of :meth:`lookup`)."""
@@ -256,9 +261,7 @@ class TokenEmbedding(nn.Module):
         t_cat, h_cat = self._target_and_history(ids.target_cat, ids.hist_cat, TARGET_CAT, HIST_CAT)
         target_sem = torch.cat([t_item, t_cat], dim=-1)
         hist_sem = torch.cat([h_item, h_cat], dim=-1) * ids.mask.unsqueeze(-1)
-        target_pos = self.positions[-1].weight[0].expand(target_sem.shape[0], -1) if self.pos_dim > 0 else None
-        hist_pos = F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
-        return Tokens(target_sem, hist_sem, target_pos, hist_pos, ids.mask)
+        return Tokens(target_sem, hist_sem, self._target_pos(target_sem.shape[0]), self._history_pos(ids), ids.mask)
 
     GRAM_LIMIT = 1 << 25  # entries of the cached target x history item dot table (128 MiB of float32)
 
