@@ -71,6 +71,30 @@ class DatasetMeta:
     params: dict[str, Any] = field(default_factory=dict)
     extra_columns: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_splits(
+        cls,
+        name: str,
+        fingerprint: str,
+        vocab: Vocab,
+        max_len: int,
+        splits: Mapping[str, pl.DataFrame],
+        params: dict[str, Any],
+        extra_columns: Sequence[str] = (),
+    ) -> DatasetMeta:
+        """The meta of a converter's output: id-space sizes from ``vocab``, row counts from the ``splits`` frames."""
+        return cls(
+            name=name,
+            fingerprint=fingerprint,
+            num_users=vocab.num_users,
+            num_items=vocab.num_items,
+            num_categories=vocab.num_categories,
+            max_len=max_len,
+            rows={k: v.height for k, v in splits.items()},
+            params=params,
+            extra_columns=list(extra_columns),
+        )
+
     def vocab(self) -> Vocab:
         """The id-space sizes as a :class:`~recsys.data.schema.Vocab`."""
         return Vocab(self.num_users, self.num_items, self.num_categories)

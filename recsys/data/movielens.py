@@ -166,15 +166,5 @@ def prepare_ml100k(
         like = (pl.col("rating") >= like_threshold).cast(pl.Int8).alias("like")
         splits = {k: v.with_columns(like) for k, v in splits.items()}
         extra.append("like")
-    meta = DatasetMeta(
-        name="ml100k",
-        fingerprint=fp,
-        num_users=vocab.num_users,
-        num_items=vocab.num_items,
-        num_categories=vocab.num_categories,
-        max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()},
-        params=params,
-        extra_columns=extra,
-    )
+    meta = DatasetMeta.for_splits("ml100k", fp, vocab, protocol.max_len, splits, params, extra)
     return write_dataset(Path(cache_root), meta, splits)

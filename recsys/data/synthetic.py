@@ -212,15 +212,5 @@ def prepare_synthetic(
         return hit
     events, vocab, id_maps = remap_ids(filter_behaviors(generate_log(**params), protocol.behaviors))
     splits = build_ctr_samples(events, protocol, vocab=vocab, source="synthetic")
-    meta = DatasetMeta(
-        name="synthetic",
-        fingerprint=fp,
-        num_users=vocab.num_users,
-        num_items=vocab.num_items,
-        num_categories=vocab.num_categories,
-        max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()},
-        params=meta_params,
-        extra_columns=[],
-    )
+    meta = DatasetMeta.for_splits("synthetic", fp, vocab, protocol.max_len, splits, meta_params)
     return write_dataset(Path(cache_root), meta, splits, id_maps)

@@ -132,15 +132,5 @@ def prepare_taobao(
     raw = filter_behaviors(read_taobao_log(path, time_window), protocol.behaviors)
     events, vocab, id_maps = remap_ids(raw)
     splits = build_ctr_samples(events, protocol, vocab=vocab, source=str(path))
-    meta = DatasetMeta(
-        name="taobao",
-        fingerprint=fp,
-        num_users=vocab.num_users,
-        num_items=vocab.num_items,
-        num_categories=vocab.num_categories,
-        max_len=protocol.max_len,
-        rows={k: v.height for k, v in splits.items()},
-        params=params,
-        extra_columns=[],
-    )
+    meta = DatasetMeta.for_splits("taobao", fp, vocab, protocol.max_len, splits, params)
     return write_dataset(Path(cache_root), meta, splits, id_maps)
