@@ -230,7 +230,8 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
                 "implementation": "ours",
                 "protocol": protocol,
                 "selection": f"val ndcg@20 ({protocol}), patience {args.patience}",
-                "protocols_in_run": list(args.protocols),  # >1: trained until every one's validation stalled
+                "protocols_in_run": list(args.protocols),
+                "overrides": list(args.extra),  # Hydra overrides beyond the benchmark's own (e.g. a schedule)  # >1: trained until every one's validation stalled
                 "test_from": "checkpoint" if from_checkpoint else "epoch_test",
                 "epoch_times": times,
                 "val_ndcg20": [round(v, 6) for v in history[f"val{sfx}/ndcg20"]][:epochs],
@@ -345,6 +346,8 @@ def _group_key(row: dict[str, Any]) -> tuple:
     selection = row.get("selection", "val ndcg@20, patience 20")
     if impl == "ours":  # ours select under the row's own protocol: the rule without the protocol's name
         selection = re.sub(r" \((history_removed|history_kept)\)", "", selection)
+    if row.get("overrides"):  # a schedule or setting other than the config's: its own row
+        selection += "; " + " ".join(row["overrides"])
     return (row["dataset"], impl != "ours", row["model"], row["device"], row.get("entry", "plain loop"), selection)
 
 

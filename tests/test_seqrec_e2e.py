@@ -221,3 +221,9 @@ def test_benchmark_table_puts_protocols_side_by_side_and_keeps_notes(tmp_path):
     assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side
     recbole = "| yelp | RecBole | sasrec | cuda | e | valid ndcg@10 (history_kept), patience 5 | 1 | 0.0500 | 0.0400 |"
     assert recbole in side  # removed before kept: RecBole's re-ranked checkpoint, then its own protocol
+    # a run with other settings (a schedule) is its own row, its overrides named beside the rule
+    rows.append({**row("ours", "history_kept", 0.07), "overrides": ["data.batch_size=1024"]})
+    seqrec.write_table(rows, table)
+    side = table.read_text().split("## Side by side")[1].split("## Every metric")[0]
+    assert "| val ndcg@20, patience 20; data.batch_size=1024 | 1 | – | 0.0700 |" in side
+    assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side
