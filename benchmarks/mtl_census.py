@@ -161,6 +161,7 @@ def search_table(storage: str, models: list[str], dataset: str = "census") -> st
         space = cfg.hydra.sweeper.params
         searched = sorted(study.best_trial.params)
         fixed = [k for k in space if k not in searched]
+        given = dict(o.split("=", 1) for o in best.fixed)  # fixed on the sweep's command line (else the default)
         body.append(
             [
                 model,
@@ -168,10 +169,11 @@ def search_table(storage: str, models: list[str], dataset: str = "census") -> st
                 f"{best.value:.4f}",
                 f"{float(np.median(values)):.4f} / {min(values):.4f}",
                 "<br>".join(f"`{k}` {space[k]} → **{short(best.params[k])}**" for k in searched),
-                ", ".join(f"`{k}={OmegaConf.select(cfg, k)}`" for k in fixed) or "–",
+                ", ".join(f"`{k}={given.get(k, OmegaConf.select(cfg, k))}`" for k in fixed) or "–",
             ]
         )
-    columns = ["search", "trials", "best val AUC", "median / worst", "searched (range → best)", "fixed at default"]
+    columns = ["search", "trials", "best val AUC", "median / worst", "searched (range → best)"]
+    columns.append("fixed (command line, else default)")
     return (
         markdown_table(columns, body)
         + "\n"

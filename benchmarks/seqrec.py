@@ -230,8 +230,8 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
                 "implementation": "ours",
                 "protocol": protocol,
                 "selection": f"val ndcg@20 ({protocol}), patience {args.patience}",
-                "protocols_in_run": list(args.protocols),
-                "overrides": list(args.extra),  # Hydra overrides beyond the benchmark's own (e.g. a schedule)  # >1: trained until every one's validation stalled
+                "protocols_in_run": list(args.protocols),  # >1: trained until every one's validation stalled
+                "overrides": list(args.extra),  # Hydra overrides beyond the benchmark's own (e.g. a schedule)
                 "test_from": "checkpoint" if from_checkpoint else "epoch_test",
                 "epoch_times": times,
                 "val_ndcg20": [round(v, 6) for v in history[f"val{sfx}/ndcg20"]][:epochs],

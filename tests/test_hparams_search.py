@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from pipelines.train import objective_value
 from recsys.errors import ConfigError
-from recsys.tracking.optuna_study import best_trial, optuna_direction, resume_study
+from recsys.tracking.optuna_study import best_trial, optuna_direction, record_fixed_overrides, resume_study
 from recsys.tracking.sweep import OVERRIDES_TAG, best_child
 from tests.conftest import REPO
 from tests.test_train_e2e import TINY, TINY_SYNTHETIC
@@ -121,6 +121,20 @@ def test_budget_counts_finished_trials_and_fails_the_stale_ones(tmp_path):
     assert best.overrides == [f"x={best.params['x']}"]
 
 
+def test_best_trial_reproduces_the_overrides_the_sweep_fixed(tmp_path):
+    storage, name = f"sqlite:///{tmp_path}/optuna.db", "s"
+    args = ["hparams_search=ple", "mtl.num_levels=1", "hydra.sweeper.n_trials=8", "mtl.dropout=0.0"]
+    record_fixed_overrides(storage, name, ["maximize"], args)
+    study = optuna.load_study(study_name=name, storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    best = best_trial(storage, name)
+    assert best.overrides == ["mtl.num_levels=1", "mtl.dropout=0.0", f"x={best.params['x']}"]
+    record_fixed_overrides(storage, name, ["maximize"], [*args, "hydra.sweeper.n_trials=9"])  # a resume: same fixed
+    with pytest.raises(ConfigError, match=r"mtl.num_levels=2"):  # another setting would mix two studies in one
+        record_fixed_overrides(storage, name, ["maximize"], ["mtl.num_levels=2", "mtl.dropout=0.0"])
+    assert best_trial(storage, name).overrides == best.overrides
+
+
 def test_best_child_is_found_by_its_overrides():
     def run(overrides):
         return type("R", (), {"data": type("D", (), {"tags": {OVERRIDES_TAG: json.dumps(overrides)}})})()
@@ -146,7 +160,10 @@ def test_two_trial_search_nests_trials_records_the_best_and_resumes(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         return optuna.load_study(study_name="dare-synthetic", storage=f"sqlite:///{tmp_path}/logs/optuna.db")
 
-    assert len(search(1).trials) == 1
+    first = search(1)
+    assert len(first.trials) == 1
+    fixed = first.user_attrs["fixed_overrides"]  # what the search trained with, for a rerun of its best trial
+    assert "trainer.max_epochs=1" in fixed and not any(o.startswith(("hydra", "hparams_search")) for o in fixed)
     study = search(2)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert study.trials[0].params != study.trials[1].params  # the resumed sampler drew a new point

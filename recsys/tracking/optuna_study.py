@@ -78,17 +78,63 @@ def resume_study(storage: str | None, study_name: str | None, budget: int) -> Re
     return Resume(len(trials), finished, max(0, budget - finished), len(stale))
 
 
+#: study user attribute: the overrides the sweep's command line fixed (outside the search space), so a rerun of the
+#: best trial (``BestTrial.overrides``) trains what the search trained
+FIXED_ATTR = "fixed_overrides"
+
+
+def fixed_overrides(arguments: list[str]) -> list[str]:
+    """The overrides of a sweep's command line that shape every trial: all but Hydra's own (``hydra.*``,
+    ``hydra/...``) and the search choice itself (``hparams_search=...``). Sweep syntax (``x=choice(1,2)``)
+    is for the caller to leave out: those are searched, not fixed."""
+    return [a for a in arguments if not a.startswith(("hydra.", "hydra/", "hparams_search=", "+hparams_search="))]
+
+
+def record_fixed_overrides(
+    storage: str | None, study_name: str | None, directions: list[Any], arguments: list[str]
+) -> None:
+    """Store the sweep's fixed overrides on its study (created here if new); a study already run with other fixed
+    overrides raises :class:`~recsys.errors.ConfigError` (its trials would mix two settings)."""
+    if not storage or not study_name:
+        return
+    import optuna
+
+    from recsys.errors import ConfigError
+
+    ensure_sqlite_folder(storage)
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, load_if_exists=True)
+    fixed = fixed_overrides(arguments)
+    stored = study.user_attrs.get(FIXED_ATTR)
+    if stored is not None and stored != fixed:
+        raise ConfigError(
+            f"study {study_name} in {storage} was run with the fixed overrides {stored}, this sweep gives {fixed}: "
+            "give the same ones to resume it, or another hydra.sweeper.study_name"
+        )
+    if stored is None and study.trials and fixed:  # older study, no record: its trials' settings are unknown
+        raise ConfigError(
+            f"study {study_name} in {storage} has trials but no record of its fixed overrides; this sweep gives "
+            f"{fixed}: use another hydra.sweeper.study_name"
+        )
+    study.set_user_attr(FIXED_ATTR, fixed)
+
+
 @dataclass(frozen=True)
 class BestTrial:
     number: int
     value: float
     params: dict[str, Any]
     finished: int  # complete trials in the study
+    fixed: tuple[str, ...] = ()  # the sweep's fixed overrides (FIXED_ATTR)
+
+    @property
+    def searched(self) -> list[str]:
+        """The trial's search-space values as Hydra overrides, formatted as the sweeper formats them."""
+        return [f"{name}={value}" for name, value in self.params.items()]
 
     @property
     def overrides(self) -> list[str]:
-        """The trial's search-space values as Hydra overrides, formatted as the sweeper formats them."""
-        return [f"{name}={value}" for name, value in self.params.items()]
+        """The sweep's fixed overrides, then :attr:`searched`: what reproduces the trial."""
+        return [*self.fixed, *self.searched]
 
 
 def best_trial(storage: str | None, study_name: str | None) -> BestTrial | None:
@@ -102,4 +148,5 @@ def best_trial(storage: str | None, study_name: str | None) -> BestTrial | None:
     if not complete or len(study.directions) != 1:
         return None
     best = study.best_trial
-    return BestTrial(best.number, float(best.value), dict(best.params), len(complete))
+    fixed = tuple(study.user_attrs.get(FIXED_ATTR) or ())
+    return BestTrial(best.number, float(best.value), dict(best.params), len(complete), fixed)

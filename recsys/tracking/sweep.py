@@ -162,7 +162,7 @@ class MLflowSweepParent(Callback):
         client.set_tag(self.parent_id, "optuna/best_trial", str(best.number))
         client.set_tag(self.parent_id, "optuna/best_params", json.dumps(best.params))
         client.set_tag(self.parent_id, "optuna/best_overrides", " ".join(best.overrides))
-        run = best_child(children, best.overrides)
+        run = best_child(children, best.searched)  # the trials of one study differ in these
         if run is None:
             log.warning("best trial %d of study %s: no child run with its overrides", best.number, self.study[1])
             return
