@@ -115,9 +115,10 @@ def run_peer(python: Path, script: Path, args: list[str], env: dict[str, str] | 
     return out
 
 
-def tuned_overrides(storage: str, model: str, dataset: str = "census") -> tuple[list[str], int]:
+def tuned_overrides(storage: str, model: str, dataset: str = "census") -> tuple[list[str], list[str], int]:
     """The best complete trial of the search ``<model>-<dataset>`` in ``storage`` (an Optuna URL or a sqlite
-    file) as Hydra overrides, and the search's complete trials."""
+    file): the overrides its command line fixed, its searched values (both as Hydra overrides) and the search's
+    complete trials."""
     from recsys.tracking.optuna_study import best_trial
 
     url = storage if "://" in storage else f"sqlite:///{Path(storage).resolve()}"
@@ -125,7 +126,7 @@ def tuned_overrides(storage: str, model: str, dataset: str = "census") -> tuple[
     if best is None:
         raise SystemExit(f"no complete trial of the search {model}-{dataset} in {url}")
     log(f"[{model}] best of {best.finished} trials: val auc {best.value:.4f} {' '.join(best.overrides)}")
-    return best.overrides, best.finished
+    return list(best.fixed), best.searched, best.finished
 
 
 def search_table(storage: str, models: list[str], dataset: str = "census") -> str:
@@ -276,10 +277,10 @@ def main(argv=None) -> None:
                 accelerator=args.accelerator,
             )
         for model in models if args.tuned is not None else []:
-            overrides, trials = tuned_overrides(args.tuned, model)
-            run_grid(
-                {model: [*MODELS[model], *overrides]},
-                COMMON,
+            fixed, searched, trials = tuned_overrides(args.tuned, model)
+            run_grid(  # the search's fixed values first: this benchmark's own settings, then the trial's, win
+                {model: [*MODELS[model], *searched]},
+                [*fixed, *COMMON],
                 args.set,
                 args.seeds,
                 TASKS,

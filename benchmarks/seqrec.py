@@ -175,7 +175,7 @@ def run_ours(model: str, dataset: str, seed: int, args: argparse.Namespace) -> l
         log(f"[ours {model} {name}] no complete trial of study {model}-{name} in {args.tuned_from}: not run")
         return []
     if tuned is not None:  # the search config (its fixed links, e.g. one lr for both optimisers) + the best trial
-        overrides = [o for o in overrides if not o.startswith("recsys=")] + tuned["overrides"]
+        overrides = [*tuned["fixed"], *(o for o in overrides if not o.startswith("recsys=")), *tuned["overrides"]]
     timeout = 24 * 3600.0
     if args.deadline_s is not None:  # stop training in time to test the best checkpoint before the deadline
         budget = int(remaining(args) - TEST_MARGIN_S)
@@ -256,7 +256,8 @@ def tuned_overrides(model: str, dataset: str, args: argparse.Namespace) -> dict[
     if best is None:
         return None
     return {
-        "overrides": [f"hparams_search={model}", *best.overrides],
+        "fixed": list(best.fixed),  # what the search's command line fixed: before this benchmark's own settings
+        "overrides": [f"hparams_search={model}", *best.searched],
         "trials": best.finished,
         "tuned_params": best.params,
         "tuned_trial": best.number,

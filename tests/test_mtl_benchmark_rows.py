@@ -103,7 +103,9 @@ def test_tuned_runs_read_the_best_trial_of_the_tower_search(tmp_path):
     for value, pwl in [(0.971, 16), (0.973, 32), (0.972, 64)]:
         trial = optuna.trial.create_trial(params={"data.source.dense_pwl": pwl}, distributions=space, value=value)
         study.add_trial(trial)
-    assert tuned_overrides(str(tmp_path / "optuna.db"), "switch") == (["data.source.dense_pwl=32"], 3)
+    assert tuned_overrides(str(tmp_path / "optuna.db"), "switch") == ([], ["data.source.dense_pwl=32"], 3)
+    study.set_user_attr("fixed_overrides", ["mtl.dropout=0.1"])  # what the search's command line fixed
+    assert tuned_overrides(str(tmp_path / "optuna.db"), "switch")[0] == ["mtl.dropout=0.1"]
     table = search_table(storage, ["mmoe", "switch"])
     assert "| switch | 3 | 0.9730 | 0.9720 / 0.9710 | `data.source.dense_pwl` choice(0, 16, 32, 64) → **32**" in table
     line = next(line for line in table.splitlines() if line.startswith("| switch | 3 |"))
