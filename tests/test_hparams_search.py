@@ -123,7 +123,7 @@ def test_budget_counts_finished_trials_and_fails_the_stale_ones(tmp_path):
 
 def test_best_trial_reproduces_the_overrides_the_sweep_fixed(tmp_path):
     storage, name = f"sqlite:///{tmp_path}/optuna.db", "s"
-    args = ["hparams_search=ple", "mtl.num_levels=1", "hydra.sweeper.n_trials=8", "mtl.dropout=0.0"]
+    args = ["hparams_search=ple", "mtl.num_levels=1", "hydra.sweeper.n_trials=8", "mtl.dropout=0.0", "lr=choice(1,2)"]
     record_fixed_overrides(storage, name, ["maximize"], args)
     study = optuna.load_study(study_name=name, storage=storage)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)

@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -65,9 +64,7 @@ if OptunaSweeper is not None:
 
             # what the command line fixed, on the study: a rerun of its best trial trains what the search trained
             impl = self.sweeper
-            parsed = OverridesParser.create().parse_overrides(arguments)
-            fixed = [text for text, o in zip(arguments, parsed) if not o.is_sweep_override()]
-            record_fixed_overrides(impl.storage, impl.study_name, impl._get_directions(), fixed)
+            record_fixed_overrides(impl.storage, impl.study_name, impl._get_directions(), arguments)
             # the launcher creates the sweep folder; with no trial left the results file still goes there
             Path(self.sweeper.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             return super().sweep(arguments)

@@ -85,9 +85,13 @@ FIXED_ATTR = "fixed_overrides"
 
 def fixed_overrides(arguments: list[str]) -> list[str]:
     """The overrides of a sweep's command line that shape every trial: all but Hydra's own (``hydra.*``,
-    ``hydra/...``) and the search choice itself (``hparams_search=...``). Sweep syntax (``x=choice(1,2)``)
-    is for the caller to leave out: those are searched, not fixed."""
-    return [a for a in arguments if not a.startswith(("hydra.", "hydra/", "hparams_search=", "+hparams_search="))]
+    ``hydra/...``), the search choice itself (``hparams_search=...``) and sweep syntax (``x=choice(1,2)``:
+    searched, not fixed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    own = ("hydra.", "hydra/", "hparams_search=", "+hparams_search=")
+    return [a for a, o in zip(arguments, parsed) if not a.startswith(own) and not o.is_sweep_override()]
 
 
 def record_fixed_overrides(
