@@ -349,6 +349,9 @@ def _group_key(row: dict[str, Any]) -> tuple:
         selection = re.sub(r" \((history_removed|history_kept)\)", "", selection)
     if row.get("overrides"):  # a schedule or setting other than the config's: its own row
         selection += "; " + " ".join(row["overrides"])
+    if row.get("tuned"):  # the best trial of a search: not averaged with the config's own settings
+        trials = row.get("trials", "?")
+        selection += f"; tuned, best of {trials} trial{'' if trials == 1 else 's'}"
     return (row["dataset"], impl != "ours", row["model"], row["device"], row.get("entry", "plain loop"), selection)
 
 

@@ -230,3 +230,9 @@ def test_benchmark_table_puts_protocols_side_by_side_and_keeps_notes(tmp_path):
     side = table.read_text().split("## Side by side")[1].split("## Every metric")[0]
     assert "| val ndcg@20, patience 20; data.batch_size=1024 | 1 | – | 0.0700 |" in side
     assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side
+    # the best trial of a search is its own row too, the trial budget named (not averaged with the config's runs)
+    rows.append({**row("ours", "history_removed", 0.09), "tuned": True, "trials": 7})
+    seqrec.write_table(rows, table)
+    side = table.read_text().split("## Side by side")[1].split("## Every metric")[0]
+    assert "| val ndcg@20, patience 20; tuned, best of 7 trials | 1 | 0.0900 | – |" in side
+    assert "| yelp | ours | sasrec | cuda | e | val ndcg@20, patience 20 | 1 | 0.0200 | 0.0300 |" in side

@@ -8,7 +8,8 @@
 # SWEEP_S: wall seconds of the two concurrent sweeps (then stopped; finished trials stay in the study); TRIALS: the
 # study's total budget; DEADLINE_S: the whole call. Writes OUT_DIR/{seqrec_tuned.jsonl, sweep.log,
 # optuna_sports.db, optuna_yelp.db}. Resumable over calls: carry the two .db files back as
-# .device/seqrec16_studies/optuna_<dataset>.db and the next call continues the same studies (the sweeper counts
+# .device/seqrec16_studies/optuna_<dataset>.db (else benchmarks/results/studies/optuna_<dataset>.db, the studies
+# kept in git, is read) and the next call continues the same studies (the sweeper counts
 # the finished trials against TRIALS and draws new points).
 # Needs .device/optuna_whl and .device/data/seqrec (benchmarks/device/seqrec16_prepare.sh).
 # A small check elsewhere: SEQREC16_TRAINER=default SEQREC16_DATA=/tmp/tiny SEQREC16_DATASETS=sports \
@@ -29,7 +30,9 @@ DATASETS=${SEQREC16_DATASETS:-sports yelp}
 declare -A FILE=([sports]=Sports_and_Outdoors.txt [yelp]=Yelp.txt)
 for d in $DATASETS; do
     mkdir -p "$W/$d"
-    [ -f ".device/seqrec16_studies/optuna_$d.db" ] && cp ".device/seqrec16_studies/optuna_$d.db" "$W/$d/optuna.db"
+    for db in ".device/seqrec16_studies/optuna_$d.db" "benchmarks/results/studies/optuna_$d.db"; do  # carried, else kept
+        if [ -f "$db" ]; then cp "$db" "$W/$d/optuna.db" && chmod u+w "$W/$d/optuna.db"; break; fi
+    done
     # per trial: up to 60 epochs, early stopping after 5 without a validation NDCG@20 gain
     timeout -k 20 "$SWEEP_S" python3 -m pipelines.train -m hparams_search=mqsa_ted "data=$d" \
         "data.path=$DATA/${FILE[$d]}" "trainer=$TRAINER" trainer.enable_progress_bar=false trainer.enable_model_summary=false \
