@@ -71,8 +71,8 @@ def padded_history(
         torch.from_numpy(pad_jagged(hist_item, offsets, width)),
         torch.from_numpy(pad_jagged(hist_cat, offsets, width)),
         torch.from_numpy(lengths),
-        torch.from_numpy(np.asarray(target_item, dtype=np.int64)),
-        torch.from_numpy(np.asarray(target_cat, dtype=np.int64)),
+        torch.from_numpy(np.array(target_item, dtype=np.int64)),  # copies: the batch holds no view of a buffer
+        torch.from_numpy(np.array(target_cat, dtype=np.int64)),
     )
 
 
