@@ -4,6 +4,14 @@
         --rows 1000000 10000000 --threads 2
     .venv/bin/python -m benchmarks.scoring --model <run> --rows 1000000 --engine local ray --workers 1 2 \
         [--device cuda]
+    .venv/bin/python -m benchmarks.scoring --model <run> --rows 10000000 --device cuda --threads 8 \
+        --file-workers 1 4 8 --fixed-shape auto
+
+``--file-workers N [N ...]`` runs the local job once per value (``file_workers=N``: N files read, mapped and
+batched at once); ``--fixed-shape auto|true|false`` is passed to the job (``fixed_shape``: fixed-shape id
+batches instead of KJTs; auto = on CUDA). Both go into every line (``file_workers``, ``fixed_shape`` as given,
+``fixed_shape_used`` as the job resolved it); the read-only bound reads N files at once in N threads and the
+forward-only bound feeds the model the batch form the job uses.
 
 With ``--engine ray`` the job runs on a local Ray instance over this machine's cores (``ray.workers=N``, one
 CPU and ``--threads`` torch threads per worker); its lines carry ``engine``, ``workers``, the per-worker peak RSS
@@ -32,6 +40,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 
 from recsys.bundle import IdMapper, load_bundle, resolve_bundle
-from recsys.data.batch import CTRBatch, make_ctr_kjt
+from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.scoring.reader import SCORING_COLUMNS, iter_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,30 +112,42 @@ def generate_logs(
     done.touch()
 
 
-def read_only(folder: Path, batch_size: int) -> float:
-    start, rows = time.perf_counter(), 0
-    for file in sorted(folder.glob("part-*.parquet")):
-        for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size):
-            rows += frame.height
+def read_only(folder: Path, batch_size: int, workers: int = 1) -> float:
+    """Rows/s of the job's reader alone over every file, ``workers`` files at once (one thread each)."""
+
+    def rows_of(file: Path) -> int:
+        return sum(frame.height for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        rows = sum(pool.map(rows_of, sorted(folder.glob("part-*.parquet"))))
     return rows / (time.perf_counter() - start)
 
 
-def forward_only(bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20, device: str = "cpu") -> float:
+def forward_only(
+    bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20, device: str = "cpu", fixed: bool = False
+) -> float:
     """The model's rows/s on one in-memory batch of full histories (already on ``device``), under inference
-    mode as the scorer."""
+    mode as the scorer; ``fixed``: the fixed-shape ids (``[batch_size, seq]`` int32, as the job's
+    ``fixed_shape``) instead of the KJT."""
     bundle = load_bundle(bundle_dir)  # outside inference mode, as the scorer (weights keep version counters)
     model = bundle.model.to(device)
     vocab = bundle.meta.vocab()
     g = torch.Generator().manual_seed(0)
     lengths = torch.full((batch_size,), seq, dtype=torch.int64)
-    sparse = make_ctr_kjt(
+    ids = (
         torch.randint(1, vocab.num_items + 1, (batch_size * seq,), generator=g),
         torch.randint(1, vocab.num_categories + 1, (batch_size * seq,), generator=g),
         lengths,
         torch.randint(1, vocab.num_items + 1, (batch_size,), generator=g),
         torch.randint(1, vocab.num_categories + 1, (batch_size,), generator=g),
     )
-    batch = CTRBatch(sparse=sparse).to(device)
+    if fixed:
+        hist_item, hist_cat = (h.view(batch_size, seq).int() for h in ids[:2])
+        batch = CTRBatch(sparse=None, padded=PaddedHistory(hist_item, hist_cat, *ids[2:]))
+    else:
+        batch = CTRBatch(sparse=make_ctr_kjt(*ids))
+    batch = batch.to(device)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         model(batch)  # warm-up
@@ -147,6 +168,8 @@ def score(
     engine: str = "local",
     workers: int = 1,
     device: str = "cpu",
+    file_workers: int = 1,
+    fixed_shape: str = "auto",
 ) -> dict:
     """One ``pipelines.score`` run in a subprocess -> its ``_summary.json`` plus ``job_seconds`` (wall clock)."""
     cmd = [
@@ -162,6 +185,8 @@ def score(
         f"hydra.run.dir={out}_hydra",
         f"engine={engine}",
         f"device={device}",
+        f"file_workers={file_workers}",
+        f"fixed_shape={fixed_shape}",
     ]
     if engine == "ray":
         gpus = 1 if device.startswith("cuda") else 0
@@ -223,6 +248,12 @@ def main() -> None:
     parser.add_argument("--engine", nargs="+", choices=["local", "ray"], default=["local"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1], help="Ray workers; one run per value")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (Ray: one GPU per worker)")
+    parser.add_argument(
+        "--file-workers", nargs="+", type=int, default=[1], help="local engine: files scored at once; one run each"
+    )
+    parser.add_argument(
+        "--fixed-shape", choices=["auto", "true", "false"], default="auto", help="the job's fixed_shape (auto = CUDA)"
+    )
     parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
     parser.add_argument("--ray-overhead", action="store_true", help="also measure Ray's fixed and per-task costs")
     args = parser.parse_args()
@@ -239,20 +270,39 @@ def main() -> None:
             identity = json.loads((bundle_dir / "bundle.json").read_text())
             folder = work / f"logs-{identity['data_fingerprint']}-{rows}"
             generate_logs(bundle_dir, folder, rows)
-            bounds = {}
+            fixed = args.fixed_shape == "true" or (args.fixed_shape == "auto" and args.device.startswith("cuda"))
+            forward = {}
             if not args.no_bounds:
-                bounds = {
-                    "read_only_rows_per_s": round(read_only(folder, args.batch_size), 1),
-                    "forward_only_rows_per_s": round(forward_only(bundle_dir, args.batch_size, device=args.device), 1),
-                }
-            runs = [(e, w) for e in args.engine for w in (args.workers if e == "ray" else [1])]
+                rate = forward_only(bundle_dir, args.batch_size, device=args.device, fixed=fixed)
+                forward = {"forward_only_rows_per_s": round(rate, 1)}
+            runs = [  # (engine, Ray workers, file workers)
+                (e, w, f)
+                for e in args.engine
+                for w, f in ([(w, 1) for w in args.workers] if e == "ray" else [(1, f) for f in args.file_workers])
+            ]
             for threads in args.threads:
-                for engine, workers in runs:
+                for engine, workers, file_workers in runs:
                     torch.set_num_threads(threads)
-                    name = f"scores-{bundle_dir.parent.name}-{rows}-{engine}{workers}-{threads}-{int(time.time())}"
+                    bounds = dict(forward)
+                    if not args.no_bounds:  # what `file_workers` reader threads read, at this many threads
+                        rate = read_only(folder, args.batch_size, file_workers)
+                        bounds = {"read_only_rows_per_s": round(rate, 1), **forward}
+                    name = (
+                        f"scores-{bundle_dir.parent.name}-{rows}-{engine}{workers}-f{file_workers}-{args.fixed_shape}"
+                        f"-{threads}-{int(time.time())}"
+                    )
                     load_before = load()
                     summary = score(
-                        bundle_dir, folder, work / name, args.batch_size, threads, engine, workers, args.device
+                        bundle_dir,
+                        folder,
+                        work / name,
+                        args.batch_size,
+                        threads,
+                        engine,
+                        workers,
+                        args.device,
+                        file_workers,
+                        args.fixed_shape,
                     )
                     last = summary["last_run"]
                     row = {
@@ -265,6 +315,9 @@ def main() -> None:
                         "job_seconds": summary["job_seconds"],
                         "peak_rss_mb": last["peak_rss_mb"],
                         "worker_peak_rss_mb": last.get("worker_peak_rss_mb", [last["peak_rss_mb"]]),
+                        "file_workers": file_workers,
+                        "fixed_shape": args.fixed_shape,
+                        "fixed_shape_used": last.get("fixed_shape"),
                         **bounds,
                         "threads": threads,
                         "load": [load_before, load()],
@@ -292,15 +345,18 @@ def write_table() -> None:
             f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
     engines = [
-        "| model | rows | engine | workers | device | rows/s | job wall s | driver peak RSS (MB) | "
-        "per-worker peak RSS (MB) | load avg (start, end) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | rows | engine | workers | file workers | fixed shape | device | rows/s | read-only rows/s | "
+        "forward-only rows/s | job wall s | driver peak RSS (MB) | per-worker peak RSS (MB) | load avg (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [r for r in rows if "engine" in r]:
         per_worker = ", ".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"])
+        fixed = f"{r['fixed_shape']} ({'yes' if r['fixed_shape_used'] else 'no'})" if "fixed_shape" in r else "-"
+        read, forward = (f"{r[k]:,.0f}" if k in r else "-" for k in ("read_only_rows_per_s", "forward_only_rows_per_s"))
         engines.append(
-            f"| {r['model']} | {r['rows']:,} | {r['engine']} | {r['workers']} | {r['device']} | "
-            f"{r['rows_per_s']:,.0f} | {r['job_seconds']} | {r['peak_rss_mb']:.0f} | {per_worker} | "
+            f"| {r['model']} | {r['rows']:,} | {r['engine']} | {r['workers']} | {r.get('file_workers', 1)} | "
+            f"{fixed} | {r['device']} | {r['rows_per_s']:,.0f} | {read} | {forward} | "
+            f"{r['job_seconds']} | {r['peak_rss_mb']:.0f} | {per_worker} | "
             f"{r['load'][0]}, {r['load'][1]} |"
         )
     path = RESULTS / "scoring.md"

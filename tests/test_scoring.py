@@ -40,18 +40,18 @@ def bundle_dir(tmp_path_factory):
     return make_bundle(tmp_path_factory)
 
 
-def make_bundle(tmp_path_factory) -> Path:
+def make_bundle(tmp_path_factory, overrides: tuple[str, ...] = ()) -> Path:
     """A model bundle (random weights are enough to compare paths) on a tiny synthetic dataset, with its
-    test split exported as 3 scoring logs under ``logs/``."""
+    test split exported as 3 scoring logs under ``logs/``; ``overrides`` go to the training config."""
     tmp = tmp_path_factory.mktemp("bundle")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.cache_dir={tmp}/cache", *TINY])
+        cfg = compose("train", overrides=[f"paths.cache_dir={tmp}/cache", *TINY, *overrides])
     cfg.paths.root_dir = str(tmp)  # no Hydra runtime in compose mode
     cfg.paths.output_dir = str(tmp)
     datamodule = instantiate(cfg.data)
     datamodule.prepare()
     torch.manual_seed(0)
-    model = build_ranking_model(datamodule, instantiate(cfg.recsys), instantiate(cfg.mtl))
+    model = build_ranking_model(datamodule, instantiate(cfg.recsys), instantiate(cfg.mtl), cfg.model.init_std)
     with torch.no_grad():  # make BatchNorm statistics non-trivial
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm1d):

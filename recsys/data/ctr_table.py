@@ -13,7 +13,7 @@ import torch
 
 from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
-from recsys.data.seqrec_format import take_segments
+from recsys.data.seqrec_format import offsets_of, take_segments
 from recsys.errors import InputNotFound
 
 
@@ -42,13 +42,38 @@ def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int =
     if lengths.size and lengths.max() > width:
         raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
     small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
-    out = np.zeros((lengths.size, width), dtype=np.int32 if small else np.int64)
+    dtype = np.int32 if small else np.int64
+    if offsets[-1] - offsets[0] == lengths.size * width:  # every row is full: the jagged order is the matrix's
+        return values[offsets[0] : offsets[-1]].reshape(lengths.size, width).astype(dtype, copy=False)
+    out = np.zeros((lengths.size, width), dtype=dtype)
     slots = np.arange(width)
     for lo in range(0, lengths.size, chunk):
         hi = min(lo + chunk, lengths.size)
         real = slots < lengths[lo:hi, None]
         out[lo:hi][real] = values[offsets[lo] : offsets[hi]]  # row-major order = the jagged order
     return out
+
+
+def padded_history(
+    hist_item: np.ndarray,
+    hist_cat: np.ndarray,
+    lengths: np.ndarray,
+    target_item: np.ndarray,
+    target_cat: np.ndarray,
+    width: int,
+) -> PaddedHistory:
+    """Flat histories ``hist_item, hist_cat [sum(lengths)]`` (oldest first, no row longer than ``width``) and
+    ``target_item, target_cat [B]`` -> the fixed-shape ids of :class:`PaddedHistory`: ``[B, width]`` matrices
+    right-padded with 0 (:func:`pad_jagged`: int32 when the ids fit), ``lengths [B]`` int64, targets int64."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = offsets_of(lengths)
+    return PaddedHistory(
+        torch.from_numpy(pad_jagged(hist_item, offsets, width)),
+        torch.from_numpy(pad_jagged(hist_cat, offsets, width)),
+        torch.from_numpy(lengths),
+        torch.from_numpy(np.array(target_item, dtype=np.int64)),  # copies: the batch holds no view of a buffer
+        torch.from_numpy(np.array(target_cat, dtype=np.int64)),
+    )
 
 
 @dataclass

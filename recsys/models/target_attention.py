@@ -229,11 +229,18 @@ class TargetAttentionBackbone(nn.Module):
         return not self.training and isinstance(self.scorer, DotScorer) and not self.projections and self.local_tables
 
     def _search_then_lookup(self, batch: CTRBatch) -> BackboneOutput:
-        """Eval forward (same function as the training forward up to float rounding), ``eval_chunk`` rows at a
-        time so every intermediate stays in cache: scores straight from the attention tables, then
-        representation lookups only for the ``[B, K]`` retrieved slots, never padding or concatenating
-        ``[B, L, D]`` token tensors."""
-        outs = [self._search_then_lookup_rows(ids) for ids in HistoryIds.of(batch).split(self.eval_chunk)]
+        """Eval forward (same function as the training forward up to float rounding): scores straight from the
+        attention tables, then representation lookups only for the ``[B, K]`` retrieved slots, never padding or
+        concatenating ``[B, L, D]`` token tensors.
+
+        On CPU ``eval_chunk`` rows at a time, so every ``[rows, L]`` intermediate stays in cache; on a GPU the
+        whole batch at once (slices would only multiply kernel launches, and the GPU has no such cache to fit).
+        """
+        ids = HistoryIds.of(batch)
+        rows = ids.mask.shape[0]
+        if ids.mask.device.type != "cpu" or rows <= self.eval_chunk:
+            return self._search_then_lookup_rows(ids)
+        outs = [self._search_then_lookup_rows(part) for part in ids.split(self.eval_chunk)]
         cat = lambda get: torch.cat([get(o) for o in outs])  # noqa: E731
         return BackboneOutput(
             features=cat(lambda o: o.features), extras={k: cat(lambda o, k=k: o.extras[k]) for k in outs[0].extras}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,12 +13,21 @@ import torch
 
 from recsys.bundle import LoadedBundle
 from recsys.data.batch import CTRBatch, ctr_kjt_from_values
-from recsys.data.ctr_table import list_column_arrays
+from recsys.data.ctr_table import list_column_arrays, padded_history
 from recsys.data.schema import null_inside
 from recsys.errors import ConfigError
 from recsys.scoring.reader import SCORING_COLUMNS, out_of_range_rows
 
 POLICIES = ("map", "reject")
+
+
+def check_fixed_shape(value: object) -> str | bool:
+    """``fixed_shape`` must be ``auto``, ``true`` or ``false``; one-line :class:`ConfigError` otherwise."""
+    if not (isinstance(value, bool) or value == "auto"):
+        raise ConfigError(f"fixed_shape={value!r}: choose auto, true or false")
+    return value
+
+
 ID_COLUMNS = ("item", "category", "hist_item", "hist_cat")
 
 
@@ -60,7 +70,8 @@ class PreparedBatch:
 
     Attributes:
         kept: the scored rows' pass-through columns (``n`` rows).
-        batch: the model input for those rows (``None`` when ``n == 0``).
+        batch: the model input for those rows (``None`` when ``n == 0``): a KJT, or with ``fixed_shape`` the
+            ids at the fixed shape ``[n, max_len]`` (``CTRBatch.padded``).
         rejected: rejected rows with a ``reason`` column.
         stats: the batch's counts (``rows_scored`` is set by :meth:`CTRScorer.finish`).
     """
@@ -86,9 +97,14 @@ class CTRScorer:
         keep_columns: input columns copied to the output beside the scores (when present).
         device: where the model runs; the bundle's model is moved there. For CUDA, :meth:`prepare` (run ahead
             in a thread) pins the batch and :meth:`finish` copies it with ``non_blocking``.
+        fixed_shape: ``True`` builds each batch's ids at the fixed shape ``[n, max_len]`` in numpy
+            (:func:`~recsys.data.ctr_table.padded_history`, the training step's sync-free input) instead of a
+            KJT; ``"auto"`` = on CUDA. Models whose tables are not local (sharded) read the KJT: ``True``
+            raises for them, ``"auto"`` keeps the KJT.
 
     Rows with a null id or a null/empty history are always rejected (reasons ``null`` / ``empty_history``),
-    rows with an id beyond Int64 (unsigned input) too (``id_out_of_range``).
+    rows with an id beyond Int64 (unsigned input) too (``id_out_of_range``). :meth:`prepare` may run in many
+    threads at once; :meth:`finish` too (file threads): the model runs one batch at a time under a lock.
     """
 
     def __init__(
@@ -97,6 +113,7 @@ class CTRScorer:
         unseen: str = "map",
         keep_columns: Sequence[str] = ("user", "item", "timestamp"),
         device: str | torch.device = "cpu",
+        fixed_shape: str | bool = "auto",
     ) -> None:
         if unseen not in POLICIES:
             raise ConfigError(f"unseen={unseen!r}: choose one of {list(POLICIES)}")
@@ -104,7 +121,20 @@ class CTRScorer:
         self.max_len = bundle.meta.max_len
         self.tasks = bundle.tasks
         self.device = torch.device(device)
+        self.fixed_shape = self._fixed_shape(fixed_shape)
+        self._model_lock = threading.Lock()
         bundle.model.to(self.device)
+
+    def _fixed_shape(self, setting: str | bool) -> bool:
+        """``fixed_shape`` resolved: ``auto`` = on CUDA; only models whose tables are local can read it."""
+        check_fixed_shape(setting)
+        local = bool(getattr(getattr(self.bundle.model, "backbone", None), "local_tables", False))
+        if setting is True and not local:
+            raise ConfigError(
+                "fixed_shape=true: this model's tables are not local (sharded, or a backbone without the "
+                "fixed-shape path) and read the KJT; use fixed_shape=auto or false"
+            )
+        return local and (setting is True or (setting == "auto" and self.device.type == "cuda"))
 
     required_columns = SCORING_COLUMNS
 
@@ -160,7 +190,7 @@ class CTRScorer:
             for column, mask in unseen.items():  # ids are views of ``values``: fixed in place
                 if mask.any():
                     ids[column][mask] = 0
-            batch = ctr_batch(values, lengths) if kept.height else None
+            batch = self._model_input(ids, lengths, values) if kept.height else None
         bad = reasons != ""
         pieces = [
             frame.filter(pl.Series(bad)).with_columns(pl.Series("reason", reasons[bad], dtype=pl.String)),
@@ -215,18 +245,39 @@ class CTRScorer:
         prepared.stats.rows_scored = out.height
         return out, prepared.rejected, prepared.stats
 
-    @staticmethod
-    def _model_input(ids: dict[str, np.ndarray], lengths: np.ndarray) -> CTRBatch:
-        """Mapped ids (flat histories ``[sum(L)]``, targets ``[n]``) and ``lengths [n]`` -> the CTR batch."""
-        values = np.concatenate([ids["hist_item"], ids["hist_cat"], ids["item"], ids["category"]])
+    def _model_input(
+        self, ids: dict[str, np.ndarray], lengths: np.ndarray, values: np.ndarray | None = None
+    ) -> CTRBatch:
+        """Mapped ids (flat histories ``[sum(L)]``, targets ``[n]``) and ``lengths [n]`` -> the CTR batch: the
+        fixed-shape ids ``[n, max_len]`` with ``fixed_shape``, else the KJT (over ``values``, the ids' shared
+        buffer in the KJT's order, when they are views of it: no copy)."""
+        if self.fixed_shape:
+            padded = padded_history(
+                ids["hist_item"], ids["hist_cat"], lengths, ids["item"], ids["category"], self.max_len
+            )
+            return CTRBatch(sparse=None, padded=padded)
+        if values is None:
+            values = np.concatenate([ids["hist_item"], ids["hist_cat"], ids["item"], ids["category"]])
         return ctr_batch(values, lengths)
 
     @torch.inference_mode()
     def _forward(self, batch: CTRBatch) -> dict[str, np.ndarray]:
-        """Model forward -> probability (binary) or value (regression) per task, ``[n]`` each."""
-        out = self.bundle.model(batch.to(self.device, non_blocking=True))
-        result = {}
-        for task in self.tasks:
-            logit = out.logits[task.name].float()
-            result[task.name] = (torch.sigmoid(logit) if task.loss == "binary" else logit).cpu().numpy()
-        return result
+        """Model forward -> probability (binary) or value (regression) per task, ``[n]`` each.
+
+        The model sees one caller at a time (``_model_lock``: it and its eval caches are not thread-safe), but
+        on CUDA the lock covers only the launch: the results come back in a non-blocking copy that this thread
+        waits for (its own event) after releasing the lock, so other file threads launch meanwhile.
+        """
+        with self._model_lock:
+            out = self.bundle.model(batch.to(self.device, non_blocking=True))
+            result = {}
+            for task in self.tasks:
+                logit = out.logits[task.name].float()
+                value = torch.sigmoid(logit) if task.loss == "binary" else logit
+                result[task.name] = value.to("cpu", non_blocking=True)  # pinned, on CUDA; itself on CPU
+            done = torch.cuda.Event() if self.device.type == "cuda" else None
+            if done is not None:
+                done.record(torch.cuda.current_stream(self.device))
+        if done is not None:
+            done.synchronize()
+        return {name: value.numpy() for name, value in result.items()}

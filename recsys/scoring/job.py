@@ -372,6 +372,7 @@ DEFAULTS: dict[str, Any] = {
     "prefetch": 2,
     "file_workers": 1,
     "device": "cpu",
+    "fixed_shape": "auto",
     "overwrite": False,
     "engine": "local",
     "ray": {
@@ -391,7 +392,7 @@ def check_settings(cfg):
     key, the value and what is allowed)."""
     from omegaconf import OmegaConf
 
-    from recsys.scoring.ctr_scorer import POLICIES
+    from recsys.scoring.ctr_scorer import POLICIES, check_fixed_shape
 
     cfg = OmegaConf.merge(OmegaConf.create(DEFAULTS), cfg)
 
@@ -400,6 +401,7 @@ def check_settings(cfg):
     _number(cfg, "top_n", 1)
     _number(cfg, "prefetch", 0)
     _number(cfg, "file_workers", 1)
+    check_fixed_shape(cfg.get("fixed_shape"))
     if cfg.get("unseen") not in POLICIES:
         raise ConfigError(f"unseen={cfg.get('unseen')!r}: choose one of {list(POLICIES)}")
     if cfg.get("engine", "local") not in ("local", "ray"):
@@ -471,7 +473,10 @@ def make_scorer(bundle, cfg, device: str = "cpu"):
 
     keep = [str(c) for c in cfg["keep_columns"]]
     if bundle.tasks:
-        return CTRScorer(bundle, unseen=str(cfg["unseen"]), keep_columns=keep, device=device)
+        fixed = cfg.get("fixed_shape", "auto")
+        return CTRScorer(bundle, unseen=str(cfg["unseen"]), keep_columns=keep, device=device, fixed_shape=fixed)
+    if cfg.get("fixed_shape", "auto") is True:
+        raise ConfigError("fixed_shape=true: sequential bundles (top-N items) have no fixed-shape path; use auto")
     return SeqScorer(bundle, top_n=int(cfg["top_n"]), unseen=str(cfg["unseen"]), keep_columns=keep, device=device)
 
 

@@ -1,9 +1,14 @@
 """``engine=local``: every file in this process — one after the other, or ``file_workers`` files at once — the next
-batches of each file read ahead in a thread."""
+batches of each file read ahead in a thread.
+
+With ``file_workers=N`` each of N threads scores whole files (its read-ahead thread reads, validates, maps and
+builds the batches; it runs the model and writes the file), so reading — what bounds a GPU job — runs N-wide. The
+scorer runs the model one batch at a time (its own lock), so every output equals a one-thread job's; memory is
+bounded by N x (``prefetch`` + 2) batches.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,22 +24,6 @@ from recsys.scoring.reader import count_rows, log_schema
 from recsys.system import peak_rss_mb
 
 
-class SharedScorer:
-    """A scorer shared by file threads: ``prepare`` (reading, validation, id mapping, pinning) runs in every
-    thread at once; ``finish`` (the model and the output frame) one batch at a time, so the model and its eval
-    caches see one caller, and the scores equal a one-thread job's."""
-
-    def __init__(self, scorer: Any) -> None:
-        self._scorer, self._lock = scorer, threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._scorer, name)
-
-    def finish(self, prepared: Any) -> Any:
-        with self._lock:
-            return self._scorer.finish(prepared)
-
-
 def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -> EngineResult:
     """Score ``job.todo`` here. Unreadable files or missing columns stop the job before any output."""
     device = str(cfg.get("device", "cpu"))
@@ -48,14 +37,13 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
     stats, start = ScoreStats(), time.perf_counter()
     prefetch = int(cfg.get("prefetch", 1)) if cfg.get("read_ahead", True) else 0
     workers = min(int(cfg.get("file_workers", 1)), max(len(todo), 1))
-    shared = SharedScorer(scorer) if workers > 1 else scorer
     batch_size = int(cfg.batch_size)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="score_file")  # starts no thread until used
     with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
 
         def one(entry: tuple[Path, Path]) -> ScoreStats:  # each file is renamed into place when done
             file, target = entry
-            return score_file(shared, file, target, job.rejects(target), batch_size, identity, bar.update, prefetch)
+            return score_file(scorer, file, target, job.rejects(target), batch_size, identity, bar.update, prefetch)
 
         try:
             for file_stats in pool.map(one, todo) if workers > 1 else map(one, todo):
@@ -68,6 +56,7 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
         "workers": 1,
         "file_workers": workers,
         "device": device,
+        "fixed_shape": bool(getattr(scorer, "fixed_shape", False)),
         "seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": torch.get_num_threads(),

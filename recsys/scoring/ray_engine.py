@@ -214,6 +214,7 @@ def score_with_ray(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) 
             "read_ahead": bool(cfg.get("read_ahead", True)),
             "prefetch": int(cfg.prefetch),
             "device": str(cfg.device),
+            "fixed_shape": cfg.get("fixed_shape", "auto"),
             "num_cpus_per_worker": float(cfg.ray.num_cpus_per_worker),
             "num_gpus_per_worker": float(cfg.ray.num_gpus_per_worker),
         }

@@ -7,6 +7,7 @@ columns, ``top_items`` (``List(Int64)``, the N best items not in the history, be
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Sequence
 
@@ -38,6 +39,8 @@ class SeqScorer:
             rejected as ``empty_history``); ``"reject"`` rejects rows holding any such id (``unseen_id``).
         keep_columns: input columns copied beside the recommendations (when present).
         device: where the model runs (as for :class:`~recsys.scoring.ctr_scorer.CTRScorer`).
+
+    File threads may call :meth:`finish` at once: the model runs one batch at a time (``_model_lock``).
     """
 
     required_columns = SEQ_SCORING_COLUMNS
@@ -56,6 +59,7 @@ class SeqScorer:
         if not 1 <= top_n <= self.num_items:
             raise ConfigError(f"top_n={top_n}: must be between 1 and the {self.num_items} items of the model")
         self.device = torch.device(device)
+        self._model_lock = threading.Lock()
         bundle.model.to(self.device)
         self.bundle, self.top_n, self.unseen, self.keep_columns = bundle, int(top_n), unseen, list(keep_columns)
         self.max_len = bundle.meta.max_len
@@ -131,12 +135,13 @@ class SeqScorer:
         if prepared.batch is None:
             items, scores = np.zeros((0, self.top_n), np.int64), np.zeros((0, self.top_n), np.float32)
         else:
-            batch = prepared.batch.to(self.device, non_blocking=True)
-            top = last_position_scores(self.bundle.model, batch).topk(self.top_n, dim=1)
-            items = top.indices.cpu().numpy() + 1  # column j scores item j + 1
+            with self._model_lock:
+                batch = prepared.batch.to(self.device, non_blocking=True)
+                top = last_position_scores(self.bundle.model, batch).topk(self.top_n, dim=1)
+                items = top.indices.cpu().numpy() + 1  # column j scores item j + 1
+                scores = top.values.float().cpu().numpy()
             if self.raw_of_row is not None:
                 items = self.raw_of_row[items]
-            scores = top.values.float().cpu().numpy()
         out = prepared.kept.with_columns(
             pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
             pl.Series("top_scores", scores.tolist(), dtype=pl.List(pl.Float32)),
