@@ -37,10 +37,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipelines.score, befor
 
 import argparse
 import json
+import multiprocessing
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +86,18 @@ def log_group(rng: np.random.Generator, raw: dict[str, np.ndarray], rows: int, s
 
 
 def generate_logs(
-    bundle_dir: Path, folder: Path, rows: int, seq: int = 200, files: int = 10, group: int = 50_000, seed: int = 0
+    bundle_dir: Path,
+    folder: Path,
+    rows: int,
+    seq: int = 200,
+    files: int = 10,
+    group: int = 50_000,
+    seed: int = 0,
+    jobs: int | None = None,
 ) -> None:
-    """Taobao-schema logs (raw ids of the bundle's vocabulary), written a row group at a time, so memory is
-    ``group x seq`` ids whatever ``rows``; skipped when already complete."""
+    """Taobao-schema logs (raw ids of the bundle's vocabulary), ``files`` files written by up to ``jobs`` processes
+    (default: one per core), each a row group at a time, so memory is ``group x seq`` ids per process whatever
+    ``rows``; file ``i`` draws from the seed sequence ``(seed, i)``. Skipped when already complete."""
     done = folder / "_COMPLETE"
     if done.exists():
         return
@@ -98,18 +107,31 @@ def generate_logs(
         "item": raw_ids(bundle.mappers["item"], vocab.num_items),
         "category": raw_ids(bundle.mappers["category"], vocab.num_categories),
     }
-    rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     per_file = rows // files
-    for i in range(files):
-        n = per_file if i < files - 1 else rows - per_file * (files - 1)
-        writer = None
-        for start in range(0, n, group):
-            table = log_group(rng, raw, min(group, n - start), seq)
-            writer = writer or pq.ParquetWriter(folder / f"part-{i:04d}.parquet", table.schema)
-            writer.write_table(table, row_group_size=group)
-        writer.close()
+    sizes = [per_file if i < files - 1 else rows - per_file * (files - 1) for i in range(files)]
+    jobs = max(1, min(files, jobs or os.cpu_count() or 1))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = [
+            pool.submit(write_log_file, folder / f"part-{i:04d}.parquet", raw, n, seq, group, (seed, i))
+            for i, n in enumerate(sizes)
+        ]
+        for part in parts:
+            part.result()
     done.touch()
+
+
+def write_log_file(
+    path: Path, raw: dict[str, np.ndarray], rows: int, seq: int, group: int, seed: tuple[int, int]
+) -> None:
+    """One log file of ``rows`` rows in row groups of ``group`` (a process-pool task of :func:`generate_logs`)."""
+    rng = np.random.default_rng(seed)
+    writer = None
+    for start in range(0, rows, group):
+        table = log_group(rng, raw, min(group, rows - start), seq)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=group)
+    writer.close()
 
 
 def read_only(folder: Path, batch_size: int, workers: int = 1) -> float:
@@ -170,6 +192,7 @@ def score(
     device: str = "cpu",
     file_workers: int = 1,
     fixed_shape: str = "auto",
+    prefetch: int | None = None,
 ) -> dict:
     """One ``pipelines.score`` run in a subprocess -> its ``_summary.json`` plus ``job_seconds`` (wall clock)."""
     cmd = [
@@ -187,6 +210,7 @@ def score(
         f"device={device}",
         f"file_workers={file_workers}",
         f"fixed_shape={fixed_shape}",
+        *([f"prefetch={prefetch}"] if prefetch is not None else []),
     ]
     if engine == "ray":
         gpus = 1 if device.startswith("cuda") else 0
@@ -234,6 +258,20 @@ def ray_overhead(calls: int = 300) -> dict:
     }
 
 
+def machine(device: str) -> str:
+    """Cores and, on CUDA, the GPU: what the row was measured on."""
+    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") and torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} cores{gpu}"
+
+
+def commit() -> str | None:
+    """The checkout's commit (``RECSYS_COMMIT`` where the tree travels without its git folder)."""
+    if os.environ.get("RECSYS_COMMIT"):
+        return os.environ["RECSYS_COMMIT"]
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
 def load() -> float:
     """The 1-minute load average (another job may share the cores)."""
     return round(os.getloadavg()[0], 2)
@@ -255,6 +293,8 @@ def main() -> None:
         "--fixed-shape", choices=["auto", "true", "false"], default="auto", help="the job's fixed_shape (auto = CUDA)"
     )
     parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
+    parser.add_argument("--prefetch", type=int, default=None, help="the job's prefetch (batches read ahead per file)")
+    parser.add_argument("--prepare-only", action="store_true", help="generate the logs (cached) and stop")
     parser.add_argument("--ray-overhead", action="store_true", help="also measure Ray's fixed and per-task costs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -270,6 +310,9 @@ def main() -> None:
             identity = json.loads((bundle_dir / "bundle.json").read_text())
             folder = work / f"logs-{identity['data_fingerprint']}-{rows}"
             generate_logs(bundle_dir, folder, rows)
+            if args.prepare_only:
+                print(f"logs ready: {folder}", flush=True)
+                continue
             fixed = args.fixed_shape == "true" or (args.fixed_shape == "auto" and args.device.startswith("cuda"))
             forward = {}
             if not args.no_bounds:
@@ -303,6 +346,7 @@ def main() -> None:
                         args.device,
                         file_workers,
                         args.fixed_shape,
+                        args.prefetch,
                     )
                     last = summary["last_run"]
                     row = {
@@ -320,7 +364,11 @@ def main() -> None:
                         "fixed_shape_used": last.get("fixed_shape"),
                         **bounds,
                         "threads": threads,
+                        "prefetch": args.prefetch,
                         "load": [load_before, load()],
+                        "machine": machine(args.device),
+                        "commit": commit(),
+                        "entry": "pipelines.score",
                     }
                     with (RESULTS / "scoring.jsonl").open("a") as handle:
                         handle.write(json.dumps(row) + "\n")
