@@ -16,7 +16,7 @@
 # score14.log. Back here: append scoring.jsonl to benchmarks/results/scoring.jsonl, run
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
-#   GRID_DIMS=64 STEP_TIMEOUT=150
+#   GRID_DIMS=64 STEP_TIMEOUT=120
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
 T0=$(date +%s)
@@ -28,7 +28,7 @@ THREADS=${THREADS:-8}
 BUNDLE_STEPS=${BUNDLE_STEPS:-50}
 GRID=${GRID:-1}
 GRID_END=${GRID_END:-200}
-STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+STEP_TIMEOUT=${STEP_TIMEOUT:-120}
 PY=${PYTHON:-python3}
 W=/tmp/score14
 LOG=$OUT/score14.log
@@ -55,7 +55,7 @@ fi
 
 say "0. pytest -m gpu"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/pytest_site" .device/pytest_whl/*.whl >>"$LOG" 2>&1
-PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider \
+PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider \
   tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_sync_free.py \
   tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py >"$OUT/pytest.log" 2>&1
 say "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"
@@ -78,8 +78,9 @@ if [ -n "${GRID_PID:-}" ]; then
   grep -E "^\[dare_ml100k\]|^\|" "$W/ctr16/ctr16.log" 2>/dev/null | tail -12 >>"$LOG"
 fi
 
-# the new rows only: the benchmark appends to benchmarks/results/scoring.jsonl
+# the new rows only: the benchmark appends to benchmarks/results/scoring.jsonl (copied out even when the call is cut)
 BEFORE=$(wc -l <benchmarks/results/scoring.jsonl)
+trap 'tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"' EXIT
 bench() {
   say "4. benchmarks.scoring $*"
   timeout "$STEP_TIMEOUT" $PY -m benchmarks.scoring --model "$RUN" --rows "$ROWS" --device cuda --threads "$THREADS" \
@@ -89,6 +90,5 @@ bench() {
 bench --file-workers "$FW" --fixed-shape auto
 bench --file-workers "$FW" --fixed-shape false --no-bounds
 bench --file-workers 1 --fixed-shape auto --no-bounds
-tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"
 grep -v "^{" "$W/bench.log" | grep -iv "warn" | tail -15 >>"$LOG"
 say "done"
