@@ -16,7 +16,7 @@
 # score14.log. Back here: append scoring.jsonl to benchmarks/results/scoring.jsonl, run
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
-#   GRID_DIMS=64 STEP_TIMEOUT=120
+#   GRID_DIMS=64 STEP_TIMEOUT=120 PYTEST_FILES="tests/..." (the GPU-marked files by default)
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
 T0=$(date +%s)
@@ -56,8 +56,8 @@ fi
 say "0. pytest -m gpu"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/pytest_site" .device/pytest_whl/*.whl >>"$LOG" 2>&1
 PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider \
-  tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_sync_free.py \
-  tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py >"$OUT/pytest.log" 2>&1
+  ${PYTEST_FILES:-tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_sync_free.py \
+  tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py} >"$OUT/pytest.log" 2>&1
 say "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"
 
 say "2. bundle: pipelines.train +benchmark=dare_scale trainer=gpu trainer.max_steps=$BUNDLE_STEPS"
@@ -86,6 +86,7 @@ bench() {
   timeout "$STEP_TIMEOUT" $PY -m benchmarks.scoring --model "$RUN" --rows "$ROWS" --device cuda --threads "$THREADS" \
     --batch-size "$BATCH" --prefetch "$PREFETCH" "$@" >>"$W/bench.log" 2>&1
   say "exit $?: $(tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl | tail -1 | cut -c1-400)"
+  tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"
 }
 bench --file-workers "$FW" --fixed-shape auto
 bench --file-workers "$FW" --fixed-shape false --no-bounds
