@@ -137,6 +137,23 @@ def test_a_stopped_sweep_stops_its_jobs_and_keeps_the_finished_trials(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sweep_killed_outright_leaves_no_job_running(tmp_path):
+    proc = _app_sweep(tmp_path, "x=choice(1)", "hydra.sweeper.n_trials=1", "hydra.launcher.n_jobs=1", "slow_from=1")
+    marks = tmp_path / "marks"
+    deadline = time.monotonic() + 120
+    while not (marks / "1.start").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()[-3000:]
+        time.sleep(0.2)
+    proc.kill()  # SIGKILL: the sweep cannot stop its jobs itself
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while not (marks / "1.term").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (marks / "1.term").exists()  # the job got SIGTERM when its sweep died (it would sleep 60 s otherwise)
+
+
+@pytest.mark.e2e
 def test_n_jobs_below_one_stops_the_sweep_before_any_job(tmp_path):
     proc = _app_sweep(tmp_path, "x=choice(1,2)", "hydra.sweeper.n_trials=2", "hydra.launcher.n_jobs=0")
     assert proc.wait(timeout=60) != 0
