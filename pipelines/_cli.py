@@ -24,6 +24,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.errors import UserError
+from recsys.tracking.job_return import publish_return_value
 from recsys.tracking.quiet import quiet_third_party_logs
 
 USER_ERROR_EXIT = 2
@@ -58,7 +59,9 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
             started = True
             quiet_third_party_logs()  # after Hydra set up logging, before the job imports or logs anything
             try:
-                return task(cfg)  # a sweeper (Optuna) reads the job's return value
+                # a sweeper (Optuna) reads the job's return value; a job the `processes` launcher started as a
+                # subprocess hands it back through a file (recsys/tracking/job_return.py)
+                return publish_return_value(task(cfg))
             except Exception as err:
                 found = user_error(err)
                 if found is None:

@@ -63,6 +63,10 @@ PLAN = {
     "python -m pipelines.train -m hparams_search=sasrec data=sports test_after_fit=false": (
         "needs the Sports file; tests/test_optuna_sweep.py runs a 2-trial search"
     ),
+    "python -m pipelines.train -m hparams_search=mqsa_ted data=sports trainer=gpu test_after_fit=false "
+    "hydra/launcher=processes hydra.launcher.n_jobs=8": (
+        "needs the Sports file and CUDA; tests/test_process_launcher.py runs 2 trials at once"
+    ),
     "python -m pipelines.compare experiment=synthetic metric=test/auc": RUN,
     "python -m pipelines.train recsys=dare resume=auto": "needs a killed run: tests/test_fault_tolerance.py",
     "python -m pipelines.train recsys=dare resume=<mlflow run id>": "<...>",

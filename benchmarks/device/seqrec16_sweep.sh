@@ -4,7 +4,14 @@
 # trial's config trained once more with both protocols by benchmarks.seqrec --tuned-from, whose rows (tuned: true,
 # trials, tuned_params) are the test numbers to record. Its own device call (it does not fit beside seqrec16.sh).
 # On the GPU machine, from the repository root, after `source .device/device_setup.sh`:
-#   bash benchmarks/device/seqrec16_sweep.sh $OUT/sweep [SWEEP_S=330] [TRIALS=40] [DEADLINE_S=560]
+#   [WORKERS=8] bash benchmarks/device/seqrec16_sweep.sh $OUT/sweep [SWEEP_S=330] [TRIALS=40] [DEADLINE_S=560]
+# WORKERS (default 1): trials of each dataset's study at once, each its own `python -m pipelines.train` process
+# (hydra/launcher=processes hydra.launcher.n_jobs=$WORKERS; the sweeper asks that many trials per batch). One
+# MQSA-TED trial is host-bound (80-120 s, the GPU mostly idle), so WORKERS=8 runs about 8x the trials in the same
+# SWEEP_S (a batch waits for its slowest trial). The two datasets' sweeps run side by side: 2 x WORKERS trainings
+# share the machine, each with OMP_NUM_THREADS=4/WORKERS (at least 1). WORKERS=1: Hydra's basic launcher (trials
+# one after another in the sweep's process), as before. Stopped at SWEEP_S, a batch's unfinished trials are
+# marked failed and re-run by the next call.
 # SWEEP_S: wall seconds of the two concurrent sweeps (then stopped; finished trials stay in the study); TRIALS: the
 # study's total budget; DEADLINE_S: the whole call. Writes OUT_DIR/{seqrec_tuned.jsonl, sweep.log,
 # optuna_sports.db, optuna_yelp.db}. Resumable over calls: carry the two .db files back as
@@ -19,6 +26,11 @@ OUTDIR=${1:?usage: seqrec16_sweep.sh OUT_DIR [SWEEP_S] [TRIALS] [DEADLINE_S]}
 SWEEP_S=${2:-330}
 TRIALS=${3:-40}
 DEADLINE=${4:-560}
+WORKERS=${WORKERS:-1}
+case "$WORKERS" in ''|*[!0-9]*|0) echo "WORKERS=$WORKERS: give an integer >= 1" >&2; exit 2 ;; esac
+LAUNCHER=()  # WORKERS=1: Hydra's basic launcher, in process
+[ "$WORKERS" -gt 1 ] && LAUNCHER=(hydra/launcher=processes "hydra.launcher.n_jobs=$WORKERS" hydra.launcher.grace_s=15)
+THREADS=$(( 4 / WORKERS )); [ "$THREADS" -ge 1 ] || THREADS=1
 W=/tmp/seqrec16_sweep
 rm -rf "$W" && mkdir -p "$W" "$OUTDIR"
 T0=$(date +%s)
@@ -34,10 +46,12 @@ for d in $DATASETS; do
         if [ -f "$db" ]; then cp "$db" "$W/$d/optuna.db" && chmod u+w "$W/$d/optuna.db"; break; fi
     done
     # per trial: up to 60 epochs, early stopping after 5 without a validation NDCG@20 gain
-    timeout -k 20 "$SWEEP_S" python3 -m pipelines.train -m hparams_search=mqsa_ted "data=$d" \
+    # stopped at SWEEP_S: the launcher sends its jobs SIGTERM and SIGKILLs them after grace_s, before timeout's -k
+    OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS timeout -k 20 "$SWEEP_S" \
+        python3 -m pipelines.train -m hparams_search=mqsa_ted "data=$d" \
         "data.path=$DATA/${FILE[$d]}" "trainer=$TRAINER" trainer.enable_progress_bar=false trainer.enable_model_summary=false \
         test_after_fit=false trainer.max_epochs=60 callbacks.early_stopping.patience=5 \
-        "hydra.sweeper.n_trials=$TRIALS" "paths.log_dir=$W/$d" > "$W/sweep_$d.log" 2>&1 &
+        "hydra.sweeper.n_trials=$TRIALS" "paths.log_dir=$W/$d" ${LAUNCHER[@]+"${LAUNCHER[@]}"} > "$W/sweep_$d.log" 2>&1 &
 done
 wait
 LEFT=$(( DEADLINE - ($(date +%s) - T0) - 15 ))

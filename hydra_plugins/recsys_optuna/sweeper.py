@@ -67,4 +67,11 @@ if OptunaSweeper is not None:
             record_fixed_overrides(impl.storage, impl.study_name, impl._get_directions(), arguments)
             # the launcher creates the sweep folder; with no trial left the results file still goes there
             Path(self.sweeper.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
-            return super().sweep(arguments)
+            try:
+                return super().sweep(arguments)
+            finally:
+                # the `processes` launcher, stopped by a signal, returned its last batch (the sweeper recorded the
+                # finished trials): the sweep now ends as that signal would have ended it
+                stopped = getattr(self.sweeper.launcher, "raise_if_interrupted", None)
+                if stopped is not None:
+                    stopped()
