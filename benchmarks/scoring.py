@@ -193,6 +193,7 @@ def score(
     file_workers: int = 1,
     fixed_shape: str = "auto",
     prefetch: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """One ``pipelines.score`` run in a subprocess -> its ``_summary.json`` plus ``job_seconds`` (wall clock)."""
     cmd = [
@@ -216,7 +217,7 @@ def score(
         gpus = 1 if device.startswith("cuda") else 0
         cmd += [f"ray.workers={workers}", f"ray.num_cpus={os.cpu_count()}", f"ray.num_gpus_per_worker={gpus}"]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, **(env or {})})
     summary = json.loads((out / "_summary.json").read_text())
     return {**summary, "job_seconds": round(time.perf_counter() - start, 2)}
 
@@ -295,6 +296,9 @@ def main() -> None:
     parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
     parser.add_argument("--prefetch", type=int, default=None, help="the job's prefetch (batches read ahead per file)")
     parser.add_argument("--prepare-only", action="store_true", help="generate the logs (cached) and stop")
+    parser.add_argument(
+        "--job-env", nargs="+", default=[], metavar="KEY=VALUE", help="environment of the job (e.g. allocator settings)"
+    )
     parser.add_argument("--ray-overhead", action="store_true", help="also measure Ray's fixed and per-task costs")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -304,6 +308,10 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     work = REPO / "logs" / "benchmarks" / "scoring"
+    bad = [item for item in args.job_env if "=" not in item]
+    if bad:
+        raise SystemExit(f"--job-env: {bad[0]!r} is not KEY=VALUE")
+    job_env = dict(item.split("=", 1) for item in args.job_env)
     for rows in args.rows:
         for model in args.model:
             bundle_dir = resolve_bundle(model, work / "_download")
@@ -347,6 +355,7 @@ def main() -> None:
                         file_workers,
                         args.fixed_shape,
                         args.prefetch,
+                        job_env,
                     )
                     last = summary["last_run"]
                     row = {
@@ -365,6 +374,7 @@ def main() -> None:
                         **bounds,
                         "threads": threads,
                         "prefetch": args.prefetch,
+                        **({"job_env": job_env} if job_env else {}),
                         "load": [load_before, load()],
                         "machine": machine(args.device),
                         "commit": commit(),

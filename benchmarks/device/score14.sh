@@ -16,7 +16,8 @@
 # score14.log. Back here: append scoring.jsonl to benchmarks/results/scoring.jsonl, run
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
-#   GRID_DIMS=64 STEP_TIMEOUT=120 PYTEST_FILES="tests/..." (the GPU-marked files by default)
+#   GRID_DIMS=64 STEP_TIMEOUT=120 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
+#   4 file workers) PYTEST_FILES="tests/..." (the GPU-marked files by default)
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
 T0=$(date +%s)
@@ -89,6 +90,13 @@ bench() {
   tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"
 }
 bench --file-workers "$FW" --fixed-shape auto
+if [ "${RSS_PROBES:-0}" = 1 ]; then  # where the host memory of FW file threads goes (issue 14: peak RSS <= 4 GiB)
+  DECAY0=dirty_decay_ms:0,muzzy_decay_ms:0  # jemalloc of polars (_RJEM_) and of pyarrow (JE_ARROW_): no retention
+  bench --file-workers "$FW" --fixed-shape auto --no-bounds --job-env "_RJEM_MALLOC_CONF=$DECAY0" \
+    "JE_ARROW_MALLOC_CONF=$DECAY0" MALLOC_ARENA_MAX=2
+  PREFETCH=0 bench --file-workers "$FW" --fixed-shape auto --no-bounds
+  bench --file-workers 4 --fixed-shape auto --no-bounds
+fi
 bench --file-workers "$FW" --fixed-shape false --no-bounds
 bench --file-workers 1 --fixed-shape auto --no-bounds
 grep -v "^{" "$W/bench.log" | grep -iv "warn" | tail -15 >>"$LOG"
