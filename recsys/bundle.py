@@ -45,6 +45,7 @@ from recsys import registry
 from recsys.data.cache import META_FILE, DatasetMeta
 from recsys.errors import BundleError, UserError
 from recsys.io import atomic_write_bytes, write_json_atomic
+from recsys.ops.id_map import DeviceIdMap
 from recsys.safe_load import UnreadableTensorFile, describe, load_tensors, shape_mismatch
 
 ID_COLUMNS = ("user", "item", "category")
@@ -127,6 +128,19 @@ class IdMapper:
             return rows
         out[...] = rows
         return out
+
+    def to_torch(self, device: str | torch.device = "cpu") -> DeviceIdMap:
+        """The same map as a torch module on ``device`` (:class:`~recsys.ops.id_map.DeviceIdMap`): maps id
+        tensors of any shape where they are, with this map's results (``-1`` = unseen)."""
+        if self._dense is not None:
+            table = DeviceIdMap(dense=torch.from_numpy(self._dense), low=int(self.raw[0]), high=int(self.raw[-1]))
+        elif self.raw is None:
+            table = DeviceIdMap(limit=self.limit)
+        else:
+            table = DeviceIdMap(
+                raw=torch.from_numpy(self.raw.astype(np.int64)), rows=torch.from_numpy(self.rows.astype(np.int64))
+            )
+        return table.to(device)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Fixed-shape scoring batches (``fixed_shape``): the numpy pad helper, equality with the KJT path (scores, rejects,
-counts) on histories longer and shorter than the model's width and on unseen ids under both policies, the setting's
-checks, and ``file_workers`` over fixed-shape batches."""
+counts) on histories longer and shorter than the model's width and on unseen ids under both policies, the same for
+the ids mapped on the device (``map_on_device``, forced on the CPU), the setting's checks, and ``file_workers``
+over fixed-shape batches."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 from pipelines.score import run
-from recsys.bundle import load_bundle
+from recsys.bundle import IdMapper, load_bundle
 from recsys.data.ctr_table import padded_history
 from recsys.errors import ConfigError
 from recsys.models.target_attention import TargetAttentionBackbone
-from recsys.scoring.ctr_scorer import CTRScorer
+from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
 from tests.test_scoring import make_bundle, score_cfg
 
 UNSEEN = 10**12  # a raw id no id map holds
@@ -171,6 +172,77 @@ def test_two_file_workers_equal_one_on_fixed_shape_batches(bundle_dir, max_len, 
         assert pl.read_parquet(tmp_path / "w1" / name).equals(pl.read_parquet(tmp_path / "w2" / name)), name
     summary = json.loads((tmp_path / "w2" / "_summary.json").read_text())
     assert summary["last_run"]["file_workers"] == 2 and summary["files_done"] == 4
+
+
+def score_in_batches(scorer: CTRScorer, logs: pl.DataFrame, rows: int) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """``logs`` through ``prepare`` / ``finish`` ``rows`` at a time -> (scores, rejects, counts), concatenated."""
+    scored, rejected, stats = [], [], ScoreStats()
+    for start in range(0, logs.height, rows):
+        out, bad, batch_stats = scorer.finish(scorer.prepare(logs.slice(start, rows)))
+        scored.append(out)
+        rejected.append(bad)
+        stats.add(batch_stats)
+    return pl.concat(scored), pl.concat(rejected, how="vertical_relaxed"), stats.to_dict()
+
+
+@pytest.mark.parametrize("unseen", ["map", "reject"])
+def test_ids_mapped_on_the_device_equal_the_host_map_and_the_kjt(bundle_dir, max_len, tmp_path, unseen):
+    bundle = load_bundle(bundle_dir / "model")
+    logs = edge_logs(bundle_dir, max_len, tmp_path / "edge.parquet")
+    scorers = {
+        "device": CTRScorer(bundle, unseen=unseen, fixed_shape=True, map_on_device=True),
+        "host": CTRScorer(bundle, unseen=unseen, fixed_shape=True),
+        "kjt": CTRScorer(bundle, unseen=unseen, fixed_shape=False),
+    }
+    assert scorers["device"].map_on_device and not scorers["host"].map_on_device
+    # the whole log in one batch; 3 rows at a time: rows 24-26 (the unseen newest behaviours) are one batch
+    for rows in (logs.height, 3):
+        results = {name: score_in_batches(scorer, logs, rows) for name, scorer in scorers.items()}
+        scores, rejects, stats = results["device"]
+        for other in ("host", "kjt"):
+            assert stats == results[other][2], (rows, other)
+            assert rejects.equals(results[other][1]), (rows, other)
+            assert scores.drop("score_click").equals(results[other][0].drop("score_click")), (rows, other)
+            np.testing.assert_allclose(scores["score_click"], results[other][0]["score_click"], rtol=0, atol=1e-6)
+        assert stats["unseen_ids_mapped"] == (5 if unseen == "map" else 0)  # padding slots never count
+        assert stats["rows_rejected"].get("unseen_id", 0) == (5 if unseen == "reject" else 0)
+        assert stats["rows_scored"] == scores.height == logs.height - 2 - (5 if unseen == "reject" else 0)
+
+
+def test_device_map_pads_after_mapping(bundle_dir, max_len):
+    """The padding slots reach the model as row 0 whatever raw id 0 maps to; unseen ids count per real slot."""
+    bundle = load_bundle(bundle_dir / "model")
+    scorer = CTRScorer(bundle, fixed_shape=True, map_on_device=True)
+    frame = pl.read_parquet(sorted((bundle_dir / "logs").glob("*.parquet"))[0]).head(3)
+    frame = frame.with_columns(pl.col("hist_item").list.tail(2), pl.col("hist_cat").list.tail(2))
+    frame = frame.with_columns(pl.Series("hist_cat", [[UNSEEN, UNSEEN], [0, 0], None])).head(2)
+    raw = scorer.prepare(frame).batch.padded
+    assert raw.hist_cat[:, :2].tolist() == [[UNSEEN, UNSEEN], [0, 0]]  # the raw ids, padded with raw 0
+    padded, rows, count = scorer._map_padded(raw)
+    assert padded.hist_cat[:, 2:].eq(0).all() and padded.hist_item[:, 2:].eq(0).all()
+    assert padded.hist_cat[0, :2].tolist() == [0, 0] and padded.hist_item.dtype == torch.int64
+    zero_unseen = int(bundle.mappers["category"](np.array([0]))[0]) < 0
+    assert rows.tolist() == [True, zero_unseen] and int(count) == 2 + 2 * zero_unseen
+    scorer._device_maps["category"] = IdMapper(np.arange(10), np.arange(1, 11), 10).to_torch()  # raw 0 -> row 1
+    padded, rows, count = scorer._map_padded(raw)
+    assert padded.hist_cat[:, :2].tolist() == [[0, 0], [1, 1]] and not padded.hist_cat[:, 2:].any()
+    assert rows.tolist() == [True, False] and int(count) == 2
+    with pytest.raises(ConfigError, match="map_on_device=true needs fixed-shape batches"):
+        CTRScorer(bundle, fixed_shape=False, map_on_device=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("unseen", ["map", "reject"])
+def test_ids_mapped_on_cuda_equal_the_cpu_host_map(bundle_dir, max_len, tmp_path, unseen):
+    bundle = load_bundle(bundle_dir / "model")
+    logs = edge_logs(bundle_dir, max_len, tmp_path / "edge.parquet")
+    cuda = CTRScorer(bundle, unseen=unseen, device="cuda")
+    assert cuda.fixed_shape and cuda.map_on_device
+    cuda_scores, cuda_rejects, cuda_stats = score_in_batches(cuda, logs, 16)
+    cpu_scores, cpu_rejects, cpu_stats = score_in_batches(CTRScorer(load_bundle(bundle_dir / "model")), logs, 16)
+    assert cuda_stats == cpu_stats and cuda_rejects.equals(cpu_rejects)
+    assert cuda_scores.drop("score_click").equals(cpu_scores.drop("score_click"))
+    np.testing.assert_allclose(cuda_scores["score_click"], cpu_scores["score_click"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu

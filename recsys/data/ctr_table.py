@@ -44,7 +44,8 @@ def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int =
     small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
     dtype = np.int32 if small else np.int64
     if offsets[-1] - offsets[0] == lengths.size * width:  # every row is full: the jagged order is the matrix's
-        return values[offsets[0] : offsets[-1]].reshape(lengths.size, width).astype(dtype, copy=False)
+        full = values[offsets[0] : offsets[-1]].reshape(lengths.size, width).astype(dtype, copy=False)
+        return full if full.flags.writeable else full.copy()  # a read-only view (of an arrow buffer): copied
     out = np.zeros((lengths.size, width), dtype=dtype)
     slots = np.arange(width)
     for lo in range(0, lengths.size, chunk):
