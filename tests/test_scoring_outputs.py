@@ -30,6 +30,18 @@ def _outputs(folder: Path) -> dict[str, pl.DataFrame]:
     return {p.name: pl.read_parquet(p) for p in sorted(folder.glob("part-*.parquet"))}
 
 
+@pytest.mark.parametrize("keep", [[], ["not_in_the_logs"]])
+def test_no_pass_through_column_still_scores_every_row(bundle_dir, tmp_path, keep):
+    """keep_columns empty (or naming no input column): the output holds the scores alone, one row per input row
+    (a polars frame without columns has no rows, so the scores may not be hung on the pass-through frame)."""
+    run(score_cfg(bundle_dir, tmp_path / "all"))
+    run(score_cfg(bundle_dir, tmp_path / "none", keep_columns=keep))
+    full, bare = _outputs(tmp_path / "all"), _outputs(tmp_path / "none")
+    assert sorted(full) == sorted(bare) and all(bare[n].columns == ["score_click"] for n in bare)
+    for name in full:
+        assert bare[name]["score_click"].to_list() == full[name]["score_click"].to_list()
+
+
 # ------------------------------------------------------------------------------------------------ overlap
 
 

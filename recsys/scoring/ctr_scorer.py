@@ -17,6 +17,7 @@ from recsys.data.ctr_table import list_column_arrays, padded_history
 from recsys.data.schema import null_inside
 from recsys.errors import ConfigError
 from recsys.scoring.reader import SCORING_COLUMNS, out_of_range_rows
+from recsys.scoring.writer import with_outputs
 
 POLICIES = ("map", "reject")
 
@@ -290,8 +291,8 @@ class CTRScorer:
             scores = {t.name: np.zeros(0, np.float32) for t in self.tasks}
         else:
             scores, unseen = self._forward(prepared.batch)
-        out = prepared.kept.with_columns(
-            [pl.Series(f"score_{name}", values, dtype=pl.Float32) for name, values in scores.items()]
+        out = with_outputs(
+            prepared.kept, [pl.Series(f"score_{name}", values, dtype=pl.Float32) for name, values in scores.items()]
         )
         if unseen is not None:
             unseen_rows, unseen_ids = unseen

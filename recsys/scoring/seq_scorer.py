@@ -24,6 +24,7 @@ from recsys.errors import ConfigError
 from recsys.models.sequential import last_position_scores
 from recsys.scoring.ctr_scorer import POLICIES, PreparedBatch, ScoreStats
 from recsys.scoring.reader import out_of_range_rows
+from recsys.scoring.writer import with_outputs
 
 SEQ_SCORING_COLUMNS = ("user", "history")
 
@@ -142,9 +143,12 @@ class SeqScorer:
                 scores = top.values.float().cpu().numpy()
             if self.raw_of_row is not None:
                 items = self.raw_of_row[items]
-        out = prepared.kept.with_columns(
-            pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
-            pl.Series("top_scores", scores.tolist(), dtype=pl.List(pl.Float32)),
+        out = with_outputs(
+            prepared.kept,
+            [
+                pl.Series("top_items", items.tolist(), dtype=pl.List(pl.Int64)),
+                pl.Series("top_scores", scores.tolist(), dtype=pl.List(pl.Float32)),
+            ],
         )
         prepared.stats.rows_scored = n
         return out, prepared.rejected, prepared.stats

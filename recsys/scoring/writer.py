@@ -11,6 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def with_outputs(kept: pl.DataFrame, outputs: list[pl.Series]) -> pl.DataFrame:
+    """An output frame: the pass-through columns ``kept`` (``n`` rows) and then ``outputs`` (``n`` values each).
+    With no pass-through column ``kept`` has no rows in polars (a frame without columns is empty), so the outputs
+    alone make the frame."""
+    return kept.with_columns(outputs) if kept.width else pl.DataFrame(outputs)
+
+
 class AtomicParquetWriter:
     """Append frames; :meth:`commit` renames ``<path>.tmp`` to ``path``; :meth:`abort` removes the temp file.
 
