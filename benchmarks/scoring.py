@@ -11,7 +11,8 @@
 batched at once); ``--fixed-shape auto|true|false`` is passed to the job (``fixed_shape``: fixed-shape id
 batches instead of KJTs; auto = on CUDA). Both go into every line (``file_workers``, ``fixed_shape`` as given,
 ``fixed_shape_used`` as the job resolved it); the read-only bound reads N files at once in N threads and the
-forward-only bound feeds the model the batch form the job uses.
+forward-only bound times the job's own model stage (``CTRScorer.finish`` on a prepared batch, the
+scorer built with the job's ``fixed_shape``).
 
 With ``--engine ray`` the job runs on a local Ray instance over this machine's cores (``ray.workers=N``, one
 CPU and ``--threads`` torch threads per worker); its lines carry ``engine``, ``workers``, the per-worker peak RSS
@@ -23,7 +24,7 @@ bundle's id maps, 10 files, row groups of 50k, streamed one row group at a time)
 logs/benchmarks/scoring/ (shared by bundles of the same dataset), then measure in one run
   * the scoring job end to end (`python -m pipelines.score`, a subprocess: rows/s and peak RSS),
   * read-only: the job's reader over the same files and columns (rows/s),
-  * forward-only: the model's forward on in-memory tensors of the same batch size (rows/s).
+  * forward-only: the job's model stage (``CTRScorer.finish``) on one prepared batch of the same size (rows/s).
 JSON lines go to benchmarks/results/scoring.jsonl (model, rows, rows_per_s, peak_rss_mb,
 read_only_rows_per_s, forward_only_rows_per_s, threads) and a table to benchmarks/results/scoring.md;
 the 1-minute load average around each run is printed (the table's notes are written by hand).
@@ -45,12 +46,13 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.bundle import IdMapper, load_bundle, resolve_bundle
-from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
+from recsys.bundle import IdMapper, LoadedBundle, load_bundle, resolve_bundle
+from recsys.scoring.ctr_scorer import CTRScorer
 from recsys.scoring.reader import SCORING_COLUMNS, iter_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,15 @@ def raw_ids(mapper: IdMapper, limit: int) -> np.ndarray:
     lookup = np.zeros(limit + 1, dtype=np.int64)
     lookup[mapper.rows] = mapper.raw
     return lookup
+
+
+def log_ids(bundle: LoadedBundle) -> dict[str, np.ndarray]:
+    """``item``, ``category``: table row -> the raw id the logs carry (:func:`raw_ids` of the bundle's maps)."""
+    vocab = bundle.meta.vocab()
+    return {
+        "item": raw_ids(bundle.mappers["item"], vocab.num_items),
+        "category": raw_ids(bundle.mappers["category"], vocab.num_categories),
+    }
 
 
 def log_group(rng: np.random.Generator, raw: dict[str, np.ndarray], rows: int, seq: int) -> pa.Table:
@@ -101,12 +112,7 @@ def generate_logs(
     done = folder / "_COMPLETE"
     if done.exists():
         return
-    bundle = load_bundle(bundle_dir)
-    vocab = bundle.meta.vocab()
-    raw = {
-        "item": raw_ids(bundle.mappers["item"], vocab.num_items),
-        "category": raw_ids(bundle.mappers["category"], vocab.num_categories),
-    }
+    raw = log_ids(load_bundle(bundle_dir))
     folder.mkdir(parents=True, exist_ok=True)
     per_file = rows // files
     sizes = [per_file if i < files - 1 else rows - per_file * (files - 1) for i in range(files)]
@@ -147,37 +153,20 @@ def read_only(folder: Path, batch_size: int, workers: int = 1) -> float:
 
 
 def forward_only(
-    bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20, device: str = "cpu", fixed: bool = False
+    bundle_dir: Path, batch_size: int, seq: int = 200, batches: int = 20, device: str = "cpu", fixed_shape: str = "auto"
 ) -> float:
-    """The model's rows/s on one in-memory batch of full histories (already on ``device``), under inference
-    mode as the scorer; ``fixed``: the fixed-shape ids (``[batch_size, seq]`` int32, as the job's
-    ``fixed_shape``) instead of the KJT."""
+    """Rows/s of the job's model stage alone: :meth:`CTRScorer.finish` (copy to ``device``, id mapping there when
+    the scorer does it, forward, scores back, output frame) on one batch of logs already read and prepared on the
+    host, the scorer built as the job builds it (``fixed_shape``)."""
     bundle = load_bundle(bundle_dir)  # outside inference mode, as the scorer (weights keep version counters)
-    model = bundle.model.to(device)
-    vocab = bundle.meta.vocab()
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.full((batch_size,), seq, dtype=torch.int64)
-    ids = (
-        torch.randint(1, vocab.num_items + 1, (batch_size * seq,), generator=g),
-        torch.randint(1, vocab.num_categories + 1, (batch_size * seq,), generator=g),
-        lengths,
-        torch.randint(1, vocab.num_items + 1, (batch_size,), generator=g),
-        torch.randint(1, vocab.num_categories + 1, (batch_size,), generator=g),
-    )
-    if fixed:
-        hist_item, hist_cat = (h.view(batch_size, seq).int() for h in ids[:2])
-        batch = CTRBatch(sparse=None, padded=PaddedHistory(hist_item, hist_cat, *ids[2:]))
-    else:
-        batch = CTRBatch(sparse=make_ctr_kjt(*ids))
-    batch = batch.to(device)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    with torch.inference_mode():
-        model(batch)  # warm-up
-        sync()
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(batch)
-        sync()
+    setting = {"true": True, "false": False}.get(fixed_shape, fixed_shape)  # as Hydra reads the job's override
+    scorer = CTRScorer(bundle, unseen="map", keep_columns=(), device=device, fixed_shape=setting)
+    frame = pl.from_arrow(log_group(np.random.default_rng(0), log_ids(bundle), batch_size, seq))
+    prepared = scorer.prepare(frame)
+    scorer.finish(prepared)  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        scorer.finish(prepared)  # returns once the scores are on the host: no extra sync
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -321,10 +310,9 @@ def main() -> None:
             if args.prepare_only:
                 print(f"logs ready: {folder}", flush=True)
                 continue
-            fixed = args.fixed_shape == "true" or (args.fixed_shape == "auto" and args.device.startswith("cuda"))
             forward = {}
             if not args.no_bounds:
-                rate = forward_only(bundle_dir, args.batch_size, device=args.device, fixed=fixed)
+                rate = forward_only(bundle_dir, args.batch_size, device=args.device, fixed_shape=args.fixed_shape)
                 forward = {"forward_only_rows_per_s": round(rate, 1)}
             runs = [  # (engine, Ray workers, file workers)
                 (e, w, f)
