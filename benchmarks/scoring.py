@@ -140,15 +140,30 @@ def write_log_file(
     writer.close()
 
 
-def read_only(folder: Path, batch_size: int, workers: int = 1) -> float:
-    """Rows/s of the job's reader alone over every file, ``workers`` files at once (one thread each)."""
+def _started(seconds: float) -> None:
+    """A reader process's first task: imports this module (and what the reader needs) before the clock starts."""
+    time.sleep(seconds)
 
-    def rows_of(file: Path) -> int:
-        return sum(frame.height for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size))
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        rows = sum(pool.map(rows_of, sorted(folder.glob("part-*.parquet"))))
+def rows_of(file: Path, batch_size: int) -> int:
+    """Rows of one log file read by the job's reader (a task of :func:`read_only`)."""
+    return sum(frame.height for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size))
+
+
+def read_only(folder: Path, batch_size: int, workers: int = 1, processes: bool = False) -> float:
+    """Rows/s of the job's reader alone over every file, ``workers`` files at once (threads of this process, or
+    with ``processes`` worker processes, as ``processes=N`` scores)."""
+    files = sorted(folder.glob("part-*.parquet"))
+    pool = (
+        ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        if processes
+        else ThreadPoolExecutor(workers)
+    )
+    with pool:
+        if processes:  # started and imported before the clock starts, as the job's workers load before scoring
+            list(pool.map(_started, [0.5] * workers))  # busy at once: all started
+        start = time.perf_counter()
+        rows = sum(pool.map(rows_of, files, [batch_size] * len(files)))
     return rows / (time.perf_counter() - start)
 
 
@@ -183,6 +198,7 @@ def score(
     fixed_shape: str = "auto",
     prefetch: int | None = None,
     env: dict[str, str] | None = None,
+    processes: int = 1,
 ) -> dict:
     """One ``pipelines.score`` run in a subprocess -> its ``_summary.json`` plus ``job_seconds`` (wall clock)."""
     cmd = [
@@ -199,6 +215,7 @@ def score(
         f"engine={engine}",
         f"device={device}",
         f"file_workers={file_workers}",
+        f"processes={processes}",
         f"fixed_shape={fixed_shape}",
         *([f"prefetch={prefetch}"] if prefetch is not None else []),
     ]
@@ -280,6 +297,9 @@ def main() -> None:
         "--file-workers", nargs="+", type=int, default=[1], help="local engine: files scored at once; one run each"
     )
     parser.add_argument(
+        "--processes", nargs="+", type=int, default=[1], help="local engine: worker processes; one run each"
+    )
+    parser.add_argument(
         "--fixed-shape", choices=["auto", "true", "false"], default="auto", help="the job's fixed_shape (auto = CUDA)"
     )
     parser.add_argument("--no-bounds", action="store_true", help="skip the read-only / forward-only bounds")
@@ -314,21 +334,20 @@ def main() -> None:
             if not args.no_bounds:
                 rate = forward_only(bundle_dir, args.batch_size, device=args.device, fixed_shape=args.fixed_shape)
                 forward = {"forward_only_rows_per_s": round(rate, 1)}
-            runs = [  # (engine, Ray workers, file workers)
-                (e, w, f)
-                for e in args.engine
-                for w, f in ([(w, 1) for w in args.workers] if e == "ray" else [(1, f) for f in args.file_workers])
+            local = [(1, f, p) for f in args.file_workers for p in args.processes if f == 1 or p == 1]
+            runs = [  # (engine, Ray workers, file workers, processes)
+                (e, *run) for e in args.engine for run in ([(w, 1, 1) for w in args.workers] if e == "ray" else local)
             ]
             for threads in args.threads:
-                for engine, workers, file_workers in runs:
+                for engine, workers, file_workers, processes in runs:
                     torch.set_num_threads(threads)
                     bounds = dict(forward)
-                    if not args.no_bounds:  # what `file_workers` reader threads read, at this many threads
-                        rate = read_only(folder, args.batch_size, file_workers)
+                    if not args.no_bounds:  # what the job's file threads (or processes) read, at this many threads
+                        rate = read_only(folder, args.batch_size, max(file_workers, processes), processes > 1)
                         bounds = {"read_only_rows_per_s": round(rate, 1), **forward}
                     name = (
-                        f"scores-{bundle_dir.parent.name}-{rows}-{engine}{workers}-f{file_workers}-{args.fixed_shape}"
-                        f"-{threads}-{int(time.time())}"
+                        f"scores-{bundle_dir.parent.name}-{rows}-{engine}{workers}-f{file_workers}-p{processes}"
+                        f"-{args.fixed_shape}-{threads}-{int(time.time())}"
                     )
                     load_before = load()
                     summary = score(
@@ -344,6 +363,7 @@ def main() -> None:
                         args.fixed_shape,
                         args.prefetch,
                         job_env,
+                        processes,
                     )
                     last = summary["last_run"]
                     row = {
@@ -357,6 +377,7 @@ def main() -> None:
                         "peak_rss_mb": last["peak_rss_mb"],
                         "worker_peak_rss_mb": last.get("worker_peak_rss_mb", [last["peak_rss_mb"]]),
                         "file_workers": file_workers,
+                        "processes": processes,
                         "fixed_shape": args.fixed_shape,
                         "fixed_shape_used": last.get("fixed_shape"),
                         **bounds,
@@ -391,9 +412,10 @@ def write_table() -> None:
             f"{bound / r['rows_per_s']:.2f} | {r['peak_rss_mb']:.0f} |"
         )
     engines = [
-        "| model | rows | engine | workers | file workers | fixed shape | device | rows/s | read-only rows/s | "
-        "forward-only rows/s | job wall s | driver peak RSS (MB) | per-worker peak RSS (MB) | load avg (start, end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | rows | engine | workers | file workers | processes | fixed shape | device | rows/s | "
+        "read-only rows/s | forward-only rows/s | job wall s | driver peak RSS (MB) | per-worker peak RSS (MB) | "
+        "load avg (start, end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [r for r in rows if "engine" in r]:
         per_worker = ", ".join(f"{m:.0f}" for m in r["worker_peak_rss_mb"])
@@ -401,7 +423,7 @@ def write_table() -> None:
         read, forward = (f"{r[k]:,.0f}" if k in r else "-" for k in ("read_only_rows_per_s", "forward_only_rows_per_s"))
         engines.append(
             f"| {r['model']} | {r['rows']:,} | {r['engine']} | {r['workers']} | {r.get('file_workers', 1)} | "
-            f"{fixed} | {r['device']} | {r['rows_per_s']:,.0f} | {read} | {forward} | "
+            f"{r.get('processes', 1)} | {fixed} | {r['device']} | {r['rows_per_s']:,.0f} | {read} | {forward} | "
             f"{r['job_seconds']} | {r['peak_rss_mb']:.0f} | {per_worker} | "
             f"{r['load'][0]}, {r['load'][1]} |"
         )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
+import signal
+import sys
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def peak_rss_mb() -> float:
@@ -18,3 +23,10 @@ def peak_rss_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def term_with_parent() -> None:
+    """In a child process (Linux): SIGTERM when its parent dies, even by SIGKILL, so that no worker outlives
+    the job that started it (``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

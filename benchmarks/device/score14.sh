@@ -7,8 +7,9 @@
 #      BUNDLE_STEPS steps (the scoring work does not depend on the weights' values);
 #   3. 10 M rows of seq-200 logs over its vocabulary (benchmarks.scoring --prepare-only, one process per file);
 #   4. after the grid has ended, alone on the machine, benchmarks.scoring through `python -m pipelines.score ... device=cuda`:
-#      file_workers=FW fixed_shape=auto (with the read-only / forward-only bounds), the same with fixed_shape=false
-#      (the KJT batches), and file_workers=1 (one file at a time, as before).
+#      file_workers=FW fixed_shape=auto (with the read-only / forward-only bounds); processes=P for each P in PROCS
+#      (worker processes, each its own model copy; with the read-only bound of P reader processes); with
+#      BASELINES=1 the same with fixed_shape=false (the KJT batches) and file_workers=1 (one file at a time).
 # Usage, from the checkout root on the device, with .device carried (whl/, device_setup.sh, pytest_whl/, and for the
 # grid data/ml-100k, peers/, dare_official/, prev/dare_ml100k_runs.jsonl):
 #   bash benchmarks/device/score14.sh "$OUT/score14"
@@ -16,7 +17,7 @@
 # score14.log. Back here: append scoring.jsonl to benchmarks/results/scoring.jsonl, run
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
-#   GRID_DIMS=64 STEP_TIMEOUT=120 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
+#   GRID_DIMS=64 STEP_TIMEOUT=120 PROCS="8" BASELINES=1 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
 #   4 file workers) PYTEST_FILES="tests/..." (the GPU-marked files by default)
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
@@ -58,7 +59,8 @@ say "0. pytest -m gpu"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/pytest_site" .device/pytest_whl/*.whl >>"$LOG" 2>&1
 PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider \
   ${PYTEST_FILES:-tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_sync_free.py \
-  tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py} >"$OUT/pytest.log" 2>&1
+  tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py tests/test_id_map.py \
+  tests/test_scoring_processes.py} >"$OUT/pytest.log" 2>&1
 say "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"
 
 say "2. bundle: pipelines.train +benchmark=dare_scale trainer=gpu trainer.max_steps=$BUNDLE_STEPS"
@@ -90,6 +92,9 @@ bench() {
   tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"
 }
 bench --file-workers "$FW" --fixed-shape auto
+for P in ${PROCS-8}; do
+  bench --processes "$P" --fixed-shape auto
+done
 if [ "${RSS_PROBES:-0}" = 1 ]; then  # where the host memory of FW file threads goes (issue 14: peak RSS <= 4 GiB)
   DECAY0=dirty_decay_ms:0,muzzy_decay_ms:0  # jemalloc of polars (_RJEM_) and of pyarrow (JE_ARROW_): no retention
   bench --file-workers "$FW" --fixed-shape auto --no-bounds --job-env "_RJEM_MALLOC_CONF=$DECAY0" \
@@ -97,7 +102,9 @@ if [ "${RSS_PROBES:-0}" = 1 ]; then  # where the host memory of FW file threads 
   PREFETCH=0 bench --file-workers "$FW" --fixed-shape auto --no-bounds
   bench --file-workers 4 --fixed-shape auto --no-bounds
 fi
-bench --file-workers "$FW" --fixed-shape false --no-bounds
-bench --file-workers 1 --fixed-shape auto --no-bounds
+if [ "${BASELINES:-1}" = 1 ]; then
+  bench --file-workers "$FW" --fixed-shape false --no-bounds
+  bench --file-workers 1 --fixed-shape auto --no-bounds
+fi
 grep -v "^{" "$W/bench.log" | grep -iv "warn" | tail -15 >>"$LOG"
 say "done"

@@ -34,7 +34,6 @@ sweep, which stops them as above.
 # no `from __future__ import annotations`: Hydra loads plugin modules outside sys.modules, where a dataclass with
 # string annotations cannot be built
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -57,6 +56,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recsys.errors import ConfigError
+from recsys.system import term_with_parent
 from recsys.tracking.job_return import RETURN_ENV, RETURN_FILE, read_return_value
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,9 @@ STDOUT, STDERR = "stdout.log", "stderr.log"
 #: how many lines of a failed job's stderr the sweep's log shows
 TAIL_LINES = 20
 POLL_S = 0.2
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 #: the sweep's own ``hydra`` overrides that a job does not get: they say how the multirun runs, not what a job is
 SWEEP_ONLY = ("hydra.mode", "hydra/sweeper", "hydra.sweeper", "hydra/launcher", "hydra.launcher", "hydra.run.")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _term_with_parent() -> None:
-    """In a job's process before it runs (Linux): SIGTERM when the sweep dies, even by SIGKILL, so that no
-    training outlives its sweep (``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -225,7 +217,7 @@ class ProcessLauncher(Launcher):
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # Ctrl-C reaches the sweep only; it stops the jobs with SIGTERM
-                preexec_fn=_term_with_parent,  # and a sweep killed outright (SIGKILL) leaves no job running
+                preexec_fn=term_with_parent,  # and a sweep killed outright (SIGKILL) leaves no job running
             )
 
     def _run(self, jobs: list[_Job], command: list[str]) -> None:

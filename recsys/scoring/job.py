@@ -371,6 +371,7 @@ DEFAULTS: dict[str, Any] = {
     "read_ahead": True,
     "prefetch": 2,
     "file_workers": 1,
+    "processes": 1,
     "device": "cpu",
     "fixed_shape": "auto",
     "overwrite": False,
@@ -401,6 +402,11 @@ def check_settings(cfg):
     _number(cfg, "top_n", 1)
     _number(cfg, "prefetch", 0)
     _number(cfg, "file_workers", 1)
+    if _number(cfg, "processes", 1) > 1 and (cfg.file_workers > 1 or cfg.get("engine") == "ray"):
+        raise ConfigError(
+            f"processes={cfg.processes}: worker processes score one file at a time each, with engine=local; "
+            f"set file_workers=1 (not {cfg.file_workers}) and engine=local (not {cfg.get('engine')})"
+        )
     check_fixed_shape(cfg.get("fixed_shape"))
     if cfg.get("unseen") not in POLICIES:
         raise ConfigError(f"unseen={cfg.get('unseen')!r}: choose one of {list(POLICIES)}")

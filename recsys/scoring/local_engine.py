@@ -4,11 +4,14 @@ batches of each file read ahead in a thread.
 With ``file_workers=N`` each of N threads scores whole files (its read-ahead thread reads, validates, maps and
 builds the batches; it runs the model and writes the file), so reading — what bounds a GPU job — runs N-wide. The
 scorer runs the model one batch at a time (its own lock), so every output equals a one-thread job's; memory is
-bounded by N x (``prefetch`` + 2) batches.
+bounded by N x (``prefetch`` + 2) batches. With ``processes=N`` the files go to N worker processes instead, each
+with its own copy of the model (:mod:`recsys.scoring.file_processes`): no interpreter lock between the files' host
+work.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,15 +21,20 @@ import torch
 from tqdm import tqdm
 
 from recsys.bundle import load_bundle
-from recsys.scoring.ctr_scorer import ScoreStats
+from recsys.scoring.ctr_scorer import CTRScorer, ScoreStats
+from recsys.scoring.file_processes import score_in_processes
 from recsys.scoring.job import EngineResult, Plan, loaded_identity, make_scorer, score_file
 from recsys.scoring.reader import count_rows, log_schema
+from recsys.scoring.seq_scorer import SeqScorer
 from recsys.system import peak_rss_mb
 
 
 def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -> EngineResult:
     """Score ``job.todo`` here. Unreadable files or missing columns stop the job before any output."""
     device = str(cfg.get("device", "cpu"))
+    processes = min(int(cfg.get("processes", 1)), max(len(job.todo), 1))
+    if processes > 1:
+        return _score_in_processes(job, bundle_path, identity, cfg, device, processes)
     bundle = load_bundle(bundle_path)
     identity = loaded_identity(identity, bundle)
     scorer = make_scorer(bundle, cfg, device)
@@ -54,11 +62,56 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
     facts = {
         "engine": "local",
         "workers": 1,
+        "processes": 1,
         "file_workers": workers,
         "device": device,
         "fixed_shape": bool(getattr(scorer, "fixed_shape", False)),
         "seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "threads": torch.get_num_threads(),
+    }
+    return EngineResult(stats, len(todo), [], facts)
+
+
+def _score_in_processes(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg, device: str, processes: int):
+    """``processes`` worker processes, one file at a time each. The summary's ``seconds`` start once every worker
+    has loaded the model, as the one-process job's start after its load (``workers_start_seconds``: the time
+    before); its ``peak_rss_mb`` is this process's plus the workers' (their high-water marks added)."""
+    from omegaconf import OmegaConf
+
+    required = SeqScorer.required_columns if "top_n" in identity else CTRScorer.required_columns  # read_identity
+    for file, _ in job.todo:  # fail fast, before any output (the workers load the model: this process does not)
+        log_schema(file, required)
+    total = sum(count_rows(f) for f, _ in job.todo)
+    threads = cfg.get("threads") or max(1, (os.cpu_count() or 1) // processes)
+    settings = {
+        **OmegaConf.to_container(cfg, resolve=True),
+        "device": device,
+        "threads": int(threads),
+        "prefetch": int(cfg.get("prefetch", 1)) if cfg.get("read_ahead", True) else 0,
+    }
+    todo = [(file, target, job.rejects(target)) for file, target in job.todo]
+    clock = {"launched": time.perf_counter()}
+    with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
+        stats, workers_rss, fixed = score_in_processes(
+            todo,
+            bundle_path,
+            identity,
+            settings,
+            processes,
+            bar.update,
+            lambda: clock.setdefault("start", time.perf_counter()),
+        )
+    facts = {
+        "engine": "local",
+        "workers": 1,
+        "processes": processes,
+        "file_workers": 1,
+        "device": device,
+        "fixed_shape": fixed,
+        "seconds": round(time.perf_counter() - clock["start"], 3),  # from the workers' first file, as one process
+        "workers_start_seconds": round(clock["start"] - clock["launched"], 3),
+        "peak_rss_mb": round(peak_rss_mb() + workers_rss, 1),
+        "threads": int(threads),
     }
     return EngineResult(stats, len(todo), [], facts)
