@@ -18,7 +18,7 @@
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
 #   GRID_DIMS=64 STEP_TIMEOUT=120 PROCS="8" BASELINES=1 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
-#   4 file workers) PYTEST_FILES="tests/..." (the GPU-marked files by default)
+#   4 file workers) PYTEST_FILES="tests/..." (the GPU-marked files by default) PYTEST_TIMEOUT=90
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
 T0=$(date +%s)
@@ -57,7 +57,7 @@ fi
 
 say "0. pytest -m gpu"
 $PY -m pip install -q --no-index --no-deps --no-compile --target "$W/pytest_site" .device/pytest_whl/*.whl >>"$LOG" 2>&1
-PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 90 $PY -m pytest -m gpu -q -p no:cacheprovider \
+PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout "${PYTEST_TIMEOUT:-90}" $PY -m pytest -m gpu -q -p no:cacheprovider \
   ${PYTEST_FILES:-tests/test_gpu.py tests/test_kernels.py tests/test_cuda_graph.py tests/test_sync_free.py \
   tests/test_scoring_fixed_shape.py tests/test_scoring_outputs.py tests/test_id_map.py \
   tests/test_scoring_processes.py} >"$OUT/pytest.log" 2>&1
