@@ -145,9 +145,9 @@ def _started(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def rows_of(file: Path, batch_size: int) -> int:
+def rows_of(file: Path, batch_size: int, threads: bool = True) -> int:
     """Rows of one log file read by the job's reader (a task of :func:`read_only`)."""
-    return sum(frame.height for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size))
+    return sum(frame.height for frame in iter_batches(file, [*SCORING_COLUMNS, "timestamp"], batch_size, threads))
 
 
 def read_only(folder: Path, batch_size: int, workers: int = 1, processes: bool = False) -> float:
@@ -163,7 +163,7 @@ def read_only(folder: Path, batch_size: int, workers: int = 1, processes: bool =
         if processes:  # started and imported before the clock starts, as the job's workers load before scoring
             list(pool.map(_started, [0.5] * workers))  # busy at once: all started
         start = time.perf_counter()
-        rows = sum(pool.map(rows_of, files, [batch_size] * len(files)))
+        rows = sum(pool.map(rows_of, files, [batch_size] * len(files), [workers == 1] * len(files)))  # as the job
     return rows / (time.perf_counter() - start)
 
 

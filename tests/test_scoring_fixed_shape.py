@@ -239,7 +239,8 @@ def test_ids_mapped_on_cuda_equal_the_cpu_host_map(bundle_dir, max_len, tmp_path
     cuda = CTRScorer(bundle, unseen=unseen, device="cuda")
     assert cuda.fixed_shape and cuda.map_on_device
     cuda_scores, cuda_rejects, cuda_stats = score_in_batches(cuda, logs, 16)
-    cpu_scores, cpu_rejects, cpu_stats = score_in_batches(CTRScorer(load_bundle(bundle_dir / "model")), logs, 16)
+    cpu = CTRScorer(load_bundle(bundle_dir / "model"), unseen=unseen)  # ids mapped on the host
+    cpu_scores, cpu_rejects, cpu_stats = score_in_batches(cpu, logs, 16)
     assert cuda_stats == cpu_stats and cuda_rejects.equals(cpu_rejects)
     assert cuda_scores.drop("score_click").equals(cpu_scores.drop("score_click"))
     np.testing.assert_allclose(cuda_scores["score_click"], cpu_scores["score_click"], rtol=0, atol=1e-5)

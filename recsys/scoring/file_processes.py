@@ -14,10 +14,12 @@ takes its workers with it (``PR_SET_PDEATHSIG``); the rerun skips finished files
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,7 @@ def _start_worker(
     bundle_path: str, identity: dict[str, Any], settings: dict[str, Any], progress, stop, ready, driver: int
 ) -> None:
     """Process-pool initializer: load the bundle and build the scorer once per worker process."""
-    import os
-
+    import pyarrow
     import torch
 
     from recsys.bundle import load_bundle
@@ -50,6 +51,7 @@ def _start_worker(
     if os.getppid() != driver:  # the driver died while this process was starting: too late for the signal
         os._exit(1)
     torch.set_num_threads(int(settings["threads"]))
+    pyarrow.set_cpu_count(int(settings["threads"]))  # the cores are shared by the processes
     bundle = load_bundle(Path(bundle_path))
     _WORKER.update(
         identity=loaded_identity(identity, bundle),
@@ -66,6 +68,20 @@ def _wait_ready() -> None:
     _WORKER["ready"].wait(timeout=READY_TIMEOUT_S)
 
 
+@contextlib.contextmanager
+def _polars_threads(threads: int) -> Iterator[None]:
+    """``POLARS_MAX_THREADS`` for the workers started inside (polars reads it on import, before the initializer
+    runs), unless the user set it."""
+    if "POLARS_MAX_THREADS" in os.environ:
+        yield
+        return
+    os.environ["POLARS_MAX_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        del os.environ["POLARS_MAX_THREADS"]
+
+
 def _on_rows(rows: int) -> None:
     if _WORKER["stop"].is_set():
         raise JobStopped
@@ -75,8 +91,6 @@ def _on_rows(rows: int) -> None:
 def _score_one(file: str, target: str, rejects: str) -> dict[str, Any]:
     """One file in a worker -> its counts (``stats``), the worker's ``peak_rss_mb`` so far, ``pid`` and whether
     its scorer built fixed-shape batches (``fixed_shape``)."""
-    import os
-
     from recsys.scoring.job import score_file
     from recsys.system import peak_rss_mb
 
@@ -90,6 +104,7 @@ def _score_one(file: str, target: str, rejects: str) -> dict[str, Any]:
         _WORKER["identity"],
         _on_rows,
         int(s["prefetch"]),
+        reader_threads=False,  # the processes are the parallelism
     )
     fixed = bool(getattr(_WORKER["scorer"], "fixed_shape", False))
     return {"stats": stats.to_dict(), "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "fixed_shape": fixed}
@@ -108,7 +123,8 @@ def score_in_processes(
     RSS in MiB: each worker's high-water mark, added, so an upper bound on their simultaneous total; whether the
     workers built fixed-shape batches).
 
-    ``settings``: the job's plain settings (``batch_size``, ``prefetch``, ``device``, ``threads`` per worker and
+    ``settings``: the job's plain settings (``batch_size``, ``prefetch``, ``device``, ``threads`` per worker (torch,
+    pyarrow and polars threads) and
     what :func:`~recsys.scoring.job.make_scorer` reads); ``on_rows(n)`` is called in this process as rows finish,
     ``on_ready()`` once every worker has loaded the model (before the first file).
     """
@@ -133,8 +149,9 @@ def score_in_processes(
         initargs=(str(bundle_path), identity, settings, progress, stop, ready, os.getpid()),
     )
     try:
-        for started in [pool.submit(_wait_ready) for _ in range(processes)]:
-            started.result()  # a worker that cannot load the model fails here (BrokenProcessPool, its traceback)
+        with _polars_threads(int(settings["threads"])):  # the workers start on these submissions
+            for started in [pool.submit(_wait_ready) for _ in range(processes)]:
+                started.result()  # a worker that cannot load the model fails here (BrokenProcessPool, its traceback)
         on_ready()
         futures = [pool.submit(_score_one, str(f), str(t), str(r)) for f, t, r in todo]
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)

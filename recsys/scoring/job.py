@@ -267,12 +267,14 @@ def score_file(
     identity: dict[str, Any],
     on_rows: Callable[[int], None] = lambda n: None,
     prefetch: int = 1,
+    reader_threads: bool = True,
 ) -> ScoreStats:
     """Score one file into ``target`` (and its rejects) atomically; ``on_rows(n)`` after each batch.
 
     With ``prefetch > 0`` the next batches are read, validated, id-mapped (and pinned, for a GPU scorer) by a
     background thread, at most ``prefetch`` ahead, while the model scores the current one. The file's counts
-    go into the output's footer (``recsys.stats``) before the rename that makes it visible.
+    go into the output's footer (``recsys.stats``) before the rename that makes it visible. ``reader_threads``:
+    :func:`~recsys.scoring.reader.iter_batches`' ``threads`` (``False`` when several files are read at once).
     """
     schema = log_schema(file, scorer.required_columns)
     columns = list(dict.fromkeys([*scorer.required_columns, *[c for c in scorer.keep_columns if c in schema]]))
@@ -280,7 +282,7 @@ def score_file(
     meta = file_metadata(identity, file)
     try:
         with AtomicParquetWriter(target, meta) as out, AtomicParquetWriter(rejects, meta) as bad:
-            frames = iter_batches(file, columns, batch_size)
+            frames = iter_batches(file, columns, batch_size, reader_threads)
             batches = run_ahead(frames, scorer.prepare, prefetch) if prefetch > 0 else map(scorer.prepare, frames)
             for prepared in batches:
                 scored, rejected, batch_stats = scorer.finish(prepared)

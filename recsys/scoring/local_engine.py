@@ -51,7 +51,8 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
 
         def one(entry: tuple[Path, Path]) -> ScoreStats:  # each file is renamed into place when done
             file, target = entry
-            return score_file(scorer, file, target, job.rejects(target), batch_size, identity, bar.update, prefetch)
+            rejects, one_file = job.rejects(target), workers == 1  # several files at once: each decoded in its thread
+            return score_file(scorer, file, target, rejects, batch_size, identity, bar.update, prefetch, one_file)
 
         try:
             for file_stats in pool.map(one, todo) if workers > 1 else map(one, todo):

@@ -40,16 +40,25 @@ def log_schema(path: Path, required: Sequence[str] = SCORING_COLUMNS) -> pl.Sche
     return schema
 
 
-def iter_batches(path: Path, columns: Sequence[str], batch_size: int) -> Iterator[pl.DataFrame]:
+#: bytes of a column chunk read at a time (a buffered stream, instead of whole column chunks in memory)
+READ_BUFFER = 1 << 20
+
+
+def iter_batches(path: Path, columns: Sequence[str], batch_size: int, threads: bool = True) -> Iterator[pl.DataFrame]:
     """Row batches of ``columns`` in file order as polars frames; memory is bounded by the batch and the
     file's row-group size, not by the file.
 
     Reads with pyarrow's row-group iterator and hands each batch to polars zero-copy: measured here,
     polars' ``collect_batches`` (unstable in polars 2) held about 3x more memory growth for a 10x larger
-    file and reads ahead of the consumer.
+    file and reads ahead of the consumer. No pre-buffering (pyarrow's default coalesces whole row groups'
+    reads ahead) and column chunks through a :data:`READ_BUFFER` stream: 4 readers of seq-200 logs at Taobao
+    vocabulary grew 320 MB each instead of 798, and read faster. ``threads``: decode the columns on pyarrow's
+    thread pool; jobs that read several files at once pass ``False`` (the files are the parallelism: one pool
+    shared by every reader only adds contention).
     """
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=list(columns)):
+        file = pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER)
+        for batch in file.iter_batches(batch_size=batch_size, columns=list(columns), use_threads=threads):
             yield pl.from_arrow(batch)  # type: ignore[misc]
     except (pa.ArrowException, OSError) as err:
         raise DataValidationError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from err
