@@ -380,6 +380,7 @@ def main() -> None:
                         "processes": processes,
                         "fixed_shape": args.fixed_shape,
                         "fixed_shape_used": last.get("fixed_shape"),
+                        **({"workers_start_seconds": last["workers_start_seconds"]} if processes > 1 else {}),
                         **bounds,
                         "threads": threads,
                         "prefetch": args.prefetch,
