@@ -72,7 +72,8 @@ def test_a_file_that_fails_in_a_worker_stops_the_job_with_its_name(bundle_dir, t
     ("extra", "message"),
     [
         ({"processes": 0}, "processes=0: must be an integer >= 1"),
-        ({"processes": 2, "file_workers": 2}, "processes=2: worker processes score one file at a time each"),
+        ({"processes": 2, "file_workers": 3}, "processes=2 with file_workers=3: worker processes score one file"),
+        ({"processes": 2, "engine": "ray"}, "processes=2: engine=local only (engine=ray has its own workers"),
     ],
 )
 def test_bad_process_settings_stop_with_one_line(bundle_dir, tmp_path, extra, message):

@@ -404,11 +404,14 @@ def check_settings(cfg):
     _number(cfg, "top_n", 1)
     _number(cfg, "prefetch", 0)
     _number(cfg, "file_workers", 1)
-    if _number(cfg, "processes", 1) > 1 and (cfg.file_workers > 1 or cfg.get("engine") == "ray"):
+    processes = _number(cfg, "processes", 1)
+    if processes > 1 and cfg.file_workers > 1:
         raise ConfigError(
-            f"processes={cfg.processes}: worker processes score one file at a time each, with engine=local; "
-            f"set file_workers=1 (not {cfg.file_workers}) and engine=local (not {cfg.get('engine')})"
+            f"processes={processes} with file_workers={cfg.file_workers}: worker processes score one file at a "
+            "time each; set one of them to 1"
         )
+    if processes > 1 and cfg.get("engine") == "ray":
+        raise ConfigError(f"processes={processes}: engine=local only (engine=ray has its own workers: ray.workers)")
     check_fixed_shape(cfg.get("fixed_shape"))
     if cfg.get("unseen") not in POLICIES:
         raise ConfigError(f"unseen={cfg.get('unseen')!r}: choose one of {list(POLICIES)}")
