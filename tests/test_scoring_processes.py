@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from pipelines.score import run
 from recsys.data.schema import DataValidationError
-from recsys.errors import ConfigError
+from recsys.errors import BundleError, ConfigError
 from tests.test_scoring import REPO, make_bundle, score_cfg
 
 
@@ -66,6 +67,22 @@ def test_a_file_that_fails_in_a_worker_stops_the_job_with_its_name(bundle_dir, t
     assert not list(out.glob(".*.tmp"))  # no temp left behind
     for done in out.glob("part-*.parquet"):  # what finished is complete (the rename came last)
         assert pl.read_parquet(done).height > 0
+
+
+def test_a_bundle_that_fails_its_check_in_the_workers_stops_with_that_line(bundle_dir, tmp_path):
+    """The workers load the model (the driver does not): a damaged weights file reaches the user as the
+    BundleError a one-process job gives, not as a broken process pool."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir / "model", copy / "model")
+    weights = copy / "model" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = score_cfg(bundle_dir, tmp_path / "out", processes=2)
+    cfg.model = str(copy)
+    with pytest.raises(BundleError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{weights}: sha256 ") and "differs from" in message and "\n" not in message
+    assert not list((tmp_path / "out").glob("*.parquet"))
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,12 @@ class JobStopped(Exception):
 def _start_worker(
     bundle_path: str, identity: dict[str, Any], settings: dict[str, Any], progress, stop, ready, driver: int
 ) -> None:
-    """Process-pool initializer: load the bundle and build the scorer once per worker process."""
+    """Process-pool initializer: load the bundle and build the scorer once per worker process.
+
+    An error here (a bundle whose weights fail their check, no CUDA device, ...) is kept and raised by this
+    worker's first task, so that it reaches the driver as itself (a pool initializer that raises only breaks the
+    pool); the other workers' wait at the ready barrier is then broken off.
+    """
     import pyarrow
     import torch
 
@@ -50,21 +55,27 @@ def _start_worker(
     term_with_parent()
     if os.getppid() != driver:  # the driver died while this process was starting: too late for the signal
         os._exit(1)
+    _WORKER.update(settings=settings, progress=progress, stop=stop, ready=ready, error=None)
     torch.set_num_threads(int(settings["threads"]))
     pyarrow.set_cpu_count(int(settings["threads"]))  # the cores are shared by the processes
-    bundle = load_bundle(Path(bundle_path))
-    _WORKER.update(
-        identity=loaded_identity(identity, bundle),
-        scorer=make_scorer(bundle, settings, str(settings["device"])),
-        settings=settings,
-        progress=progress,
-        stop=stop,
-        ready=ready,
-    )
+    try:
+        bundle = load_bundle(Path(bundle_path))
+        _WORKER.update(
+            identity=loaded_identity(identity, bundle), scorer=make_scorer(bundle, settings, str(settings["device"]))
+        )
+    except Exception as err:  # noqa: BLE001 -- raised again, as itself, by this worker's tasks
+        _WORKER["error"] = err
+
+
+def _raise_start_error() -> None:
+    if _WORKER["error"] is not None:
+        _WORKER["ready"].abort()  # the others stop waiting for this worker
+        raise _WORKER["error"]
 
 
 def _wait_ready() -> None:
     """Returns once every worker has loaded its model (each of them holds one of these tasks at the barrier)."""
+    _raise_start_error()
     _WORKER["ready"].wait(timeout=READY_TIMEOUT_S)
 
 
@@ -94,6 +105,7 @@ def _score_one(file: str, target: str, rejects: str) -> dict[str, Any]:
     from recsys.scoring.job import score_file
     from recsys.system import peak_rss_mb
 
+    _raise_start_error()
     s = _WORKER["settings"]
     stats = score_file(
         _WORKER["scorer"],
@@ -150,8 +162,11 @@ def score_in_processes(
     )
     try:
         with _polars_threads(int(settings["threads"])):  # the workers start on these submissions
-            for started in [pool.submit(_wait_ready) for _ in range(processes)]:
-                started.result()  # a worker that cannot load the model fails here (BrokenProcessPool, its traceback)
+            started = [pool.submit(_wait_ready) for _ in range(processes)]
+        wait(started)
+        errors = [f.exception() for f in started if f.exception() is not None]
+        if errors:  # a worker that could not load the model: its own error (the others' broken barrier after it)
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         on_ready()
         futures = [pool.submit(_score_one, str(f), str(t), str(r)) for f, t, r in todo]
         finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
