@@ -2,8 +2,9 @@
 (jobs at once, return values, failures, stopping) in seconds, without training anything.
 
 ``python -m tests.sweep_app -m x=1,2 marks=<folder>``: each job writes ``<marks>/<x>.start`` (pid, time), sleeps
-``sleep_s`` (``slow_s`` from ``x >= slow_from``), writes ``<marks>/<x>.end`` and returns ``10 * x``, handed back
-through :mod:`recsys.tracking.job_return` as ``pipelines/_cli.py`` does; ``x == fail_at`` exits 3 with a line on
+``sleep_s`` (``slow_s`` from ``x >= slow_from``, or for the first job to start with ``slow_first``), writes
+``<marks>/<x>.end`` and returns ``10 * x``, handed back through :mod:`recsys.tracking.job_return` as
+``pipelines/_cli.py`` does; ``x == fail_at`` exits 3 with a line on
 stderr; SIGTERM writes ``<marks>/<x>.term`` and exits 143.
 """
 
@@ -30,6 +31,7 @@ class AppConf:
     slow_from: int = 1_000_000
     slow_s: float = 60.0
     fail_at: int = -1
+    slow_first: bool = False
 
 
 ConfigStore.instance().store(name="sweep_app", node=AppConf)
@@ -49,7 +51,14 @@ def main(cfg: DictConfig) -> float:
     if cfg.x == cfg.fail_at:
         print(f"sweep_app: x={cfg.x} fails on purpose", file=sys.stderr)
         sys.exit(3)
-    time.sleep(cfg.slow_s if cfg.x >= cfg.slow_from else cfg.sleep_s)
+    first = False
+    if cfg.slow_first:
+        try:  # exactly one job creates it
+            (marks / "first").open("x").close()
+            first = True
+        except FileExistsError:
+            pass
+    time.sleep(cfg.slow_s if cfg.x >= cfg.slow_from or first else cfg.sleep_s)
     (marks / f"{cfg.x}.end").write_text(str(time.time()))
     return publish_return_value(10.0 * cfg.x)
 

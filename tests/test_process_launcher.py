@@ -119,6 +119,26 @@ def test_jobs_run_n_at_once_in_the_basic_launchers_folders_and_a_failed_job_is_a
 
 
 @pytest.mark.e2e
+def test_a_trial_starts_as_soon_as_a_slot_frees_not_after_the_slowest_of_a_batch(tmp_path):
+    """5 trials, 2 at once, the first job to start sleeps 20 s and the others 0.2 s: the other slot runs the four
+    fast ones meanwhile (in batches of 2, one would wait for the slow one), and each trial is told as it ends."""
+    slots = ["hydra.sweeper.n_trials=5", "hydra.launcher.n_jobs=2", "slow_first=true", "slow_s=20", "sleep_s=0.2"]
+    proc = _app_sweep(tmp_path, "x=choice(1,2,3,4,5)", *slots)
+    assert proc.wait(timeout=180) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    assert _trials(tmp_path) == {x: ("COMPLETE", 10.0 * x) for x in range(1, 6)}
+    marks = tmp_path / "marks"
+    spans = {
+        x: (float((marks / f"{x}.start").read_text().split()[1]), float((marks / f"{x}.end").read_text()))
+        for x in range(1, 6)
+    }
+    slow = max(spans, key=lambda x: spans[x][1] - spans[x][0])
+    inside = [x for x, (s, e) in spans.items() if x != slow and spans[slow][0] <= s and e <= spans[slow][1]]
+    assert len(inside) == 4, spans  # all four fast trials ran while the slow one did
+    assert "each as a slot frees" in (tmp_path / "sweep.log").read_text()
+    assert (tmp_path / "sweep" / "optimization_results.yaml").exists()
+
+
+@pytest.mark.e2e
 def test_a_stopped_sweep_stops_its_jobs_and_keeps_the_finished_trials(tmp_path):
     batch = ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.launcher.n_jobs=2"]
     proc = _app_sweep(tmp_path, "x=choice(1,2)", *batch, "slow_from=2")
@@ -167,8 +187,8 @@ def test_n_jobs_below_one_stops_the_sweep_before_any_job(tmp_path):
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_two_trials_at_once_of_a_toy_search_are_children_of_one_parent(tmp_path):
-    """A toy DARE search of pipelines.train, 2 trials in one batch of 2 subprocesses: both trials COMPLETE with the
-    value their own run reports, distinct run folders, one MLflow parent with both runs as children, and no
+    """A toy DARE search of pipelines.train, 2 trials at once as subprocesses (one per free slot): both COMPLETE with
+    the value their own run reports, distinct run folders, one MLflow parent with both runs as children, and no
     sqlite store (MLflow's, Optuna's) ever locked."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cmd = [sys.executable, "-m", "pipelines.train", "-m", "hparams_search=dare", f"paths.root_dir={tmp_path}"]
@@ -177,7 +197,7 @@ def test_two_trials_at_once_of_a_toy_search_are_children_of_one_parent(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 jobs as subprocesses of -m pipelines.train, 2 at once" in proc.stderr + proc.stdout
+    assert "jobs as subprocesses of -m pipelines.train, 2 at once, each as a slot frees" in proc.stderr + proc.stdout
 
     study = optuna.load_study(study_name="dare-synthetic", storage=f"sqlite:///{tmp_path}/logs/optuna.db")
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]

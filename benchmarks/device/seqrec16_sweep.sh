@@ -6,11 +6,11 @@
 # On the GPU machine, from the repository root, after `source .device/device_setup.sh`:
 #   [WORKERS=8] bash benchmarks/device/seqrec16_sweep.sh $OUT/sweep [SWEEP_S=330] [TRIALS=40] [DEADLINE_S=560]
 # WORKERS (default 1): trials of each dataset's study at once, each its own `python -m pipelines.train` process
-# (hydra/launcher=processes hydra.launcher.n_jobs=$WORKERS; the sweeper asks that many trials per batch). One
+# (hydra/launcher=processes hydra.launcher.n_jobs=$WORKERS; the sweeper asks a trial whenever a slot frees). One
 # MQSA-TED trial is host-bound (80-120 s, the GPU mostly idle), so WORKERS=8 runs about 8x the trials in the same
-# SWEEP_S (a batch waits for its slowest trial). The two datasets' sweeps run side by side: 2 x WORKERS trainings
+# SWEEP_S. The two datasets' sweeps run side by side: 2 x WORKERS trainings
 # share the machine, each with OMP_NUM_THREADS=4/WORKERS (at least 1). WORKERS=1: Hydra's basic launcher (trials
-# one after another in the sweep's process), as before. Stopped at SWEEP_S, a batch's unfinished trials are
+# one after another in the sweep's process), as before. Stopped at SWEEP_S, the running trials are
 # marked failed and re-run by the next call.
 # SWEEP_S: wall seconds of the two concurrent sweeps (then stopped; finished trials stay in the study); TRIALS: the
 # study's total budget; DEADLINE_S: the whole call. Writes OUT_DIR/{seqrec_tuned.jsonl, sweep.log,

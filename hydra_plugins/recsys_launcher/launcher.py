@@ -3,9 +3,9 @@
 at most ``hydra.launcher.n_jobs`` at once.
 
 Hydra's basic launcher runs the jobs of a batch one after another in the sweep's own process. A training job
-that leaves most of the machine idle (host-bound steps on one big GPU) gains from N at once; with the Optuna
-sweeper, ``hydra.sweeper.n_jobs`` trials are asked per batch (configs/hparams_search/*.yaml tie it to
-``hydra.launcher.n_jobs``, so one override sets both)::
+that leaves most of the machine idle (host-bound steps on one big GPU) gains from N at once. The
+BudgetedOptunaSweeper (configs/hparams_search/*.yaml) asks a trial whenever one of the N slots frees
+(:meth:`ProcessLauncher.launch_stream`, no batches); other sweepers launch batches (:meth:`ProcessLauncher.launch`)::
 
     python -m pipelines.train -m hparams_search=mqsa_ted data=sports hydra/launcher=processes hydra.launcher.n_jobs=8
 
@@ -25,9 +25,10 @@ Each job:
 SIGTERM, SIGINT or SIGHUP to the sweep: the running jobs get SIGTERM (pipelines.train saves ``last.ckpt`` and
 marks its MLflow run KILLED), their process groups are SIGKILLed after ``grace_s`` seconds, no further job
 starts; the batch's jobs that finished are returned as they are (the sweeper records those trials), the stopped
-ones as failed, and then the sweep ends with 128 + the signal number (SIGINT: ``KeyboardInterrupt``): the
-BudgetedOptunaSweeper right after it recorded the batch (:meth:`ProcessLauncher.raise_if_interrupted`), another
-sweeper when it launches its next batch. Jobs run in their own session, so a terminal's Ctrl-C reaches only the
+ones as failed (streamed: the running jobs are told as failed), and then the sweep ends with 128 + the signal
+number (SIGINT: ``KeyboardInterrupt``): the BudgetedOptunaSweeper right after it recorded the trials
+(:meth:`ProcessLauncher.raise_if_interrupted`), another sweeper when it launches its next batch. Jobs run in
+their own session, so a terminal's Ctrl-C reaches only the
 sweep, which stops them as above.
 """
 
@@ -43,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,18 +164,55 @@ class ProcessLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         """Run the batch; one ``JobReturn`` per job, in the batch's order."""
+        command = self._prepare()
+        jobs = [self._job(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
+        log.info("Launching %d jobs as subprocesses of %s, %d at once", len(jobs), " ".join(command[1:]), self.n_jobs)
+        waiting = deque(jobs)
+        with self._stop_on_signals():
+            self._run(lambda: waiting.popleft() if waiting else None, lambda job: None, command)
+        return [self._job_return(job) for job in jobs]
+
+    def launch_stream(
+        self,
+        ask: Callable[[], tuple[Any, Sequence[str]] | None],
+        tell: Callable[[Any, JobReturn], None],
+        initial_job_idx: int,
+    ) -> int:
+        """Jobs without batches: whenever fewer than ``n_jobs`` run, ``ask()`` gives the next one (a token and its
+        overrides; ``None``: no more), and each job's ``JobReturn`` goes to ``tell(token, ret)`` as soon as it
+        ends, so a slow job never holds the others' slots (the BudgetedOptunaSweeper asks a trial per free slot).
+        Stopped by a signal, the running jobs are told as failed and nothing more is asked. Returns the jobs
+        started (numbered from ``initial_job_idx``)."""
+        command = self._prepare()
+        log.info(
+            "Launching jobs as subprocesses of %s, %d at once, each as a slot frees", " ".join(command[1:]), self.n_jobs
+        )
+        tokens: dict[int, Any] = {}
+        started = 0
+
+        def take() -> _Job | None:
+            nonlocal started
+            asked = ask()
+            if asked is None:
+                return None
+            token, overrides = asked
+            job = self._job(initial_job_idx + started, list(overrides))
+            tokens[job.num], started = token, started + 1
+            return job
+
+        with self._stop_on_signals():
+            self._run(take, lambda job: tell(tokens[job.num], self._job_return(job)), command)
+        return started
+
+    def _prepare(self) -> list[str]:
+        """Before any job: Hydra's globals and logging, the sweep folder; the command a job runs."""
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         self.raise_if_interrupted()  # the previous batch was stopped: start nothing more
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))  # resolved first: every job shares its ${now:...}
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", self.module or task_module(self.task_function)]
-        jobs = [self._job(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
-        log.info("Launching %d jobs as subprocesses of %s, %d at once", len(jobs), " ".join(command[1:]), self.n_jobs)
-        with self._stop_on_signals():
-            self._run(jobs, command)
-        return [self._job_return(job) for job in jobs]
+        return [sys.executable, "-m", self.module or task_module(self.task_function)]
 
     def raise_if_interrupted(self) -> None:
         """End the sweep the way the signal that stopped it would have (KeyboardInterrupt, exit 128 + signal)."""
@@ -220,21 +258,31 @@ class ProcessLauncher(Launcher):
                 preexec_fn=term_with_parent,  # and a sweep killed outright (SIGKILL) leaves no job running
             )
 
-    def _run(self, jobs: list[_Job], command: list[str]) -> None:
-        """Start jobs while fewer than ``n_jobs`` run, until all ended or a signal stopped the sweep."""
-        waiting, running = deque(jobs), []
+    def _run(self, take: Callable[[], _Job | None], ended: Callable[[_Job], None], command: list[str]) -> None:
+        """Start the jobs ``take()`` gives (``None``: no more) while fewer than ``n_jobs`` run, ``ended(job)`` as
+        each ends, until none is left or a signal stopped the sweep (the stopped jobs are ``ended`` too)."""
+        running: list[_Job] = []
+        more = True
         try:
-            while (waiting or running) and self.interrupted is None:
-                while waiting and len(running) < self.n_jobs:
-                    job = waiting.popleft()
+            while (more or running) and self.interrupted is None:
+                while more and len(running) < self.n_jobs:
+                    job = take()
+                    if job is None:
+                        more = False
+                        break
                     self._start(job, command)
                     running.append(job)
                 for job in [j for j in running if j.proc.poll() is not None]:
                     running.remove(job)
                     self._log_end(job)
+                    ended(job)
                 time.sleep(POLL_S)
         finally:  # stopped by a signal, or an error here: no job outlives the sweep
-            self._stop([j for j in running if j.proc.poll() is None])
+            stopping = [j for j in running if j.proc.poll() is None]
+            self._stop(stopping)
+            if self.interrupted is not None:
+                for job in running:
+                    ended(job)
 
     def _stop(self, running: list[_Job]) -> None:
         """SIGTERM to each job, SIGKILL to the process group of any still running after ``grace_s``."""

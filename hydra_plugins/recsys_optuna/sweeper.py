@@ -68,6 +68,10 @@ if OptunaSweeper is not None:
             # the launcher creates the sweep folder; with no trial left the results file still goes there
             Path(self.sweeper.config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
             try:
+                if getattr(impl.launcher, "launch_stream", None) is not None and impl.launcher.n_jobs > 1:
+                    from hydra_plugins.recsys_optuna.streaming import sweep_streaming
+
+                    return sweep_streaming(impl, arguments)  # a trial per free slot, no batches
                 return super().sweep(arguments)
             finally:
                 # the `processes` launcher, stopped by a signal, returned its last batch (the sweeper recorded the
