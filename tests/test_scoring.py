@@ -95,17 +95,24 @@ def test_scores_equal_the_models_forward(bundle_dir, tmp_path):
     assert summary["rows_in"] == summary["rows_scored"] == len(table) and summary["weights_verified"]
 
 
+def assert_same_scores(first: Path, second: Path, files: int) -> tuple[dict, dict]:
+    """Two output folders hold the same ``files`` score files, frame for frame, and count the same rows ->
+    their ``_summary.json``."""
+    one, two = sorted(first.glob("part-*.parquet")), sorted(second.glob("part-*.parquet"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == files
+    for a, b in zip(one, two):
+        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
+    summaries = tuple(json.loads((folder / "_summary.json").read_text()) for folder in (first, second))
+    assert summaries[0]["rows_scored"] == summaries[1]["rows_scored"] > 0
+    return summaries
+
+
 def test_files_scored_at_once_equal_files_scored_one_after_another(bundle_dir, tmp_path):
     """file_workers=3: the three files are read and mapped in three threads, the model runs one batch at a time;
     every output equals the one-thread job's, byte for byte in its scores, and the summary counts them all."""
     run(score_cfg(bundle_dir, tmp_path / "one"))
     run(score_cfg(bundle_dir, tmp_path / "three", file_workers=3))
-    one, three = sorted((tmp_path / "one").glob("part-*.parquet")), sorted((tmp_path / "three").glob("part-*.parquet"))
-    assert [p.name for p in one] == [p.name for p in three] and len(one) == 3
-    for a, b in zip(one, three):
-        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
-    summary = json.loads((tmp_path / "three" / "_summary.json").read_text())
-    assert summary["rows_scored"] == json.loads((tmp_path / "one" / "_summary.json").read_text())["rows_scored"]
+    _, summary = assert_same_scores(tmp_path / "one", tmp_path / "three", 3)
     assert summary["last_run"]["file_workers"] == 3
 
 

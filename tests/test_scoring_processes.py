@@ -21,7 +21,7 @@ import pytest
 from pipelines.score import run
 from recsys.data.schema import DataValidationError
 from recsys.errors import BundleError, ConfigError
-from tests.test_scoring import REPO, make_bundle, score_cfg
+from tests.test_scoring import REPO, assert_same_scores, make_bundle, score_cfg
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,8 @@ def bundle_dir(tmp_path_factory):
 def test_two_processes_equal_one(bundle_dir, tmp_path):
     run(score_cfg(bundle_dir, tmp_path / "one"))
     run(score_cfg(bundle_dir, tmp_path / "two", processes=2))
-    one, two = sorted((tmp_path / "one").glob("part-*.parquet")), sorted((tmp_path / "two").glob("part-*.parquet"))
-    assert [p.name for p in one] == [p.name for p in two] and len(one) == 3
-    for a, b in zip(one, two):
-        assert pl.read_parquet(a).equals(pl.read_parquet(b)), a.name
-    summary = json.loads((tmp_path / "two" / "_summary.json").read_text())
-    first = json.loads((tmp_path / "one" / "_summary.json").read_text())
-    assert summary["rows_in"] == summary["rows_scored"] == first["rows_scored"] > 0
+    first, summary = assert_same_scores(tmp_path / "one", tmp_path / "two", 3)
+    assert summary["rows_in"] == summary["rows_scored"]
     assert summary["last_run"]["processes"] == 2 and summary["last_run"]["threads"] == 1
     # the driver's own RSS plus two workers that each loaded torch and the model
     assert summary["last_run"]["peak_rss_mb"] > first["last_run"]["peak_rss_mb"] + 100
