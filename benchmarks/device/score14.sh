@@ -17,7 +17,7 @@
 # score14.log. Back here: append scoring.jsonl to benchmarks/results/scoring.jsonl, run
 # `python -m benchmarks.scoring` (no --model: rewrites the tables), replace dare_ml100k_runs.jsonl as ctr16.sh says.
 # Knobs (env): ROWS=10000000 FW=8 BATCH=16384 PREFETCH=1 THREADS=8 BUNDLE_STEPS=50 GRID=1 GRID_END=200
-#   GRID_DIMS=64 STEP_TIMEOUT=120 PROCS="8" BASELINES=1 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
+#   GRID_DIMS=64 STEP_TIMEOUT=120 PROCS="8" PROC_THREADS=1 BASELINES=1 RSS_PROBES=0 (1: three more fixed-shape runs: allocators' decay 0, prefetch 0,
 #   4 file workers) PYTEST_FILES="tests/..." (the GPU-marked files by default) PYTEST_TIMEOUT=90
 set -u
 OUT=${1:?usage: score14.sh OUT_FOLDER}
@@ -92,8 +92,8 @@ bench() {
   tail -n +$((BEFORE + 1)) benchmarks/results/scoring.jsonl >"$OUT/scoring.jsonl"
 }
 bench --file-workers "$FW" --fixed-shape auto
-for P in ${PROCS-8}; do
-  bench --processes "$P" --fixed-shape auto
+for P in ${PROCS-8}; do  # torch/pyarrow/polars threads per process: PROC_THREADS (the 2026-12-03 runs had 8 each)
+  THREADS=${PROC_THREADS:-1} bench --processes "$P" --fixed-shape auto
 done
 if [ "${RSS_PROBES:-0}" = 1 ]; then  # where the host memory of FW file threads goes (issue 14: peak RSS <= 4 GiB)
   DECAY0=dirty_decay_ms:0,muzzy_decay_ms:0  # jemalloc of polars (_RJEM_) and of pyarrow (JE_ARROW_): no retention
