@@ -1,7 +1,8 @@
 """``engine=local processes=N``: whole files scored by N worker processes on this machine.
 
 Why processes: a GPU job is bound by the host work before the forward (parquet decoding, validation, padding;
-:mod:`recsys.scoring.local_engine`), and file *threads* share one interpreter lock. Each worker process loads
+:mod:`recsys.scoring.local_engine`), and file *threads* share one interpreter lock (on one H200 at 10 M rows,
+16 processes scored 729 k rows/s where 8 file threads scored 547 k). Each worker process loads
 the model once (its own copy, on ``device``: N copies in GPU memory), then scores one file at a time with the
 local engine's own :func:`~recsys.scoring.job.score_file` (read ahead, map, forward, atomic write, counts in the
 footer), so every output equals the one-process job's.
@@ -135,10 +136,9 @@ def score_in_processes(
     RSS in MiB: each worker's high-water mark, added, so an upper bound on their simultaneous total; whether the
     workers built fixed-shape batches).
 
-    ``settings``: the job's plain settings (``batch_size``, ``prefetch``, ``device``, ``threads`` per worker (torch,
-    pyarrow and polars threads) and
-    what :func:`~recsys.scoring.job.make_scorer` reads); ``on_rows(n)`` is called in this process as rows finish,
-    ``on_ready()`` once every worker has loaded the model (before the first file).
+    ``settings``: the job's plain settings (``batch_size``, ``prefetch``, ``device``; ``threads``: torch, pyarrow
+    and polars threads per worker; what :func:`~recsys.scoring.job.make_scorer` reads). ``on_rows(n)`` is called
+    in this process as rows finish, ``on_ready()`` once every worker has loaded the model (before the first file).
     """
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
     progress, stop, ready = ctx.Queue(), ctx.Event(), ctx.Barrier(processes)
