@@ -2,7 +2,7 @@
 
 The Optuna sweeper plugin asks ``hydra.sweeper.n_jobs`` trials, launches them as a batch and waits for the slowest
 before it asks again: with early-stopped trainings of unequal length most slots idle at the end of every batch
-(on one H200, 6 MQSA-TED trials ran 200-280 s: the first finished left its slot empty for 80 s). Here a trial is
+(on one H200, 6 MQSA-TED trials ran 200-280 s: the first to finish left its slot empty for about 70 s). Here a trial is
 asked whenever a slot frees (:meth:`ProcessLauncher.launch_stream`) and told as soon as its job ends. The search
 space, fixed parameters, directions, failure rule and results file are the plugin's; only the loop differs.
 Imports of optuna and the plugin are inside the function (Hydra imports every module under ``hydra_plugins``).
@@ -78,7 +78,7 @@ def sweep_streaming(impl: Any, arguments: list[str]) -> None:
     impl.job_idx += impl.launcher.launch_stream(ask, tell, impl.job_idx)
     if asked and len(failed) / asked > impl.max_failure_rate:
         log.error("Failed %d of %d trials with max_failure_rate=%s", len(failed), asked, impl.max_failure_rate)
-        failed[0].return_value  # raises the first failed job's error  # noqa: B018
+        failed[0].return_value  # noqa: B018 -- raises the first failed job's error
     _save_results(impl, study, directions)
 
 
