@@ -375,6 +375,7 @@ def main() -> None:
                         "rows_per_s": last["rows_per_s"],
                         "job_seconds": summary["job_seconds"],
                         "peak_rss_mb": last["peak_rss_mb"],
+                        "pinned_peak_mb": last.get("pinned_peak_mb"),
                         "worker_peak_rss_mb": last.get("worker_peak_rss_mb", [last["peak_rss_mb"]]),
                         "file_workers": file_workers,
                         "processes": processes,

@@ -30,3 +30,15 @@ def term_with_parent() -> None:
     the job that started it (``prctl(PR_SET_PDEATHSIG)``; elsewhere a no-op)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def pinned_peak_mb() -> float | None:
+    """Peak bytes (MiB) of page-locked host memory that torch's caching host allocator held in this process
+    (``torch.cuda.host_memory_stats``: blocks handed out plus cached), or ``None`` without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.host_memory_stats()
+    peak = next((v for k, v in stats.items() if k.startswith("allocated_bytes") and k.endswith("peak")), None)
+    return None if peak is None else round(peak / 2**20, 1)

@@ -250,7 +250,8 @@ def test_ids_mapped_on_cuda_equal_the_cpu_host_map(bundle_dir, max_len, tmp_path
 def test_fixed_shape_on_cuda_equals_the_cpu_job(bundle_dir, tmp_path):
     run(score_cfg(bundle_dir, tmp_path / "cpu"))
     run(score_cfg(bundle_dir, tmp_path / "cuda", device="cuda", file_workers=2))
-    assert json.loads((tmp_path / "cuda" / "_summary.json").read_text())["last_run"]["fixed_shape"] is True
+    last = json.loads((tmp_path / "cuda" / "_summary.json").read_text())["last_run"]
+    assert last["fixed_shape"] is True and last["pinned_peak_mb"] > 0  # batches are pinned before their copy
     for path in sorted((tmp_path / "cpu").glob("part-*.parquet")):
         cpu, cuda = pl.read_parquet(path), pl.read_parquet(tmp_path / "cuda" / path.name)
         assert cpu.drop("score_click").equals(cuda.drop("score_click"))

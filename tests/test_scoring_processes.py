@@ -35,6 +35,7 @@ def test_two_processes_equal_one(bundle_dir, tmp_path):
     first, summary = assert_same_scores(tmp_path / "one", tmp_path / "two", 3)
     assert summary["rows_in"] == summary["rows_scored"]
     assert summary["last_run"]["processes"] == 2 and summary["last_run"]["threads"] == 1
+    assert summary["last_run"]["pinned_peak_mb"] is None is first["last_run"]["pinned_peak_mb"]  # no CUDA here
     # the driver's own RSS plus two workers that each loaded torch and the model
     assert summary["last_run"]["peak_rss_mb"] > first["last_run"]["peak_rss_mb"] + 100
 
@@ -144,7 +145,7 @@ def test_processes_on_cuda_equal_the_cpu_job(bundle_dir, tmp_path):
     run(score_cfg(bundle_dir, tmp_path / "cpu"))
     run(score_cfg(bundle_dir, tmp_path / "cuda", device="cuda", processes=2))
     last = json.loads((tmp_path / "cuda" / "_summary.json").read_text())["last_run"]
-    assert last["processes"] == 2 and last["fixed_shape"] is True
+    assert last["processes"] == 2 and last["fixed_shape"] is True and last["pinned_peak_mb"] > 0
     for path in sorted((tmp_path / "cpu").glob("part-*.parquet")):
         cpu, cuda = pl.read_parquet(path), pl.read_parquet(tmp_path / "cuda" / path.name)
         assert cpu.drop("score_click").equals(cuda.drop("score_click"))

@@ -104,7 +104,7 @@ def _score_one(file: str, target: str, rejects: str) -> dict[str, Any]:
     """One file in a worker -> its counts (``stats``), the worker's ``peak_rss_mb`` so far, ``pid`` and whether
     its scorer built fixed-shape batches (``fixed_shape``)."""
     from recsys.scoring.job import score_file
-    from recsys.system import peak_rss_mb
+    from recsys.system import peak_rss_mb, pinned_peak_mb
 
     _raise_start_error()
     s = _WORKER["settings"]
@@ -120,7 +120,8 @@ def _score_one(file: str, target: str, rejects: str) -> dict[str, Any]:
         reader_threads=False,  # the processes are the parallelism
     )
     fixed = bool(getattr(_WORKER["scorer"], "fixed_shape", False))
-    return {"stats": stats.to_dict(), "peak_rss_mb": peak_rss_mb(), "pid": os.getpid(), "fixed_shape": fixed}
+    memory = {"peak_rss_mb": peak_rss_mb(), "pinned_peak_mb": pinned_peak_mb()}
+    return {"stats": stats.to_dict(), **memory, "pid": os.getpid(), "fixed_shape": fixed}
 
 
 def score_in_processes(
@@ -131,10 +132,10 @@ def score_in_processes(
     processes: int,
     on_rows,
     on_ready=lambda: None,
-) -> tuple[ScoreStats, float, bool]:
+) -> tuple[ScoreStats, float, float | None, bool]:
     """Score ``todo`` (input, output, rejects) in ``processes`` workers -> (the counts, the workers' summed peak
-    RSS in MiB: each worker's high-water mark, added, so an upper bound on their simultaneous total; whether the
-    workers built fixed-shape batches).
+    RSS in MiB: each worker's high-water mark, added, so an upper bound on their simultaneous total; the same sum
+    of their page-locked host memory, ``None`` without CUDA; whether the workers built fixed-shape batches).
 
     ``settings``: the job's plain settings (``batch_size``, ``prefetch``, ``device``; ``threads``: torch, pyarrow
     and polars threads per worker; what :func:`~recsys.scoring.job.make_scorer` reads). ``on_rows(n)`` is called
@@ -153,7 +154,7 @@ def score_in_processes(
 
     relay_thread = threading.Thread(target=relay, name="score_progress", daemon=True)
     relay_thread.start()
-    stats, peaks, fixed = ScoreStats(), {}, False
+    stats, peaks, pinned, fixed = ScoreStats(), {}, {}, False
     pool = ProcessPoolExecutor(
         processes,
         mp_context=ctx,
@@ -177,10 +178,12 @@ def score_in_processes(
             result = future.result()
             stats.add(ScoreStats.from_dict(result["stats"]))
             peaks[result["pid"]] = max(peaks.get(result["pid"], 0.0), result["peak_rss_mb"])
+            if result["pinned_peak_mb"] is not None:
+                pinned[result["pid"]] = max(pinned.get(result["pid"], 0.0), result["pinned_peak_mb"])
             fixed = result["fixed_shape"]
     finally:  # a failure stops the others at their next batch; files not yet started are not started
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         done.set()
         relay_thread.join()
-    return stats, sum(peaks.values()), fixed
+    return stats, sum(peaks.values()), (round(sum(pinned.values()), 1) if pinned else None), fixed

@@ -26,7 +26,7 @@ from recsys.scoring.file_processes import score_in_processes
 from recsys.scoring.job import EngineResult, Plan, loaded_identity, make_scorer, score_file
 from recsys.scoring.reader import count_rows, log_schema
 from recsys.scoring.seq_scorer import SeqScorer
-from recsys.system import peak_rss_mb
+from recsys.system import peak_rss_mb, pinned_peak_mb
 
 
 def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -> EngineResult:
@@ -69,6 +69,7 @@ def score_locally(job: Plan, bundle_path: Path, identity: dict[str, Any], cfg) -
         "fixed_shape": bool(getattr(scorer, "fixed_shape", False)),
         "seconds": round(seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "pinned_peak_mb": pinned_peak_mb(),  # of that RSS, page-locked batches (CUDA; None on the CPU)
         "threads": torch.get_num_threads(),
     }
     return EngineResult(stats, len(todo), [], facts)
@@ -94,7 +95,7 @@ def _score_in_processes(job: Plan, bundle_path: Path, identity: dict[str, Any], 
     todo = [(file, target, job.rejects(target)) for file, target in job.todo]
     clock = {"launched": time.perf_counter()}
     with tqdm(total=total, unit="rows", unit_scale=True, disable=not cfg.progress, desc="scoring") as bar:
-        stats, workers_rss, fixed = score_in_processes(
+        stats, workers_rss, workers_pinned, fixed = score_in_processes(
             todo,
             bundle_path,
             identity,
@@ -113,6 +114,7 @@ def _score_in_processes(job: Plan, bundle_path: Path, identity: dict[str, Any], 
         "seconds": round(time.perf_counter() - clock["start"], 3),  # from the workers' first file, as one process
         "workers_start_seconds": round(clock["start"] - clock["launched"], 3),
         "peak_rss_mb": round(peak_rss_mb() + workers_rss, 1),
+        "pinned_peak_mb": workers_pinned,
         "threads": int(threads),
     }
     return EngineResult(stats, len(todo), [], facts)
