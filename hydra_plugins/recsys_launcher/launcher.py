@@ -28,8 +28,7 @@ starts; the batch's jobs that finished are returned as they are (the sweeper rec
 ones as failed (streamed: the running jobs are told as failed), and then the sweep ends with 128 + the signal
 number (SIGINT: ``KeyboardInterrupt``): the BudgetedOptunaSweeper right after it recorded the trials
 (:meth:`ProcessLauncher.raise_if_interrupted`), another sweeper when it launches its next batch. Jobs run in
-their own session, so a terminal's Ctrl-C reaches only the
-sweep, which stops them as above.
+their own session, so a terminal's Ctrl-C reaches only the sweep, which stops them as above.
 """
 
 # no `from __future__ import annotations`: Hydra loads plugin modules outside sys.modules, where a dataclass with
