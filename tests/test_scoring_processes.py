@@ -29,6 +29,7 @@ def bundle_dir(tmp_path_factory):
     return make_bundle(tmp_path_factory)
 
 
+@pytest.mark.e2e  # worker processes (the unit loop runs no multi-process job)
 def test_two_processes_equal_one(bundle_dir, tmp_path):
     run(score_cfg(bundle_dir, tmp_path / "one"))
     run(score_cfg(bundle_dir, tmp_path / "two", processes=2))
@@ -49,6 +50,7 @@ def _corrupt_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.e2e  # worker processes (the unit loop runs no multi-process job)
 def test_a_file_that_fails_in_a_worker_stops_the_job_with_its_name(bundle_dir, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -65,6 +67,7 @@ def test_a_file_that_fails_in_a_worker_stops_the_job_with_its_name(bundle_dir, t
         assert pl.read_parquet(done).height > 0
 
 
+@pytest.mark.e2e  # worker processes (the unit loop runs no multi-process job)
 def test_a_bundle_that_fails_its_check_in_the_workers_stops_with_that_line(bundle_dir, tmp_path):
     """The workers load the model (the driver does not): a damaged weights file reaches the user as the
     BundleError a one-process job gives, not as a broken process pool."""
@@ -96,6 +99,7 @@ def test_bad_process_settings_stop_with_one_line(bundle_dir, tmp_path, extra, me
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.e2e  # worker processes (the unit loop runs no multi-process job)
 def test_a_killed_driver_takes_its_workers_with_it(bundle_dir, tmp_path):
     """SIGKILL to `python -m pipelines.score ... processes=2` while its workers run: they exit too, and the rerun
     of the same command completes the job."""
