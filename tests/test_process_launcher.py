@@ -225,3 +225,32 @@ def test_two_trials_at_once_of_a_toy_search_are_children_of_one_parent(tmp_path)
     assert parent.data.tags["optuna/best_run_id"] in {r.info.run_id for r in children}
     logs = [proc.stderr, proc.stdout, *(p.read_text(errors="replace") for p in sweep_dir.rglob("*.log"))]
     assert not any("database is locked" in text for text in logs)
+
+
+def test_a_trials_return_value_becomes_its_objective_values_or_a_one_line_error():
+    from hydra_plugins.recsys_optuna.streaming import trial_values
+
+    assert trial_values(0.5, 1) == [0.5] and trial_values("0.25", 1) == [0.25]
+    assert trial_values([0.5, 2], 2) == [0.5, 2.0]
+    with pytest.raises(ValueError, match=r"must be 1 float-castable value\(s\); got 'nan-ish'"):
+        trial_values("nan-ish", 1)
+    with pytest.raises(ValueError, match=r"return value has 3 values for 2 objectives"):
+        trial_values([1, 2, 3], 2)
+
+
+def test_only_the_grid_samplers_stop_request_is_swallowed_when_a_trial_is_told(tmp_path):
+    from hydra_plugins.recsys_optuna.streaming import _tell
+
+    grid = optuna.samplers.GridSampler({"x": [1]})
+    study = optuna.create_study(sampler=grid, storage=f"sqlite:///{tmp_path}/s.db")
+    trial = study.ask()
+    trial.suggest_categorical("x", [1])
+    _tell(study, trial, values=[1.0])  # the grid is covered: optuna asks to stop, outside an objective
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+
+    class Broken:
+        def tell(self, *args, **kwargs):
+            raise RuntimeError("storage is gone")
+
+    with pytest.raises(RuntimeError, match="storage is gone"):
+        _tell(Broken(), trial, values=[1.0])
