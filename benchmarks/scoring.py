@@ -439,7 +439,48 @@ def write_table() -> None:
         else:
             text = text + ("\n" if text else "") + block + "\n"
     path.write_text(text)
+    plot_gpu([r for r in rows if r.get("device", "").startswith("cuda")], RESULTS / "scoring_gpu.png")
     print("\n".join(engines))
+
+
+TARGET_ROWS_PER_S, RSS_BOUND_MB = 2_000_000, 4096  # issue 14: GPU scoring of DARE at 10 M rows
+
+
+def gpu_label(r: dict) -> str:
+    """One run's configuration in a few words: how the files were spread, batch form, what differed."""
+    threads, processes = r.get("file_workers", 1), r.get("processes", 1)
+    spread = f"{processes} processes" if processes > 1 else f"{threads} file thread{'s' * (threads > 1)}"
+    form = "fixed shape" if r.get("fixed_shape_used") else "KJT"  # rows before fixed shapes existed: KJT
+    extra = [f"{r['rows'] / 1e6:g} M rows"] if r["rows"] != 10_000_000 else []
+    extra += [f"prefetch {r['prefetch']}"] if r.get("prefetch") == 0 else []
+    extra += ["allocators' decay 0"] if r.get("job_env") else []
+    return ", ".join([spread, form, *extra, f"@{r.get('commit') or '?'}"])
+
+
+def plot_gpu(rows: list[dict], path: Path) -> None:
+    """Rows/s and peak host RSS of the GPU scoring runs (one bar each, in recording order) against the targets."""
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [gpu_label(r) for r in rows]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.6), sharey=True)
+    y = np.arange(len(rows))
+    speed.barh(y, [r["rows_per_s"] / 1e6 for r in rows], color="tab:blue")
+    speed.axvline(TARGET_ROWS_PER_S / 1e6, color="tab:red", linestyle="--", label="target 2 M rows/s")
+    speed.set(yticks=y, yticklabels=labels, xlabel="end-to-end M rows/s (one H200)")
+    speed.invert_yaxis()  # shared with the RSS panel: first run on top
+    memory.barh(y, [r["peak_rss_mb"] / 1024 for r in rows], color="tab:orange")
+    memory.axvline(RSS_BOUND_MB / 1024, color="tab:red", linestyle="--", label="bound 4 GiB")
+    memory.set(xlabel="peak host RSS, GiB (processes: sum of their peaks)")
+    for ax in (speed, memory):
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
