@@ -101,6 +101,7 @@ class _Job:
     dir: Path
     proc: subprocess.Popen | None = None
     stopped: bool = False  # sent SIGTERM by the launcher
+    token: Any = None  # what ``launch_stream``'s ``ask`` gave with the job (told back with its return)
 
     @property
     def label(self) -> str:
@@ -186,7 +187,6 @@ class ProcessLauncher(Launcher):
         log.info(
             "Launching jobs as subprocesses of %s, %d at once, each as a slot frees", " ".join(command[1:]), self.n_jobs
         )
-        tokens: dict[int, Any] = {}
         started = 0
 
         def take() -> _Job | None:
@@ -194,13 +194,12 @@ class ProcessLauncher(Launcher):
             asked = ask()
             if asked is None:
                 return None
-            token, overrides = asked
-            job = self._job(initial_job_idx + started, list(overrides))
-            tokens[job.num], started = token, started + 1
+            job = self._job(initial_job_idx + started, list(asked[1]))
+            job.token, started = asked[0], started + 1
             return job
 
         with self._stop_on_signals():
-            self._run(take, lambda job: tell(tokens[job.num], self._job_return(job)), command)
+            self._run(take, lambda job: tell(job.token, self._job_return(job)), command)
         return started
 
     def _prepare(self) -> list[str]:
