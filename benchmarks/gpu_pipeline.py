@@ -86,6 +86,7 @@ def versions() -> dict[str, str]:
         "fbgemm": f"{fbgemm_dist} {fbgemm}",
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "commit": os.environ.get("RECSYS_COMMIT", "unknown"),  # the device copy has no .git: set by the caller
+        "torch_ops": os.environ.get("RECSYS_TORCH_OPS", ""),  # ops forced to their torch reference (A/B runs)
     }
 
 
@@ -333,6 +334,7 @@ def scale_line(case: Case, line: dict) -> dict:
         "entry": case.entry,
         "precision": "bf16-mixed" if "bf16-mixed" in args else "32-true",
         "kernels": line.get("kernels", "triton"),
+        "torch_ops": line.get("torch_ops", ""),
         "compiled": bool(line.get("graph_replays")),
         "graph_replays": line.get("graph_replays"),
         "sparse_optimizer": "RowWiseAdagrad" if "RowWiseAdagrad" in args else "LazyAdam",

@@ -27,7 +27,7 @@ from recsys.compat import versions
 from recsys.config_schema import validate_train
 from recsys.distributed.run import register_rank_resolver, run_context
 from recsys.io import write_json_atomic
-from recsys.ops.backend import kernel_family
+from recsys.ops.backend import kernel_family, torch_ops
 from recsys.ops.jagged import kernel_backend
 from recsys.registry import factory
 from recsys.system import peak_rss_mb
@@ -127,6 +127,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         "device": device,
         "jagged_kernels": kernel_backend(torch.device(device)),
         "kernels": kernel_family(device),  # fbgemm | triton | torch (recsys/ops/backend.py)
+        **({"torch_ops": ",".join(sorted(torch_ops()))} if torch_ops() else {}),  # ops forced to their reference
         "precision": str(cfg.trainer.get("precision", "32-true")),
         # python, torch, cuda, torchrec, fbgemm, fbgemm_dist (fbgemm-gpu | fbgemm-gpu-cpu): docs/gpu.md
         **{f"version.{k}": v for k, v in versions().items()},

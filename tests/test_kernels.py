@@ -4,8 +4,10 @@
   (front-end's automatic choice under ``TRITON_INTERPRET=1``, Triton's CPU interpreter) against the reference
   in a subprocess (the interpreter must be chosen before Triton is first imported); on CUDA (``-m gpu``)
   the compiled kernel.
+- ``gather_rows``: the Triton backend against ``F.embedding`` (rows, sparse and dense table gradients).
 - sparse table updates: ``dedup_rows`` against ``torch.unique``; ``RowWiseAdagrad`` against a dense
-  re-statement of the rule; ``LazyAdam`` against ``torch.optim.SparseAdam``.
+  re-statement of the rule; ``LazyAdam`` against ``torch.optim.SparseAdam``; its Triton kernel (the
+  ``dedup_rows`` case: more rows than lookups) against the torch reference, hot rows included.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from recsys.ops.backend import kernel_family, use_triton
+from recsys.ops.gather_rows import gather_rows
 from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool, softmax_pool_torch
-from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad, dedup_rows
+from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad, dedup_rows, lazy_adam_
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -85,6 +88,9 @@ def check_triton_cases() -> None:
             compare_backends(seed, None, "cpu", top_k)
     for top_k in (20, None):
         compare_backends(0, None, "cpu", top_k, wide=True)
+    for seed in range(3):
+        compare_gather_rows(seed, "cpu")
+        compare_lazy_adam(seed, "cpu")
     print("triton cases ok")
 
 
@@ -114,6 +120,103 @@ def test_cpu_without_the_interpreter_uses_the_reference(monkeypatch):
 def test_triton_kernel_on_cuda_matches_the_reference(seed, top_k, wide):
     assert use_triton("cuda"), "triton should be importable on the GPU machine"
     compare_backends(seed, "triton", "cuda", top_k, wide)
+
+
+def compare_gather_rows(seed: int, device: str) -> None:
+    """Triton (automatic choice) against ``F.embedding``: rows, then the sparse and the dense table gradient of a
+    loss over them, ids ``[B, L]`` with repeats, width not a power of two on odd seeds."""
+    g = torch.Generator().manual_seed(seed)
+    rows, dim = 50 + 400 * seed, (16, 13, 130)[seed % 3]
+    weight = torch.randn(rows, dim, generator=g).to(device)
+    ids = torch.randint(0, rows, (7, 33), generator=g).to(device)
+    ids[0] = 3  # a hot row
+    probe = torch.randn(7, 33, dim, generator=g).to(device)
+    assert use_triton(device, "gather_rows")
+    for sparse in (True, False):
+        got, want = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+        out, ref = gather_rows(got, ids, sparse), F.embedding(ids, want, sparse=sparse)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        (out * probe).sum().backward()
+        (ref * probe).sum().backward()
+        assert got.grad.is_sparse == want.grad.is_sparse == sparse
+        torch.testing.assert_close(got.grad.to_dense(), want.grad.to_dense(), rtol=1e-5, atol=1e-5)
+
+
+def compare_lazy_adam(seed: int, device: str) -> None:
+    """Three LazyAdam steps on a table with more rows than lookups (the ``dedup_rows`` case), Triton kernel
+    against the torch reference (``RECSYS_TORCH_OPS=lazy_adam``): weights and both moments; runs longer than the
+    kernel's chunk of 16 sorted positions (a hot row) and rows wider than its 128-wide block (seed 2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, dim, n = 5000, (16, 7, 130)[seed % 3], 600
+    states = []
+    for torch_ops in ("", "lazy_adam"):
+        os.environ["RECSYS_TORCH_OPS"] = torch_ops
+        g.manual_seed(seed)
+        weight = torch.randn(rows, dim, generator=g).to(device)
+        m, v = torch.zeros_like(weight), torch.zeros_like(weight)
+        for step in range(1, 4):
+            ids = torch.randint(0, rows, (n,), generator=g).to(device)
+            ids[: 40 * step] = 11  # 40 / 80 / 120 repeats of one row
+            grads = torch.randn(n, dim, generator=g).to(device)
+            size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
+            lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
+        states.append((weight, m, v))
+    os.environ.pop("RECSYS_TORCH_OPS")
+    for got, want in zip(*states):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_named_ops_fall_back_to_their_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RECSYS_TORCH_OPS", "gather_rows, lazy_adam")
+    assert not use_triton("cpu", "gather_rows") and not use_triton("cpu", "lazy_adam")
+    assert use_triton("cpu", "softmax_pool") == HAS_TRITON
+    with pytest.raises(ValueError, match="unknown gather_rows backend"):
+        gather_rows(torch.zeros(3, 2), torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
+def test_gather_rows_and_lazy_adam_kernels_on_cuda_match_their_references(seed):
+    assert use_triton("cuda", "gather_rows") and use_triton("cuda", "lazy_adam")
+    compare_gather_rows(seed, "cuda")
+    compare_lazy_adam(seed, "cuda")
+
+
+@pytest.mark.gpu
+def test_lookups_and_lazy_adam_kernels_replay_in_a_cuda_graph():
+    """One sparse lookup + LazyAdam step (Triton kernels, more rows than lookups) recorded as a CUDA graph and
+    replayed on new ids equals the same steps run eagerly."""
+    torch.manual_seed(0)
+    init = torch.randn(20_000, 16, device="cuda")
+    batches = [torch.randint(0, 20_000, (64, 50), device="cuda") for _ in range(4)]
+    eager = torch.nn.Parameter(init.clone())
+    opt = LazyAdam([eager], lr=0.01)
+    for ids in batches:
+        opt.zero_grad()
+        gather_rows(eager, ids, sparse=True).pow(2).sum().backward()
+        opt.step()
+    graphed = torch.nn.Parameter(init.clone())
+    gopt = LazyAdam([graphed], lr=0.01)
+    static = batches[0].clone()
+
+    def step() -> None:
+        gopt.zero_grad()
+        gather_rows(graphed, static, sparse=True).pow(2).sum().backward()
+        gopt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: the first batch, eagerly (creates the optimiser state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for ids in batches[1:]:
+        static.copy_(ids)
+        graph.replay()
+    torch.testing.assert_close(graphed.detach(), eager.detach(), rtol=1e-5, atol=1e-6)
 
 
 # ---- sparse table updates -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch import nn
 from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM, CTRBatch, PaddedHistory
 from recsys.data.vocab import Vocab
+from recsys.ops.gather_rows import gather_rows
 from recsys.ops.jagged import jagged_to_padded_dense, lengths_to_offsets, padding_mask
 
 
@@ -136,7 +137,7 @@ def gathered_dot(weight: torch.Tensor, ids: torch.Tensor, query: torch.Tensor) -
     """
     if weight.shape[0] <= 8 * ids.shape[1]:
         return (query @ weight.T).gather(1, ids)
-    return (F.embedding(ids, weight) * query.unsqueeze(1)).sum(-1)
+    return (gather_rows(weight, ids) * query.unsqueeze(1)).sum(-1)
 
 
 class TokenEmbedding(nn.Module):
@@ -214,7 +215,7 @@ class TokenEmbedding(nn.Module):
         return self.tables.embeddings[self._table_of[feature]].weight
 
     def _embed(self, ids: torch.Tensor, feature: str) -> torch.Tensor:
-        return F.embedding(ids, self._weight(feature), sparse=self.sparse_grad)
+        return gather_rows(self._weight(feature), ids, sparse=self.sparse_grad)
 
     def _target_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target tokens ``(sem [B, Ds], pos [B, Dp] or None)``; the target sits at position 0."""

@@ -6,8 +6,9 @@
   which the tests use); the project's own fused kernels (``recsys/ops/triton_*.py``) then run.
 - ``torch``: the pure-torch reference of every op.
 
-``RECSYS_KERNELS=torch`` forces the references (a debugging switch); the MLflow tag ``kernels`` records
-:func:`kernel_family` of the training device.
+``RECSYS_KERNELS=torch`` forces the references (a debugging switch); ``RECSYS_TORCH_OPS=gather_rows,lazy_adam``
+forces them for the named ops only (to measure one kernel against its reference in the same run). The MLflow
+tag ``kernels`` records :func:`kernel_family` of the training device.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(device: torch.device | str) -> bool:
-    """Whether the project's Triton kernels run for tensors on ``device``."""
-    if os.environ.get("RECSYS_KERNELS") == "torch" or not _triton_importable():
+def torch_ops() -> frozenset[str]:
+    """Ops named in ``RECSYS_TORCH_OPS`` (comma-separated): they run their torch reference."""
+    return frozenset(op.strip() for op in os.environ.get("RECSYS_TORCH_OPS", "").split(",") if op.strip())
+
+
+def use_triton(device: torch.device | str, op: str | None = None) -> bool:
+    """Whether the project's Triton kernels run for tensors on ``device`` (for ``op``, unless it is named in
+    ``RECSYS_TORCH_OPS``)."""
+    if os.environ.get("RECSYS_KERNELS") == "torch" or not _triton_importable() or op in torch_ops():
         return False
     kind = torch.device(device).type
     return triton_interpreted() if kind == "cpu" else kind == "cuda"

@@ -77,7 +77,7 @@ def softmax_pool(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pooled [B, D], weights [B, K])``; see the module docstring. ``backend``: ``"triton"`` | ``"torch"`` |
     ``None`` (automatic: Triton on CUDA when importable)."""
-    backend = backend or ("triton" if use_triton(values.device) else "torch")
+    backend = backend or ("triton" if use_triton(values.device, "softmax_pool") else "torch")
     if backend == "triton":
         return _TritonSoftmaxPool.apply(scores, mask, values, index)
     if backend != "torch":

@@ -15,8 +15,10 @@ Optimisers (``torch.optim.Optimizer`` over 2-D tables; dense gradients are accep
   rows are left as they are), with the step count kept on the device as a 0-d tensor (no host read, and a
   CUDA graph of the step replays the bias corrections right).
 
-Both are pure torch (index_select / index_add / index_copy); ``tests/test_sparse_update.py`` checks them
-against dense references and ``torch.optim.SparseAdam``.
+Both are pure torch (index_select / index_add / index_copy); ``tests/test_kernels.py`` checks them
+against dense references and ``torch.optim.SparseAdam``. On CUDA (op name ``lazy_adam``), LazyAdam's
+``dedup_rows`` case runs one Triton kernel instead (``triton_sparse_adam.py``: sums, moments and weights per
+row after one sort), tested against this reference.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+
+from recsys.ops.backend import use_triton
 
 
 def dedup_rows(ids: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,6 +168,11 @@ def lazy_adam_(
     if ids is None:
         rows, summed = None, grads.float()
         m, v = (exp_avg.clone(), exp_avg_sq.clone()) if touched is not None else (exp_avg, exp_avg_sq)
+    elif use_triton(weight.device, "lazy_adam") and all(t.stride(1) == 1 for t in (weight, exp_avg, exp_avg_sq)):
+        from recsys.ops.triton_sparse_adam import lazy_adam_rows_triton
+
+        lazy_adam_rows_triton(weight, exp_avg, exp_avg_sq, ids, grads, step_size, beta1, beta2, eps)
+        return
     else:
         rows, summed, valid = dedup_rows(ids, grads.float())
         m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
