@@ -162,8 +162,12 @@ def compare_lazy_adam(seed: int, device: str) -> None:
             lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
         states.append((weight, m, v))
     os.environ.pop("RECSYS_TORCH_OPS")
+    hot = torch.zeros(rows, dtype=torch.bool, device=device)
+    hot[11] = True
     for got, want in zip(*states):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[~hot], want[~hot], rtol=1e-5, atol=1e-6)
+        # the hot row sums up to 120 gradients in another order (the reference's index_add_ on CUDA: atomics)
+        torch.testing.assert_close(got[hot], want[hot], rtol=1e-4, atol=1e-4)
 
 
 def test_named_ops_fall_back_to_their_reference(monkeypatch):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
@@ -228,7 +227,7 @@ class TokenEmbedding(nn.Module):
 
     def _history_pos(self, ids: HistoryIds) -> torch.Tensor | None:
         """``[B, L, Dp]``: the history slots' position tokens, or ``None`` without positions."""
-        return F.embedding(ids.positions, self.positions[0].weight) if self.pos_dim > 0 else None
+        return gather_rows(self.positions[0].weight, ids.positions) if self.pos_dim > 0 else None
 
     def _history_parts(self, ids: HistoryIds) -> tuple[torch.Tensor, torch.Tensor | None]:
         """History tokens ``(sem [B, L, Ds], pos [B, L, Dp] or None)`` of the slots in ``ids``; padding slots get a
