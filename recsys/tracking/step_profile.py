@@ -7,8 +7,10 @@ Profiles optimiser steps ``[start_step, start_step + steps)`` with ``torch.profi
 run is on a GPU) and writes ``<output_dir>/step_profile.txt`` (and logs it to MLflow when the run has an MLflow
 logger): a summary — wall time per step, device busy time per step (sum of kernel and copy times), device
 kernels and host operator calls per step — then the operators that take most device time (or host time on the
-CPU) with their share of the profiled steps. ``busy / wall`` near 1 means the step is bound by device work;
-far below 1, by the host (Python, launches, the loader) — the question the summary is there to answer.
+CPU) with their share of the profiled steps, and the named host ranges (the loader's next batch, optimiser steps,
+the graph's replay) with their share of the wall time. ``busy / wall`` near 1 means the step is bound by device
+work; far below 1, by the host (Python, launches, the loader) — the question the summary is there to answer, and
+the host ranges say which part of the host.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ def _on_device(event: Any) -> bool:
     return getattr(event, "device_type", None) == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
+def _host_span(event: Any) -> bool:
+    """A named range on the host timeline (``record_function``): the loader's ``__next__``
+    (``enumerate(DataLoader)#...``), ``Optimizer.step#...``, the graphed step's ``graphed_step.replay``."""
+    return getattr(event, "device_type", None) == DeviceType.CPU and bool(getattr(event, "is_user_annotation", False))
+
+
 def summarise(prof: profile, steps: int, wall_s: float, on_device: bool, top: int = 20) -> str:
     """The text of ``step_profile.txt`` from a finished profiler over ``steps`` steps taking ``wall_s``."""
     averages = prof.key_averages()
@@ -60,6 +68,11 @@ def summarise(prof: profile, steps: int, wall_s: float, on_device: bool, top: in
     lines += ["", f"top {top} {what} (share of the profiled steps):"]
     for e in ranked[:top]:
         share, ms = 100 * key(e) / total, key(e) / 1000 / steps
+        lines.append(f"{share:6.2f} %  {ms:8.3f} ms/step  {e.count / steps:7.1f} calls/step  {e.key[:160]}")
+    spans = sorted((e for e in averages if _host_span(e)), key=lambda e: e.cpu_time_total, reverse=True)
+    lines += ["", "host spans by wall time (named ranges on the host, nested ones included in their parents):"]
+    for e in spans[:8]:
+        share, ms = 100 * e.cpu_time_total / 1e6 / wall_s, e.cpu_time_total / 1000 / steps
         lines.append(f"{share:6.2f} %  {ms:8.3f} ms/step  {e.count / steps:7.1f} calls/step  {e.key[:160]}")
     if on_device:  # which calls of an operator cost the time: its rows by input shapes
         by_shape = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
