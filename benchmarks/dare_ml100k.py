@@ -123,6 +123,7 @@ def run_one(model: str, seed: int, dim: int, args: argparse.Namespace, work: Pat
         "peak_rss_mb": metrics["system/peak_rss_mb"],
         "peak_gpu_mb": metrics.get("system/peak_gpu_mb"),
         "device": run_tag(uri, metrics["run_id"], "device"),
+        "precision": run_tag(uri, metrics["run_id"], "precision"),
         "parallel": args.parallel,
         "run_id": metrics["run_id"],
         "mlflow_store": uri,
@@ -193,6 +194,12 @@ def run_grid(
     return new
 
 
+def _median_epoch(rows: list[dict]) -> float | None:
+    """Median best epoch over the runs (``None`` when a run has none: rows from before early stopping)."""
+    epochs = [r.get("best_epoch") for r in rows]
+    return None if None in epochs else statistics.median(epochs)
+
+
 def summarise(rows: list[dict], models: list[str], dims: list[int]) -> list[dict]:
     """One object per (model, dim) with rows, then one ``paired`` DARE - TWIN object per dim."""
     out = []
@@ -214,6 +221,7 @@ def summarise(rows: list[dict], models: list[str], dims: list[int]) -> list[dict
                     "logloss_mean": statistics.mean(r["logloss"] for r in mine),
                     "gauc_user_mean": statistics.mean(r["gauc_user"] for r in mine),
                     "best_epochs": [r.get("best_epoch") for r in sorted(mine, key=lambda r: r["seed"])],
+                    "best_epoch": _median_epoch(mine),
                     "sec_per_epoch": statistics.mean(r["sec_per_epoch"] for r in mine),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
                     "runs_on": sorted({f"{r.get('device') or '?'} x{r.get('parallel', 1)}" for r in mine}),

@@ -32,6 +32,9 @@ def test_dare_ml100k_records_dim_best_epoch_and_the_paired_interval(tmp_path):
     assert len({r["mlflow_store"] for r in runs}) == 4  # one sqlite store per parallel run
     assert all(r["device"] == "cpu" and r["seconds"] > 0 for r in runs)
     assert all(1 <= r["best_epoch"] <= r["epochs_run"] <= 2 for r in runs)
+    for model in ("twin", "dare"):  # the summary's best epoch: the median over the seeds
+        (line,) = [s for s in summary if s.get("model") == model]
+        assert line["best_epoch"] == np.median([r["best_epoch"] for r in runs if r["model"] == model])
     (pair,) = [s for s in summary if "paired" in s]
     auc = {(r["model"], r["seed"]): r["auc"] for r in runs}
     assert pair["auc_diff"] == pytest.approx(np.mean([auc["dare", s] - auc["twin", s] for s in (1, 2)]))
