@@ -26,9 +26,10 @@ another machine).
 
 Raw rows (resumable: finished (model, dim, seed, patience, max_epochs) are skipped) go to
 ``<results>/<tag>_runs.jsonl``, each with ``dim``, ``patience``, ``best_epoch`` (1-based epoch of the highest
-``val/auc`` in the run's MLflow history), ``epochs_run``, ``device`` (the run's MLflow tag), ``parallel`` (runs
-sharing the machine) and ``seconds`` (the run's wall time); the summary (one object per model x dim, plus one
-``paired`` object per dim: DARE - TWIN test AUC over the seeds both finished, with its 95 % Student-t interval)
+``val/auc`` in the run's MLflow history), ``epochs_run``, ``device`` and ``precision`` (the run's MLflow tags),
+``parallel`` (runs sharing the machine) and ``seconds`` (the run's wall time); the summary (one object per model x
+dim with ``best_epoch``, the median over its seeds, plus ``paired`` objects per dim: DARE - TWIN, and DARE - TWIN-4E /
+TWIN w/ proj. where they ran, test AUC over the seeds both finished, with its 95 % Student-t interval)
 to ``<results>/<tag>.jsonl`` and a markdown table into ``<results>/<tag>.md`` (between the markers
 ``<!-- <tag>:begin/end -->``; the rest of the file, hand-written notes and ``benchmarks/dare_official.py``'s
 block, is kept).
@@ -201,7 +202,8 @@ def _median_epoch(rows: list[dict]) -> float | None:
 
 
 def summarise(rows: list[dict], models: list[str], dims: list[int]) -> list[dict]:
-    """One object per (model, dim) with rows, then one ``paired`` DARE - TWIN object per dim."""
+    """One object per (model, dim) with rows, then per dim one ``paired`` object for DARE - TWIN and for DARE
+    against each other TWIN variant with common seeds."""
     out = []
     for dim in dims:
         for model in models:
@@ -227,7 +229,8 @@ def summarise(rows: list[dict], models: list[str], dims: list[int]) -> list[dict
                     "runs_on": sorted({f"{r.get('device') or '?'} x{r.get('parallel', 1)}" for r in mine}),
                 }
             )
-        out.extend(paired(rows, dim, "dare", "twin"))
+        for baseline in ("twin", "twin_4e", "twin_proj"):  # DARE against each TWIN variant run with it
+            out.extend(paired(rows, dim, "dare", baseline))
     return out
 
 
