@@ -148,20 +148,24 @@ def compare_lazy_adam(seed: int, device: str) -> None:
     kernel's chunk of 16 sorted positions (a hot row) and rows wider than its 128-wide block (seed 2)."""
     g = torch.Generator().manual_seed(seed)
     rows, dim, n = 5000, (16, 7, 130)[seed % 3], 600
-    states = []
-    for torch_ops in ("", "lazy_adam"):
-        os.environ["RECSYS_TORCH_OPS"] = torch_ops
-        g.manual_seed(seed)
-        weight = torch.randn(rows, dim, generator=g).to(device)
-        m, v = torch.zeros_like(weight), torch.zeros_like(weight)
-        for step in range(1, 4):
-            ids = torch.randint(0, rows, (n,), generator=g).to(device)
-            ids[: 40 * step] = 11  # 40 / 80 / 120 repeats of one row
-            grads = torch.randn(n, dim, generator=g).to(device)
-            size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
-            lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
-        states.append((weight, m, v))
-    os.environ.pop("RECSYS_TORCH_OPS")
+    states, before = [], os.environ.get("RECSYS_TORCH_OPS")
+    try:
+        for torch_ops in ("", "lazy_adam"):
+            os.environ["RECSYS_TORCH_OPS"] = torch_ops
+            g.manual_seed(seed)
+            weight = torch.randn(rows, dim, generator=g).to(device)
+            m, v = torch.zeros_like(weight), torch.zeros_like(weight)
+            for step in range(1, 4):
+                ids = torch.randint(0, rows, (n,), generator=g).to(device)
+                ids[: 40 * step] = 11  # 40 / 80 / 120 repeats of one row
+                grads = torch.randn(n, dim, generator=g).to(device)
+                size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
+                lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
+            states.append((weight, m, v))
+    finally:  # the caller's setting back, whatever happened
+        os.environ.pop("RECSYS_TORCH_OPS")
+        if before is not None:
+            os.environ["RECSYS_TORCH_OPS"] = before
     hot = torch.zeros(rows, dtype=torch.bool, device=device)
     hot[11] = True
     for got, want in zip(*states):

@@ -34,9 +34,15 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _op_names(raw: str) -> frozenset[str]:
+    return frozenset(op.strip() for op in raw.split(",") if op.strip())
+
+
 def torch_ops() -> frozenset[str]:
-    """Ops named in ``RECSYS_TORCH_OPS`` (comma-separated): they run their torch reference."""
-    return frozenset(op.strip() for op in os.environ.get("RECSYS_TORCH_OPS", "").split(",") if op.strip())
+    """Ops named in ``RECSYS_TORCH_OPS`` (comma-separated): they run their torch reference (parsed once per
+    value: every eager lookup asks)."""
+    return _op_names(os.environ.get("RECSYS_TORCH_OPS", ""))
 
 
 def use_triton(device: torch.device | str, op: str | None = None) -> bool:
