@@ -26,6 +26,7 @@ from recsys.ops.backend import kernel_family, use_triton
 from recsys.ops.gather_rows import gather_rows
 from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool, softmax_pool_torch
 from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad, dedup_rows, lazy_adam_
+from recsys.training.cuda_graph import GraphedStep
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -193,7 +194,7 @@ def test_gather_rows_and_lazy_adam_kernels_on_cuda_match_their_references(seed):
 
 @pytest.mark.gpu
 def test_lookups_and_lazy_adam_kernels_replay_in_a_cuda_graph():
-    """One sparse lookup + LazyAdam step (Triton kernels, more rows than lookups) recorded as a CUDA graph and
+    """One sparse lookup + LazyAdam step (Triton kernels, more rows than lookups) recorded by GraphedStep and
     replayed on new ids equals the same steps run eagerly."""
     torch.manual_seed(0)
     init = torch.randn(20_000, 16, device="cuda")
@@ -206,24 +207,16 @@ def test_lookups_and_lazy_adam_kernels_replay_in_a_cuda_graph():
         opt.step()
     graphed = torch.nn.Parameter(init.clone())
     gopt = LazyAdam([graphed], lr=0.01)
-    static = batches[0].clone()
 
-    def step() -> None:
+    def step(ids: torch.Tensor) -> None:
         gopt.zero_grad()
-        gather_rows(graphed, static, sparse=True).pow(2).sum().backward()
+        gather_rows(graphed, ids, sparse=True).pow(2).sum().backward()
         gopt.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up: the first batch, eagerly (creates the optimiser state)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for ids in batches[1:]:
-        static.copy_(ids)
-        graph.replay()
+    graphed_step = GraphedStep(step, warmup=1)  # batch 0 eager (creates the optimiser state), 1 recorded, 2-3 replayed
+    for ids in batches:
+        graphed_step(ids)
+    assert graphed_step.failed is None and graphed_step.replays == 3
     torch.testing.assert_close(graphed.detach(), eager.detach(), rtol=1e-5, atol=1e-6)
 
 
