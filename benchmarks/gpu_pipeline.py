@@ -112,6 +112,7 @@ def train_result(run_dir: Path) -> dict:
         "test_value": metrics.get(name) if name else None,
         "peak_gpu_mb": metrics.get("system/peak_gpu_mb"),
         "graph_replays": metrics.get("perf/graph_replays"),  # steps that ran as the CUDA graph (cuda_graph=true)
+        "data_on_device": bool(metrics.get("data/train_on_device")),  # training split held on the GPU
     }
 
 
@@ -337,6 +338,7 @@ def scale_line(case: Case, line: dict) -> dict:
         "torch_ops": line.get("torch_ops", ""),
         "compiled": bool(line.get("graph_replays")),
         "graph_replays": line.get("graph_replays"),
+        "data_on_device": line.get("data_on_device"),  # batches gathered on the GPU (data.resident), not loaded
         "sparse_optimizer": "RowWiseAdagrad" if "RowWiseAdagrad" in args else "LazyAdam",
         "command": line.get("command"),
         "commit": line.get("commit"),

@@ -194,6 +194,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["time/sec_per_epoch"] = sum(epochs) / len(epochs) if epochs else float("nan")
     metrics["time/train_samples_per_s"] = sum(samples) / sum(epochs) if epochs else float("nan")
     metrics["system/peak_rss_mb"] = peak_rss_mb()
+    on_device = sorted(getattr(datamodule, "device_tables", {}))  # splits held on the GPU (data.resident)
+    metrics["data/train_on_device"] = float("train" in on_device)
+    if run.is_zero:
+        logger.experiment.set_tag(logger.run_id, "data_on_device", ",".join(on_device) or "none")
     if torch.cuda.is_available() and device == "cuda":
         metrics["system/peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if run.is_zero:

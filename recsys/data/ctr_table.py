@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -221,7 +222,7 @@ class BatchedCTRDataset(torch.utils.data.Dataset):
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Yields lists of row indices; the order is a pure function of (seed, epoch).
+    """Yields each batch's row indices (int64 numpy arrays); the order is a pure function of (seed, epoch).
 
     Lightning calls :meth:`set_epoch`; ``start_batch`` lets a resumed run skip batches already seen.
     """
@@ -238,29 +239,37 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         full, rest = divmod(self.num_rows, self.batch_size)
         return full if (self.drop_last or rest == 0) else full + 1
 
-    def __iter__(self) -> Iterator[list]:
+    def order(self) -> np.ndarray:
+        """``[num_rows]`` int64: the current epoch's row order (a permutation when shuffling)."""
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
-        else:
-            order = np.arange(self.num_rows)
+            return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_rows)
+        return np.arange(self.num_rows)
+
+    def spans(self) -> Iterator[tuple[int, int]]:
+        """``(lo, hi)`` of each batch still to hand out this epoch, in :meth:`order`'s positions (counts them)."""
         start, self.start_batch = self.start_batch, 0
         self.yielded = start
         for b in range(start, len(self)):
             self.yielded = b + 1
-            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            yield b * self.batch_size, min((b + 1) * self.batch_size, self.num_rows)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = self.order()
+        for lo, hi in self.spans():
+            yield order[lo:hi]
 
 
-def identity_collate(batch: CTRBatch) -> CTRBatch:
-    """Batches come out of the dataset whole; nothing to collate."""
-    return batch
+def epoch_sampler(num_rows: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> EpochBatchSampler:
+    """The training (``shuffle``) or evaluation order; evaluation never drops its last, partial batch."""
+    return EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
 
 
-class ResumableLoader(torch.utils.data.DataLoader):
-    """DataLoader whose position (epoch, batches handed out) Lightning stores in checkpoints, so a run
-    resumed from a mid-epoch checkpoint continues with the next unseen batch of the same order.
+class ResumableState:
+    """``state_dict`` / ``load_state_dict`` of a loader with an :class:`EpochBatchSampler` as ``self.sampler``:
+    Lightning stores the position (epoch, batches handed out) in checkpoints, so a run resumed from a mid-epoch
+    checkpoint continues with the next unseen batch of the same order."""
 
-    Exact with ``num_workers=0`` (the default): worker prefetching would count batches not yet trained on.
-    """
+    sampler: Any
 
     def state_dict(self) -> dict:
         if not isinstance(self.sampler, EpochBatchSampler):  # wrapped by Lightning for DDP/DMP ranks
@@ -275,6 +284,18 @@ class ResumableLoader(torch.utils.data.DataLoader):
         self.sampler.start_batch = state["batches_done"]
 
 
+def identity_collate(batch: CTRBatch) -> CTRBatch:
+    """Batches come out of the dataset whole; nothing to collate."""
+    return batch
+
+
+class ResumableLoader(ResumableState, torch.utils.data.DataLoader):
+    """DataLoader that resumes mid-epoch (:class:`ResumableState`).
+
+    Exact with ``num_workers=0`` (the default): worker prefetching would count batches not yet trained on.
+    """
+
+
 def batch_loader(
     dataset: torch.utils.data.Dataset,
     num_rows: int,
@@ -287,10 +308,9 @@ def batch_loader(
 ) -> ResumableLoader:
     """Whole-batch loading (``dataset[list_of_rows] -> batch``) in an order fixed by (seed, epoch);
     ``pin_memory`` page-locks each batch so its copy to the GPU can be non-blocking."""
-    sampler = EpochBatchSampler(num_rows, batch_size, shuffle, seed, drop_last and shuffle)
     return ResumableLoader(
         dataset,
-        sampler=sampler,
+        sampler=epoch_sampler(num_rows, batch_size, shuffle, seed, drop_last),
         batch_size=None,
         collate_fn=identity_collate,
         num_workers=num_workers,

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from mtl.spec import TaskSpec, parse_tasks
 from recsys.data.cache import DatasetMeta, load_meta
-from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
+from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader, epoch_sampler
+from recsys.data.device_batches import DeviceBatchLoader, DeviceTable
 from recsys.data.schema import SPLITS
+from recsys.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,17 @@ class CachedDataModule(pl.LightningDataModule):
         return self._loader("test", self.eval_batch_size, shuffle=False)
 
 
+RESIDENT_SHARE = 0.25  # resident=null keeps a split on the GPU when it takes at most this share of free memory
+
+
 class CTRDataModule(CachedDataModule):
     """Prepares (or reuses) a cached CTR dataset, validates each split, and serves :class:`CTRBatch` es.
 
     Arguments as :class:`CachedDataModule`, plus ``tasks``: task entries (name, label, loss, weight); see
-    :class:`TaskSpec`.
+    :class:`TaskSpec`; and ``resident``: hold each split on the training GPU and gather batches there
+    (:mod:`recsys.data.device_batches`: no loader workers, no host-to-device copies per step). ``None`` = when
+    training on one CUDA device with fixed-shape batches and the split takes at most 1/4 of the free GPU memory;
+    ``True`` insists (a one-line error where it cannot apply); ``False`` = host batches through the DataLoader.
     """
 
     def __init__(
@@ -143,6 +152,7 @@ class CTRDataModule(CachedDataModule):
         path: str | None = None,
         fixed_shape: bool | None = None,
         pin_memory: bool | None = None,
+        resident: bool | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -158,16 +168,60 @@ class CTRDataModule(CachedDataModule):
             pin_memory,
         )
         self.tasks = parse_tasks(tasks)
+        if resident not in (None, True, False):
+            raise ConfigError(f"data.resident={resident!r}: choose true, false or null")
+        self.resident = resident
+        self.device_tables: dict[str, DeviceTable] = {}
+
+    def _fixed(self) -> bool:
+        if self.fixed_shape is not None:
+            return self.fixed_shape
+        return self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)  # DMP reads the KJT
 
     def dataset(self, split: str) -> BatchedCTRDataset:
         """CTR batches; with ``fixed_shape`` (or on CUDA when it is None) also padded to ``max_len``."""
         table = self.tables[split]
-        fixed = self.fixed_shape
-        if fixed is None:  # sharded tables (trainer=dmp) read the KJT
-            fixed = self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)
         if not isinstance(table, CTRTable):  # tabular batches have no histories
             return BatchedCTRDataset(table)
-        return BatchedCTRDataset(table, self.prepare().max_len if fixed else None)
+        return BatchedCTRDataset(table, self.prepare().max_len if self._fixed() else None)
+
+    def resident_blocker(self, split: str) -> str | None:
+        """Why ``split`` cannot be held on the training device (``None``: it can)."""
+        if not self.on_cuda():
+            return "the trainer is not on a CUDA device"
+        if not isinstance(self.tables[split], CTRTable):
+            return "the split has no histories (tabular batches)"
+        if not self._fixed():
+            return "batches are not at the fixed shape (data.fixed_shape)"
+        if self.trainer.world_size != 1 or getattr(self.trainer.strategy, "shards_tables", False):
+            return "more than one device"
+        return None
+
+    def _device_table(self, split: str) -> DeviceTable | None:
+        """The split on the training device when ``resident`` says so (copied once, then reused)."""
+        if split in self.device_tables or self.resident is False:
+            return self.device_tables.get(split)
+        blocker = self.resident_blocker(split)
+        if blocker is not None:
+            if self.resident:
+                raise ConfigError(f"data.resident=true: {blocker}; set data.resident=false or null")
+            return None
+        width, device = self.prepare().max_len, self.trainer.strategy.root_device
+        if self.resident is None:
+            need, free = DeviceTable.nbytes_of(self.tables[split], width), torch.cuda.mem_get_info(device)[0]
+            if need > RESIDENT_SHARE * free:
+                log.info("%s split stays on the host: %.2f GB > 1/4 of %.2f GB free", split, need / 1e9, free / 1e9)
+                return None
+        self.device_tables[split] = DeviceTable.from_table(self.tables[split], width, device)
+        log.info("%s split held on %s (%d rows): batches are gathered there", split, device, len(self.tables[split]))
+        return self.device_tables[split]
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader | DeviceBatchLoader:
+        self.setup()
+        table = self._device_table(split)
+        if table is None:
+            return super()._loader(split, batch_size, shuffle)
+        return DeviceBatchLoader(table, epoch_sampler(len(table), batch_size, shuffle, self.seed, self.drop_last))
 
     def backbone_inputs(self) -> dict[str, Any]:
         """Keyword arguments every CTR backbone factory receives: ``vocab`` and ``max_len``."""
