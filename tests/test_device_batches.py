@@ -97,6 +97,34 @@ def test_a_sampler_over_other_rows_is_refused(table):
         DeviceBatchLoader(DeviceTable.from_table(table, MAX_LEN, "cpu"), epoch_sampler(74, 8, True, 0, False))
 
 
+def fit_ranking(root, train, val, steps: int = 9) -> torch.Tensor:
+    """``steps`` Lightning steps of a small TWIN-style model (CPU) with validation every 4 steps; its weights."""
+    from mtl.single import SingleTower
+    from mtl.spec import TaskSpec
+    from recsys.models.ranking import RankingModel
+    from recsys.models.target_attention import TargetAttentionBackbone
+    from recsys.training.ranking import RankingModule
+    from tests.helpers import quiet_trainer
+
+    torch.manual_seed(0)
+    tasks = [TaskSpec("click")]
+    backbone = TargetAttentionBackbone(VOCAB, MAX_LEN, embedding_dim=4, top_k=3)
+    model = RankingModel(backbone, SingleTower(backbone.output_dim, tasks, hidden=(8,)))
+    module = RankingModule(model, tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
+    trainer = quiet_trainer(root, accelerator="cpu", max_steps=steps, logger=False, val_check_interval=4)
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    assert trainer.global_step == steps and "val/auc" in trainer.callback_metrics
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_lightning_trains_and_validates_on_device_batches_as_on_host_batches(table, tmp_path):
+    host, resident = host_and_device_loaders(table, "cpu")  # 5 batches an epoch: 9 steps cross into epoch 2
+    host_val, resident_val = host_and_device_loaders(table, "cpu", shuffle=False, batch=32)
+    on_host = fit_ranking(tmp_path / "host", host, host_val)
+    on_device = fit_ranking(tmp_path / "device", resident, resident_val)
+    torch.testing.assert_close(on_device, on_host, rtol=0, atol=0)
+
+
 class _Strategy:
     def __init__(self, device: str) -> None:
         self.root_device = torch.device(device)

@@ -92,6 +92,8 @@ class DeviceBatchLoader(ResumableState):
     each epoch) and ``state_dict`` / ``load_state_dict`` (mid-epoch resume, exact: nothing is prefetched).
     """
 
+    batch_sampler = None  # Lightning reads it beside ``sampler`` (whether an evaluation loader shuffles)
+
     def __init__(self, table: DeviceTable, sampler: EpochBatchSampler) -> None:
         if sampler.num_rows != len(table):
             raise ValueError(f"the sampler orders {sampler.num_rows} rows, the table holds {len(table)}")
