@@ -90,9 +90,9 @@ def quiet_trainer(root, **kwargs):
     )
 
 
-def fit_tiny_ranking(root, callbacks, logger=False, max_steps: int = 7):
+def fit_tiny_ranking(root, callbacks, logger=False, max_steps: int = 7, **trainer_kwargs):
     """Seven CPU steps of a small TWIN-style ranking model on 64 random samples (batches of 8), with
-    ``callbacks``; returns the trainer."""
+    ``callbacks`` (and other ``Trainer`` arguments); returns the trainer."""
     from mtl.single import SingleTower
     from mtl.spec import TaskSpec
     from recsys.data.ctr_table import BatchedCTRDataset, CTRTable, batch_loader
@@ -105,7 +105,9 @@ def fit_tiny_ranking(root, callbacks, logger=False, max_steps: int = 7):
     backbone = TargetAttentionBackbone(vocab, 12, embedding_dim=4, top_k=3)
     model = RankingModel(backbone, SingleTower(backbone.output_dim, tasks, hidden=(8,)))
     module = RankingModule(model, tasks, lambda p: torch.optim.Adam(p), lambda p: torch.optim.Adam(p))
-    trainer = quiet_trainer(root, accelerator="cpu", max_steps=max_steps, logger=logger, callbacks=callbacks)
+    trainer = quiet_trainer(
+        root, accelerator="cpu", max_steps=max_steps, logger=logger, callbacks=callbacks, **trainer_kwargs
+    )
     trainer.fit(module, train_dataloaders=batch_loader(BatchedCTRDataset(table), 64, 8, shuffle=False, seed=0))
     return trainer
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from recsys.compat import EmbeddingBagCollection, EmbeddingCollection, ShardedModule
 from recsys.training.cuda_graph import GraphedStep
+from recsys.training.loss_means import LossMeans
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class SparseDenseModule(pl.LightningModule):
         self.automatic_optimization = False
         self.cuda_graph, self.graph_warmup_steps = cuda_graph, graph_warmup_steps
         self.graphed_step: GraphedStep | None = None
+        self.loss_means = LossMeans()
 
     def compute_losses(self, batch: Any, out: Any) -> dict[str, torch.Tensor]:
         """Named scalar losses of ``out = self.model(batch)``; ``total`` is the one optimised."""
@@ -239,15 +241,42 @@ class SparseDenseModule(pl.LightningModule):
             losses = self.compute_losses(batch, out)
             self.optimisation_step(losses["total"])
         bs = batch.batch_size
-        # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one).
+        self.loss_means.add(losses, bs)  # epoch means summed on the device: no self.log per loss per step
         # prog_bar only with a bar: Lightning turns progress-bar metrics into Python floats every step (a host
         # read of the loss, i.e. a device sync), whether a bar shows them or not.
         bar = getattr(self._trainer, "progress_bar_callback", None) is not None
-        self.log(
-            "train/loss", losses["total"], on_step=True, on_epoch=True, prog_bar=bar, batch_size=bs, sync_dist=True
-        )
-        for name, value in losses.items():
-            if name != "total":
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        if bar or self._logger_writes_this_step():
+            # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
+            self.log("train/loss_step", losses["total"], on_step=True, on_epoch=False, prog_bar=bar, sync_dist=True)
+        if self._last_step_of_epoch(batch_idx):
+            self._log_epoch_means()
         self.on_train_output(out)
         return losses["total"]
+
+    def _logger_writes_this_step(self) -> bool:
+        """Whether Lightning sends step metrics to the loggers after this step (every ``log_every_n_steps``)."""
+        connector = getattr(self._trainer, "_logger_connector", None)
+        return True if connector is None else bool(connector.should_update_logs)
+
+    def _last_step_of_epoch(self, batch_idx: int) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        return batch_idx + 1 >= trainer.num_training_batches or 0 <= trainer.max_steps <= trainer.global_step
+
+    def _log_epoch_means(self) -> None:
+        """``train/loss_epoch`` and ``train/<name>`` for every other loss: the epoch's batch-size-weighted means,
+        logged once an epoch (``train/loss``, the same mean, for callbacks only)."""
+        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        for name, mean in self.loss_means.pop().items():
+            key = "train/loss_epoch" if name == "total" else f"train/{name}"
+            self.log(key, mean, on_step=False, on_epoch=True, prog_bar=bar and name == "total", sync_dist=True)
+            if name == "total":
+                self.log("train/loss", mean, on_step=False, on_epoch=True, logger=False, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self.loss_means.reset()  # a resumed epoch's means cover the batches trained since the resume
+
+    def on_train_epoch_end(self) -> None:
+        """An epoch cut short (early stopping inside it, ``trainer.should_stop``): its means so far."""
+        self._log_epoch_means()

@@ -114,6 +114,7 @@ class SequentialModule(SparseDenseModule):
                 self._util[key[len("moh_util/") :]].append(value)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         if not self._util:
             return
         usage = {layer: torch.stack(values).mean(0).tolist() for layer, values in sorted(self._util.items())}
