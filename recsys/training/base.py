@@ -242,9 +242,7 @@ class SparseDenseModule(pl.LightningModule):
             self.optimisation_step(losses["total"])
         bs = batch.batch_size
         self.loss_means.add(losses, bs)  # epoch means summed on the device: no self.log per loss per step
-        # prog_bar only with a bar: Lightning turns progress-bar metrics into Python floats every step (a host
-        # read of the loss, i.e. a device sync), whether a bar shows them or not.
-        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        bar = self._shows_bar()
         if bar or self._logger_writes_this_step():
             # sync_dist: with several ranks the logged training losses are means over ranks (no-op on one)
             self.log("train/loss_step", losses["total"], on_step=True, on_epoch=False, prog_bar=bar, sync_dist=True)
@@ -252,6 +250,11 @@ class SparseDenseModule(pl.LightningModule):
             self._log_epoch_means()
         self.on_train_output(out)
         return losses["total"]
+
+    def _shows_bar(self) -> bool:
+        """prog_bar only with a bar: Lightning turns progress-bar metrics into Python floats every step (a host
+        read of the loss, i.e. a device sync), whether a bar shows them or not."""
+        return getattr(self._trainer, "progress_bar_callback", None) is not None
 
     def _logger_writes_this_step(self) -> bool:
         """Whether Lightning sends step metrics to the loggers after this step (every ``log_every_n_steps``)."""
@@ -267,7 +270,7 @@ class SparseDenseModule(pl.LightningModule):
     def _log_epoch_means(self) -> None:
         """``train/loss_epoch`` and ``train/<name>`` for every other loss: the epoch's batch-size-weighted means,
         logged once an epoch (``train/loss``, the same mean, for callbacks only)."""
-        bar = getattr(self._trainer, "progress_bar_callback", None) is not None
+        bar = self._shows_bar()
         for name, mean in self.loss_means.pop().items():
             key = "train/loss_epoch" if name == "total" else f"train/{name}"
             self.log(key, mean, on_step=False, on_epoch=True, prog_bar=bar and name == "total", sync_dist=True)
