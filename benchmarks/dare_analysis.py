@@ -45,7 +45,9 @@ from benchmarks.common import (
     append_jsonl,
     machine_load,
     markdown_table,
+    mean_std,
     metric_steps,
+    paired_interval,
     read_jsonl,
     train,
     write_text_atomic,
@@ -326,7 +328,37 @@ def markdown(rows: list[dict]) -> str:
     for invocation in dict.fromkeys(r.get("invocation", "?") for r in rows):
         loads = [r["load"] for r in rows if r.get("invocation", "?") == invocation]
         text.append(f"- `{invocation}` — {loads[0]} (first result) … {loads[-1]} (last)")
-    return "\n".join(text) + "\n\n" + _table(rows)
+    return "\n".join(text) + "\n\n" + summary(rows) + "\n### Every result\n\n" + _table(rows)
+
+
+def _measure(row: dict) -> str:
+    """What a row measures, seeds aside: the analysis, and for ``att_dim_ratio`` its ratio."""
+    return f"{row['analysis']} {row['ratio']:g}" if row["analysis"] == "att_dim_ratio" else row["analysis"]
+
+
+def summary(rows: list[dict]) -> str:
+    """Per dataset, dim and measure: each model's mean ± std over seeds (how many seeds reached a value) and the
+    paired DARE - TWIN difference over the seeds both have, with its 95 % interval."""
+    groups: dict[tuple, dict[str, dict[int, float | None]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["dim"], _measure(r)), {}).setdefault(r["model"], {})[r["seed"]] = r["value"]
+    body = []
+    for (dataset, dim, measure), by_model in groups.items():
+        cells = []
+        for model in ("din", "twin", "dare"):
+            seeds = by_model.get(model, {})
+            values = [v for v in seeds.values() if v is not None]
+            digits = 0 if measure == "iters_to_acc" else 4
+            cells.append(f"{mean_std(values, digits)} ({len(values)}/{len(seeds)})" if seeds else "–")
+        twin, dare = by_model.get("twin", {}), by_model.get("dare", {})
+        both = sorted(s for s in dare if s in twin and dare[s] is not None and twin[s] is not None)
+        paired = "–"
+        if both:
+            mean, low, high = paired_interval([dare[s] for s in both], [twin[s] for s in both])
+            paired = f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n = {len(both)})"
+        body.append([dataset, dim, measure, *cells, paired])
+    columns = ["dataset", "dim", "measure", "DIN (seeds with a value)", "TWIN", "DARE", "DARE - TWIN, paired [95 %]"]
+    return "### Over seeds\n\n" + markdown_table(columns, body)
 
 
 def _table(rows: list[dict]) -> str:
@@ -350,8 +382,12 @@ def main() -> None:
     parser.add_argument("--analyses", nargs="+", default=["retrieval_ndcg", "iters_to_acc", "att_dim_ratio"])
     parser.add_argument("--tag", default="dare_analysis")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite <tag>.md from <tag>.jsonl, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.report_only:
+        write_text_atomic(args.results / f"{args.tag}.md", markdown(read_jsonl(args.results / f"{args.tag}.jsonl")))
+        return
 
     out_path = args.results / f"{args.tag}.jsonl"
     rows: list[dict] = []

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from benchmarks.common import paired_interval
-from benchmarks.dare_analysis import binary_mi, ground_truth_relevance, mi_scores, ndcg_at_k, relative_positions
+from benchmarks.dare_analysis import (
+    binary_mi,
+    ground_truth_relevance,
+    mi_scores,
+    ndcg_at_k,
+    relative_positions,
+    summary,
+)
 from recsys.data.synthetic import generate_log
 from recsys.errors import ConfigError
 from tests.helpers import TINY_SYNTHETIC as TINY
@@ -83,6 +90,24 @@ def test_paired_interval_hand_example():
     assert paired_interval([0.5], [0.25])[1:] == (float("-inf"), float("inf"))
     with pytest.raises(ValueError):
         paired_interval([1.0], [1.0, 2.0])
+
+
+def test_summary_means_over_seeds_and_pairs_dare_with_twin_by_seed():
+    def row(model, seed, value, analysis="retrieval_ndcg", **extra):
+        return {"dataset": "d", "dim": 16, "model": model, "seed": seed, "value": value, "analysis": analysis, **extra}
+
+    rows = [
+        row("twin", 1, 0.5), row("twin", 2, 0.7), row("dare", 1, 0.6), row("dare", 2, 0.9), row("dare", 3, 0.1),
+        row("din", 1, None, "iters_to_acc"), row("din", 2, 40, "iters_to_acc"),
+        row("twin", 1, 0.80, "att_dim_ratio", ratio=0.5), row("dare", 1, 0.83, "att_dim_ratio", ratio=0.5),
+    ]  # fmt: skip
+    lines = {line.split(" | ")[2]: line for line in summary(rows).splitlines() if line.startswith("| d |")}
+    # seed 3 has no TWIN row: the pairs are seeds 1 and 2 (+0.1, +0.2)
+    mean, low, high = paired_interval([0.6, 0.9], [0.5, 0.7])
+    assert "0.6000 ± 0.1414 (2/2)" in lines["retrieval_ndcg"] and "(3/3)" in lines["retrieval_ndcg"]
+    assert f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n = 2)" in lines["retrieval_ndcg"]
+    assert "| 40 (1/2) |" in lines["iters_to_acc"]  # one seed never reached the target
+    assert "+0.0300 [-inf, +inf] (n = 1)" in lines["att_dim_ratio 0.5"]
 
 
 def test_synthetic_echo_default_off_and_planted_when_on():
