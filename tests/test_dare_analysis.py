@@ -155,7 +155,9 @@ def test_dare_analysis_writes_every_analysis(tmp_path):
     ndcg = [r["value"] for r in rows if r["analysis"] == "retrieval_ndcg"]
     assert all(0.0 <= v <= 1.0 for v in ndcg)
     assert len([r for r in rows if r["analysis"] == "att_dim_ratio"]) == 4  # ratio 1 and 0.5 per model
-    assert (tmp_path / "results" / "a.md").read_text().count("| retrieval_ndcg |") == 2
+    over_seeds, every = (tmp_path / "results" / "a.md").read_text().split("### Every result")
+    assert every.count("| retrieval_ndcg |") == 2  # one row per model
+    assert over_seeds.count("| retrieval_ndcg |") == 1 and "(n = 1)" in over_seeds  # the summary, DARE - TWIN paired
     plots = tmp_path / "logs" / "benchmarks" / "a" / "plots"
     assert {p.name for p in plots.iterdir()} == {"retrieval_ndcg.png", "iters_to_acc.png", "att_dim_ratio.png"}
     from mlflow.tracking import MlflowClient  # the MLflow run holds each analysis's plot and table
