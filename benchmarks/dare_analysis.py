@@ -344,11 +344,10 @@ def summary(rows: list[dict]) -> str:
         groups.setdefault((r["dataset"], r["dim"], _measure(r)), {}).setdefault(r["model"], {})[r["seed"]] = r["value"]
     body = []
     for (dataset, dim, measure), by_model in groups.items():
-        cells = []
+        cells, digits = [], 0 if measure == "iters_to_acc" else 4
         for model in ("din", "twin", "dare"):
             seeds = by_model.get(model, {})
             values = [v for v in seeds.values() if v is not None]
-            digits = 0 if measure == "iters_to_acc" else 4
             cells.append(f"{mean_std(values, digits)} ({len(values)}/{len(seeds)})" if seeds else "–")
         twin, dare = by_model.get("twin", {}), by_model.get("dare", {})
         both = sorted(s for s in dare if s in twin and dare[s] is not None and twin[s] is not None)
@@ -366,6 +365,11 @@ def _table(rows: list[dict]) -> str:
         [r["analysis"], r["model"], r["dataset"], r["dim"], r["seed"], _fmt(r["value"]), r["setting"]] for r in rows
     ]
     return markdown_table(["analysis", "model", "dataset", "dim", "seed", "value", "setting"], body)
+
+
+def write_report(args: argparse.Namespace) -> None:
+    """``<tag>.md`` from every row recorded in ``<tag>.jsonl``."""
+    write_text_atomic(args.results / f"{args.tag}.md", markdown(read_jsonl(args.results / f"{args.tag}.jsonl")))
 
 
 def main() -> None:
@@ -386,7 +390,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     if args.report_only:
-        write_text_atomic(args.results / f"{args.tag}.md", markdown(read_jsonl(args.results / f"{args.tag}.jsonl")))
+        write_report(args)
         return
 
     out_path = args.results / f"{args.tag}.jsonl"
@@ -427,8 +431,7 @@ def main() -> None:
     recorded = [r for r in read_jsonl(out_path) if r["dataset"] == label]
     paths = _plots(recorded, curves, args)
     run_id = _log_mlflow(paths, recorded, out_path, args)
-    all_rows = read_jsonl(out_path)
-    write_text_atomic(args.results / f"{args.tag}.md", markdown(all_rows))
+    write_report(args)
     print(markdown(rows))
     print(f"plots logged to MLflow run {run_id} ({_store(_work(args))})")
 
