@@ -16,6 +16,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ def check_triton_cases() -> None:
     for seed in range(3):
         compare_gather_rows(seed, "cpu")
         compare_lazy_adam(seed, "cpu")
+    compare_lazy_adam_tile_edges("cpu")
     print("triton cases ok")
 
 
@@ -143,36 +145,69 @@ def compare_gather_rows(seed: int, device: str) -> None:
         torch.testing.assert_close(got.grad.to_dense(), want.grad.to_dense(), rtol=1e-5, atol=1e-5)
 
 
-def compare_lazy_adam(seed: int, device: str) -> None:
-    """Three LazyAdam steps on a table with more rows than lookups (the ``dedup_rows`` case), Triton kernel
-    against the torch reference (``RECSYS_TORCH_OPS=lazy_adam``): weights and both moments; runs longer than the
-    kernel's chunk of 16 sorted positions (a hot row) and rows wider than its 128-wide block (seed 2)."""
-    g = torch.Generator().manual_seed(seed)
-    rows, dim, n = 5000, (16, 7, 130)[seed % 3], 600
-    states, before = [], os.environ.get("RECSYS_TORCH_OPS")
+@contextmanager
+def _torch_ops(names: str):
+    """``RECSYS_TORCH_OPS=names`` inside the block, the caller's setting back afterwards whatever happened."""
+    before = os.environ.get("RECSYS_TORCH_OPS")
+    os.environ["RECSYS_TORCH_OPS"] = names
     try:
-        for torch_ops in ("", "lazy_adam"):
-            os.environ["RECSYS_TORCH_OPS"] = torch_ops
-            g.manual_seed(seed)
-            weight = torch.randn(rows, dim, generator=g).to(device)
-            m, v = torch.zeros_like(weight), torch.zeros_like(weight)
-            for step in range(1, 4):
-                ids = torch.randint(0, rows, (n,), generator=g).to(device)
-                ids[: 40 * step] = 11  # 40 / 80 / 120 repeats of one row
-                grads = torch.randn(n, dim, generator=g).to(device)
-                size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
-                lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
-            states.append((weight, m, v))
-    finally:  # the caller's setting back, whatever happened
+        yield
+    finally:
         os.environ.pop("RECSYS_TORCH_OPS")
         if before is not None:
             os.environ["RECSYS_TORCH_OPS"] = before
+
+
+def compare_lazy_adam(seed: int, device: str) -> None:
+    """Three LazyAdam steps on a table with more rows than lookups (the ``dedup_rows`` case), Triton kernel
+    against the torch reference (``RECSYS_TORCH_OPS=lazy_adam``): weights and both moments; runs longer than the
+    kernel's tile of sorted positions (a hot row of 40 / 80 / 300 repeats) and rows wider than its 128-wide block
+    (seed 2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, dim, n = 5000, (16, 7, 130)[seed % 3], 600
+    states = []
+    for torch_ops in ("", "lazy_adam"):
+        g.manual_seed(seed)
+        weight = torch.randn(rows, dim, generator=g).to(device)
+        m, v = torch.zeros_like(weight), torch.zeros_like(weight)
+        with _torch_ops(torch_ops):
+            for step in range(1, 4):
+                ids = torch.randint(0, rows, (n,), generator=g).to(device)
+                ids[: (40, 80, 300)[step - 1]] = 11  # repeats of one row
+                grads = torch.randn(n, dim, generator=g).to(device)
+                size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
+                lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
+        states.append((weight, m, v))
     hot = torch.zeros(rows, dtype=torch.bool, device=device)
     hot[11] = True
     for got, want in zip(*states):
         torch.testing.assert_close(got[~hot], want[~hot], rtol=1e-5, atol=1e-6)
-        # the hot row sums up to 120 gradients in another order (the reference's index_add_ on CUDA: atomics)
+        # the hot row sums up to 300 gradients in another order (the reference's index_add_ on CUDA: atomics)
         torch.testing.assert_close(got[hot], want[hot], rtol=1e-4, atol=1e-4)
+
+
+def compare_lazy_adam_tile_edges(device: str) -> None:
+    """Runs laid against the kernel's tiles of ``block_n(dim)`` sorted positions: a run filling a tile exactly,
+    one ending one short of a tile's end, runs that start at a tile's first position and span two or three tiles,
+    and single ids between them; the Triton kernel against the torch reference, for narrow and wide rows."""
+    for dim in (16, 7, 130):
+        from recsys.ops.triton_sparse_adam import block_n
+
+        tile = block_n(dim)
+        counts = torch.tensor([tile, 1, tile - 1, 2 * tile + 3, 1, 1, tile, 5, 3 * tile])
+        g = torch.Generator().manual_seed(dim)
+        ids = torch.repeat_interleave(torch.randperm(50_000, generator=g)[: counts.numel()], counts)
+        ids = ids[torch.randperm(ids.numel(), generator=g)].to(device)
+        grads = torch.randn(ids.numel(), dim, generator=g).to(device)
+        init = torch.randn(50_000, dim, generator=g).to(device)
+        states = []
+        for torch_ops in ("", "lazy_adam"):
+            weight, m, v = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
+            with _torch_ops(torch_ops):
+                lazy_adam_(weight, m, v, ids, grads, torch.tensor(0.01, device=device), 0.9, 0.999, 1e-8)
+            states.append((weight, m, v))
+        for got, want in zip(*states):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_named_ops_fall_back_to_their_reference(monkeypatch):
@@ -190,6 +225,8 @@ def test_gather_rows_and_lazy_adam_kernels_on_cuda_match_their_references(seed):
     assert use_triton("cuda", "gather_rows") and use_triton("cuda", "lazy_adam")
     compare_gather_rows(seed, "cuda")
     compare_lazy_adam(seed, "cuda")
+    if seed == 0:
+        compare_lazy_adam_tile_edges("cuda")
 
 
 @pytest.mark.gpu

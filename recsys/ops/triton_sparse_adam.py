@@ -2,13 +2,18 @@
 have rows to spare (the ``dedup_rows`` case): gradient sums per row, Adam moments and the weight update in one
 kernel, after one sort of the ids.
 
-The ids ``[N]`` are sorted once (``torch.sort``: the order of each lookup's gradient row). Program ``i`` owns
-sorted position ``i`` when it starts a run of equal ids; it then walks the run ``CHUNK`` positions at a time,
-summing the gradient rows ``grads[order[j]]`` in float32, and applies ``torch.optim.SparseAdam``'s rule to that
-one table row: ``m += (g - m)(1 - b1)``, ``v += (g^2 - v)(1 - b2)``, ``w += -step_size * m / (sqrt(v) + eps)``.
-Every row is written by exactly one program, so there are no atomics, no ``[N, D]`` summed or gathered copies
-and no device-to-host read (the grid is ``N`` programs whatever the number of distinct ids). A second grid
-axis splits rows wider than ``BLOCK_D``. Imported lazily; under ``TRITON_INTERPRET=1`` it runs on CPU tensors.
+The ids ``[N]`` are sorted once (``torch.sort``, on int32 keys when the table has fewer than 2^31 rows: half the
+radix passes of int64 keys), giving each lookup's gradient row its sorted position. Program ``p`` takes the
+``BLOCK_N`` sorted positions ``[p * BLOCK_N, (p + 1) * BLOCK_N)`` as one ``[BLOCK_N, BLOCK_D]`` tile of gradient
+rows ``grads[order[j]]`` and sums every run of equal ids in it with one segmented scan (a run restarts where the
+id changes). A run belongs to the program whose tile holds its first position: runs that end inside the tile are
+finished there; the tile's last run may go on into the next tiles, which its owner then reads ``BLOCK_N``
+positions at a time (a hot id is a short walk of whole tiles, not a serial one). Each owned row then gets
+``torch.optim.SparseAdam``'s rule: ``m += (g - m)(1 - b1)``, ``v += (g^2 - v)(1 - b2)``,
+``w += -step_size * m / (sqrt(v) + eps)``. Every row is written by exactly one program, so there are no atomics,
+no ``[N, D]`` summed or gathered copies and no device-to-host read (the grid depends on ``N`` only, not on the
+number of distinct ids). A second grid axis splits rows wider than ``BLOCK_D``. Imported lazily; under
+``TRITON_INTERPRET=1`` it runs on CPU tensors.
 """
 
 from __future__ import annotations
@@ -17,7 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 16  # sorted positions read per step of a run
+TILE = 2048  # gradient values per program tile: BLOCK_N = TILE // BLOCK_D sorted positions (at most MAX_BLOCK_N)
+MAX_BLOCK_N = 128
+
+
+def block_n(dim: int) -> int:
+    """Sorted positions per program for rows ``dim`` wide."""
+    return max(1, min(MAX_BLOCK_N, TILE // min(triton.next_power_of_2(dim), 128)))
+
+
+@triton.jit
+def _restart_sum(a, a_started, b, b_started):
+    """Combine of the segmented scan: ``b`` restarts the sum where its run starts."""
+    return tl.where(b_started > 0, b, a + b), a_started | b_started
 
 
 @triton.jit
@@ -38,36 +55,60 @@ def _lazy_adam_kernel(
     beta1,
     beta2,
     eps,
-    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(0).to(tl.int64) * BLOCK_N
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_d = d < dim
-    row = tl.load(sorted_ids + i)
-    prev = tl.load(sorted_ids + tl.maximum(i - 1, 0))
-    start = (row != prev) | (i == 0)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    j = i
-    matched = tl.where(start, CHUNK, 0)
-    while matched == CHUNK:  # the run may go on past this chunk
-        k = j + tl.arange(0, CHUNK)
-        same = (k < num) & (tl.load(sorted_ids + k, mask=k < num, other=-1) == row)
-        src = tl.load(order + k, mask=same, other=0)
-        g = tl.load(grads + src[:, None] * stride_g + d[None, :], mask=same[:, None] & in_d[None, :], other=0.0)
-        acc += tl.sum(g.to(tl.float32), axis=0)
+    slot = tl.arange(0, BLOCK_N)
+    pos = first + slot
+    valid = pos < num
+    ids = tl.load(sorted_ids + pos, mask=valid, other=-1).to(tl.int64)
+    prev = tl.load(sorted_ids + pos - 1, mask=valid & (pos > 0), other=-2).to(tl.int64)
+    after = tl.load(sorted_ids + pos + 1, mask=pos + 1 < num, other=-3).to(tl.int64)
+    starts = valid & (ids != prev)
+    ends = valid & (ids != after)
+    src = tl.load(order + pos, mask=valid, other=0)
+    g = tl.load(grads + src[:, None] * stride_g + d[None, :], mask=valid[:, None] & in_d[None, :], other=0.0)
+    started = tl.broadcast_to(starts.to(tl.int32)[:, None], (BLOCK_N, BLOCK_D))
+    sums, owned = tl.associative_scan((g.to(tl.float32), started), 0, _restart_sum)  # owned: run began in the tile
+    # the tile's last run, when it began here, may continue past the tile: its owner reads on, a tile at a time
+    last = tl.minimum(num - 1 - first, BLOCK_N - 1)
+    is_last = slot == last
+    last_id = tl.sum(tl.where(is_last, ids, 0), axis=0)
+    carried = tl.zeros([BLOCK_D], dtype=tl.float32)
+    matched = tl.where(tl.max(starts.to(tl.int32), axis=0) > 0, BLOCK_N, 0)
+    j = first + BLOCK_N
+    while matched == BLOCK_N:
+        k = j + slot
+        same = (k < num) & (tl.load(sorted_ids + k, mask=k < num, other=-1).to(tl.int64) == last_id)
+        more = tl.load(order + k, mask=same, other=0)
+        rows = tl.load(grads + more[:, None] * stride_g + d[None, :], mask=same[:, None] & in_d[None, :], other=0.0)
+        carried += tl.sum(rows.to(tl.float32), axis=0)
         matched = tl.sum(same.to(tl.int32), axis=0)
-        j += CHUNK
-    own = in_d & (tl.zeros([BLOCK_D], dtype=tl.int32) + start.to(tl.int32) > 0)  # [BLOCK_D]: this row is ours
-    m = tl.load(exp_avg + row * stride_m + d, mask=own, other=0.0)
-    v = tl.load(exp_avg_sq + row * stride_v + d, mask=own, other=0.0)
-    w = tl.load(weight + row * stride_w + d, mask=own, other=0.0)
-    m = m + (acc - m) * (1 - beta1)
-    v = v + (acc * acc - v) * (1 - beta2)
+        j += BLOCK_N
+    sums += tl.where(is_last[:, None], carried[None, :], 0.0)
+    write = (owned > 0) & (ends | is_last)[:, None] & in_d[None, :]  # [BLOCK_N, BLOCK_D]: rows finished here
+    m_at = exp_avg + ids[:, None] * stride_m + d[None, :]
+    v_at = exp_avg_sq + ids[:, None] * stride_v + d[None, :]
+    w_at = weight + ids[:, None] * stride_w + d[None, :]
+    m = tl.load(m_at, mask=write, other=0.0)
+    v = tl.load(v_at, mask=write, other=0.0)
+    w = tl.load(w_at, mask=write, other=0.0)
+    m = m + (sums - m) * (1 - beta1)
+    v = v + (sums * sums - v) * (1 - beta2)
     update = m / (tl.sqrt(v) + eps) * -tl.load(step_size)
-    tl.store(exp_avg + row * stride_m + d, m, mask=own)
-    tl.store(exp_avg_sq + row * stride_v + d, v, mask=own)
-    tl.store(weight + row * stride_w + d, w + update.to(w.dtype), mask=own)
+    tl.store(m_at, m, mask=write)
+    tl.store(v_at, v, mask=write)
+    tl.store(w_at, w + update.to(w.dtype), mask=write)
+
+
+def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (sorted ids ``[N]``, ``order [N]`` int64) of ``ids`` (any shape) into a table of ``rows`` rows; the keys
+    are int32 when the table allows it (a radix sort of 4-byte keys makes half the passes of 8-byte ones)."""
+    flat = ids.reshape(-1)
+    return torch.sort(flat.int() if rows <= torch.iinfo(torch.int32).max else flat)
 
 
 def lazy_adam_rows_triton(
@@ -86,11 +127,12 @@ def lazy_adam_rows_triton(
     num, dim = ids.numel(), weight.shape[1]
     if num == 0 or dim == 0:
         return
-    sorted_ids, order = torch.sort(ids.reshape(-1))
+    sorted_ids, order = sort_ids(ids, weight.shape[0])
     grads = grads if grads.stride(1) == 1 else grads.contiguous()
     size = torch.as_tensor(step_size, dtype=torch.float32, device=weight.device).reshape(())
     block_d = min(triton.next_power_of_2(dim), 128)
-    _lazy_adam_kernel[(num, triton.cdiv(dim, block_d))](
+    rows_per_tile = block_n(dim)
+    _lazy_adam_kernel[(triton.cdiv(num, rows_per_tile), triton.cdiv(dim, block_d))](
         sorted_ids,
         order,
         grads,
@@ -107,7 +149,7 @@ def lazy_adam_rows_triton(
         beta1,
         beta2,
         eps,
-        CHUNK=CHUNK,
+        BLOCK_N=rows_per_tile,
         BLOCK_D=block_d,
-        num_warps=1 if block_d * CHUNK <= 512 else 4,
+        num_warps=4,
     )
