@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys.ops.backend import kernel_family, use_triton
-from recsys.ops.gather_rows import gather_rows
+from recsys.ops.gather_rows import gather_rows, target_and_history_rows, target_and_history_rows_torch
 from recsys.ops.softmax_pool import PAD_SCORE, softmax_pool, softmax_pool_torch
 from recsys.ops.sparse_update import LazyAdam, RowWiseAdagrad, dedup_rows, lazy_adam_
 from recsys.training.cuda_graph import GraphedStep
@@ -92,6 +92,7 @@ def check_triton_cases() -> None:
         compare_backends(0, None, "cpu", top_k, wide=True)
     for seed in range(3):
         compare_gather_rows(seed, "cpu")
+        compare_target_and_history_rows(seed, "cpu")
         compare_lazy_adam(seed, "cpu")
     compare_lazy_adam_tile_edges("cpu")
     print("triton cases ok")
@@ -127,7 +128,8 @@ def test_triton_kernel_on_cuda_matches_the_reference(seed, top_k, wide):
 
 def compare_gather_rows(seed: int, device: str) -> None:
     """Triton (automatic choice) against ``F.embedding``: rows, then the sparse and the dense table gradient of a
-    loss over them, ids ``[B, L]`` with repeats, width not a power of two on odd seeds."""
+    loss over them, ids ``[B, L]`` with repeats, width not a power of two on odd seeds; seed 0's 50-row table is
+    small enough for the dense gradient's per-row sum, the others take ``F.embedding``'s dense kernel."""
     g = torch.Generator().manual_seed(seed)
     rows, dim = 50 + 400 * seed, (16, 13, 130)[seed % 3]
     weight = torch.randn(rows, dim, generator=g).to(device)
@@ -142,6 +144,36 @@ def compare_gather_rows(seed: int, device: str) -> None:
         (out * probe).sum().backward()
         (ref * probe).sum().backward()
         assert got.grad.is_sparse == want.grad.is_sparse == sparse
+        torch.testing.assert_close(got.grad.to_dense(), want.grad.to_dense(), rtol=1e-5, atol=1e-5)
+
+
+def compare_target_and_history_rows(seed: int, device: str) -> None:
+    """Triton (automatic choice) against the reference composition (one ``F.embedding`` of ``[B, 1 + L]`` ids,
+    split, history times the mask): rows (padding rows zero), then the sparse and the dense table gradient, with
+    losses on both outputs and on the history rows only; rows with no history and full rows included."""
+    g = torch.Generator().manual_seed(seed)
+    batch, width, rows, dim = 9, 21, 40 + 300 * seed, (16, 13, 130)[seed % 3]
+    weight = torch.randn(rows, dim, generator=g).to(device)
+    target = torch.randint(0, rows, (batch,), generator=g).to(device)
+    hist = torch.randint(0, rows, (batch, width), generator=g)
+    lengths = torch.randint(0, width + 1, (batch,), generator=g)
+    lengths[:2] = torch.tensor([0, width])
+    mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
+    hist = hist.masked_fill(~mask.cpu(), 0).to(device)
+    hist[1, :5] = target[1]  # a target repeated in its history
+    probes = torch.randn(batch, dim, generator=g).to(device), torch.randn(batch, width, dim, generator=g).to(device)
+    assert use_triton(device, "gather_rows")
+    for sparse, both in ((True, True), (False, True), (True, False)):
+        got, want = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = target_and_history_rows(got, target, hist, mask, sparse)
+        ref = target_and_history_rows_torch(want, target, hist, mask, sparse)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert out[1][~mask].abs().sum() == 0
+        for rows_, loss_rows in ((out, got), (ref, want)):
+            loss = (rows_[1] * probes[1]).sum() + ((rows_[0] * probes[0]).sum() if both else 0)
+            loss.backward()
+            assert loss_rows.grad.is_sparse == sparse
         torch.testing.assert_close(got.grad.to_dense(), want.grad.to_dense(), rtol=1e-5, atol=1e-5)
 
 
@@ -224,6 +256,7 @@ def test_named_ops_fall_back_to_their_reference(monkeypatch):
 def test_gather_rows_and_lazy_adam_kernels_on_cuda_match_their_references(seed):
     assert use_triton("cuda", "gather_rows") and use_triton("cuda", "lazy_adam")
     compare_gather_rows(seed, "cuda")
+    compare_target_and_history_rows(seed, "cuda")
     compare_lazy_adam(seed, "cuda")
     if seed == 0:
         compare_lazy_adam_tile_edges("cuda")

@@ -32,7 +32,7 @@ say() { echo "== [$(( $(date +%s) - T0 )) s] $* (load $(cut -d' ' -f1-3 /proc/lo
   done ) > "$W/load.log" 2>&1 &
 MONITOR=$!
 # the runs' checkpoints (4M-row tables: GBs) and model bundles stay on the device
-trap 'kill $MONITOR 2>/dev/null; tar czf "$OUT/logs.tgz" --exclude="*.ckpt" --exclude=model -C /tmp train14 2>/dev/null' EXIT
+trap 'kill $MONITOR 2>/dev/null; tar czf "$OUT/logs.tgz" --exclude="*.ckpt" --exclude=model --exclude=pytest_site -C /tmp train14 2>/dev/null' EXIT
 
 if [ "$PYTEST" = 1 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$W/pytest_site" .device/pytest_whl/*.whl \

@@ -12,7 +12,7 @@ from torch import nn
 from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.batch import HIST_CAT, HIST_ITEM, TARGET_CAT, TARGET_ITEM, CTRBatch, PaddedHistory
 from recsys.data.vocab import Vocab
-from recsys.ops.gather_rows import gather_rows
+from recsys.ops.gather_rows import gather_rows, target_and_history_rows
 from recsys.ops.jagged import jagged_to_padded_dense, lengths_to_offsets, padding_mask
 
 
@@ -244,23 +244,22 @@ class TokenEmbedding(nn.Module):
         return _join(*self._history_parts(ids))
 
     def _target_and_history(
-        self, target: torch.Tensor, hist: torch.Tensor, target_feature: str, hist_feature: str
+        self, ids: HistoryIds, target: torch.Tensor, hist: torch.Tensor, target_feature: str, hist_feature: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``target [B]``, ``hist [B, L]`` ids -> rows ``[B, D]``, ``[B, L, D]``; one lookup when both features
-        share a table, so the table gets one sparse gradient per step (two would be summed, and the sum of
-        sparse gradients coalesces: a host sync)."""
+        """``target [B]``, ``hist [B, L]`` ids -> rows ``[B, D]``, ``[B, L, D]`` (padding slots of ``ids.mask``
+        zero); one lookup when both features share a table, so the table gets one sparse gradient per step (two
+        would be summed, and the sum of sparse gradients coalesces: a host sync)."""
         if self._table_of[target_feature] != self._table_of[hist_feature]:
-            return self._embed(target, target_feature), self._embed(hist, hist_feature)
-        rows = self._embed(torch.cat([target.unsqueeze(1).to(hist.dtype), hist], dim=1), hist_feature)
-        return rows[:, 0], rows[:, 1:]
+            return self._embed(target, target_feature), self._embed(hist, hist_feature) * ids.mask.unsqueeze(-1)
+        return target_and_history_rows(self._weight(hist_feature), target, hist, ids.mask, sparse=self.sparse_grad)
 
     def lookup(self, ids: HistoryIds) -> Tokens:
         """:class:`Tokens` by direct lookups in local tables: the same values as :meth:`forward` on the KJT,
         with no jagged op and, for fixed-shape ids, no host sync (one lookup per table)."""
-        t_item, h_item = self._target_and_history(ids.target_item, ids.hist_item, TARGET_ITEM, HIST_ITEM)
-        t_cat, h_cat = self._target_and_history(ids.target_cat, ids.hist_cat, TARGET_CAT, HIST_CAT)
+        t_item, h_item = self._target_and_history(ids, ids.target_item, ids.hist_item, TARGET_ITEM, HIST_ITEM)
+        t_cat, h_cat = self._target_and_history(ids, ids.target_cat, ids.hist_cat, TARGET_CAT, HIST_CAT)
         target_sem = torch.cat([t_item, t_cat], dim=-1)
-        hist_sem = torch.cat([h_item, h_cat], dim=-1) * ids.mask.unsqueeze(-1)
+        hist_sem = torch.cat([h_item, h_cat], dim=-1)
         return Tokens(target_sem, hist_sem, self._target_pos(target_sem.shape[0]), self._history_pos(ids), ids.mask)
 
     GRAM_LIMIT = 1 << 25  # entries of the cached target x history item dot table (128 MiB of float32)
