@@ -199,18 +199,19 @@ class SparseDenseModule(pl.LightningModule):
     def _capturable_optimizers(self, on: bool) -> None:
         """``torch.optim.Adam`` & co. with their step counts on the parameters' device (``on``: what a graph needs)
         or back on the host (the default; also for a graphed run's checkpoint resumed eagerly, e.g. on a CPU, where
-        ``capturable=True`` is refused)."""
+        ``capturable=True`` is refused); ``fused=True`` optimisers keep them on the device, as they need."""
         for opt in self._optimizers():
             raw = getattr(opt, "optimizer", opt)
             groups = [g for g in raw.param_groups if "capturable" in g]
             if not groups or (not on and not any(g["capturable"] for g in groups)):
                 continue
-            owned = {id(q) for g in groups for q in g["params"]}
             for group in groups:
                 group["capturable"] = on
-            for p, state in raw.state.items():
-                if id(p) in owned and isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].to(p.device if on else "cpu", torch.float32)
+                on_device = on or group.get("fused")  # fused optimisers keep their steps on the device anyway
+                for p in group["params"]:
+                    step = raw.state[p].get("step") if p in raw.state else None
+                    if isinstance(step, torch.Tensor):
+                        raw.state[p]["step"] = step.to(p.device if on_device else "cpu", torch.float32)
 
     def on_train_end(self) -> None:
         """``perf/graph_replays`` (steps that ran as the CUDA graph) into the run's metrics."""
