@@ -346,9 +346,17 @@ def scale_line(case: Case, line: dict) -> dict:
     }
 
 
+def variant(line: dict) -> str:
+    """The line's case and the ``--extra`` overrides its command ran with (what follows ``hydra.run.dir=``), e.g.
+    ``dare_scale data.resident=false``: an A/B run is its own row of the table, not the case's latest line."""
+    words = line.get("command", "").split(" ; ")[0].split()  # a case of several commands: its first one
+    at = next((i for i, w in enumerate(words) if w.startswith("hydra.run.dir=")), len(words))
+    return " ".join([line["case"], *words[at + 1 :]])
+
+
 def write_markdown(lines: list[dict], side_by_side: list[dict], path: Path) -> None:
-    """The table of ``lines`` (latest line per case), the side-by-side table and the recipe."""
-    latest = {line["case"]: line for line in lines}
+    """The table of ``lines`` (latest line per case and overrides), the side-by-side table and the recipe."""
+    latest = {variant(line): line for line in lines}
     cols = ["case", "entry", "model", "dataset", "device", "status", "seconds", "samples/s or rows/s", "s/epoch"]
     cols += ["test metric", "peak GPU MB", "torch / torchrec / fbgemm", "commit", "GPU shared with"]
 
