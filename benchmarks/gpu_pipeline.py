@@ -107,6 +107,7 @@ def train_result(run_dir: Path) -> dict:
     return {
         # steady-state rate of the Throughput callback (+benchmark=dare_scale) when the run has one
         "samples_per_s": metrics.get("perf/steady_samples_per_s", metrics.get("time/train_samples_per_s")),
+        "median_window_samples_per_s": metrics.get("perf/median_window_samples_per_s"),  # robust to one slow window
         "sec_per_epoch": metrics.get("time/sec_per_epoch"),
         "test_metric": name,
         "test_value": metrics.get(name) if name else None,
@@ -329,6 +330,7 @@ def scale_line(case: Case, line: dict) -> dict:
         "world_size": 1,
         "device": line.get("gpu", "cuda"),
         "samples_per_s": line.get("samples_per_s"),
+        "median_window_samples_per_s": line.get("median_window_samples_per_s"),
         "peak_gpu_mb": line.get("peak_gpu_mb"),
         "table_rows": {"item": 4068792, "category": 9409},
         "dims": {"item": dim, "category": dim},

@@ -90,5 +90,10 @@ def test_throughput_callback_logs_windows_and_the_steady_rate(tmp_path):
     assert meter.samples == 6 * 8  # the 6 steps after the warm-up step
     steady = [m["perf/steady_samples_per_s"] for _, m in recorder.metrics if "perf/steady_samples_per_s" in m]
     assert steady == [meter.steady] and meter.steady > 0
+    assert meter.window_rates == [m["perf/samples_per_s"] for m in windows]
+    key = "perf/median_window_samples_per_s"
+    median = [m[key] for _, m in recorder.metrics if key in m]
+    assert median == [sorted(meter.window_rates)[1]]  # the middle one of the 3 windows
+    assert float(trainer.callback_metrics[key]) == pytest.approx(median[0])
     # no bar, no per-step progress-bar metrics (Lightning would read the loss to the host every step)
     assert "train/loss" not in trainer.progress_bar_metrics and "train/loss" in trainer.callback_metrics

@@ -5,12 +5,14 @@ After ``warmup_steps`` optimiser steps (lazy inits, allocator growth, Triton aut
 per step) and logs ``perf/samples_per_s`` and ``perf/step_ms`` over the window; at the end of fitting,
 ``perf/steady_samples_per_s`` over all complete windows (validation and what follows the last window, e.g. the
 epoch-end checkpoint of a run stopped by ``max_steps``, excluded; with no complete window, everything since the
-warm-up). Data loading, the host-to-device copies, the step, logging and periodic checkpoints are all inside
-the windows.
+warm-up) and ``perf/median_window_samples_per_s``, the median of the windows' rates (one slow window, e.g. a pause
+of the machine, moves the steady rate but not the median; both land in the run's ``metrics.json``). Data loading,
+the host-to-device copies, the step, logging and periodic checkpoints are all inside the windows.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -31,6 +33,7 @@ class Throughput(pl.Callback):
         self.steady: float | None = None
         self.window_seconds = 0.0  # summed over complete windows
         self.window_samples = 0
+        self.window_rates: list[float] = []  # samples/s of each complete window
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
@@ -54,10 +57,11 @@ class Throughput(pl.Callback):
             seconds = now - start
             self.window_seconds += seconds
             self.window_samples += self.samples - done
+            self.window_rates.append((self.samples - done) / seconds)
             self._publish(
                 trainer,
                 {
-                    "perf/samples_per_s": (self.samples - done) / seconds,
+                    "perf/samples_per_s": self.window_rates[-1],
                     "perf/step_ms": 1000 * seconds / self.every_n_steps,
                 },
             )
@@ -79,8 +83,12 @@ class Throughput(pl.Callback):
             self.steady = self.window_samples / self.window_seconds
         else:
             self.steady = self.samples / (self._now(pl_module) - self._total[0] - self.paused)
-        self._publish(trainer, {"perf/steady_samples_per_s": self.steady})
-        trainer.callback_metrics["perf/steady_samples_per_s"] = torch.tensor(self.steady)  # -> the run's metrics.json
+        final = {"perf/steady_samples_per_s": self.steady}
+        if self.window_rates:
+            final["perf/median_window_samples_per_s"] = statistics.median(self.window_rates)
+        self._publish(trainer, final)
+        for name, value in final.items():  # -> the run's metrics.json
+            trainer.callback_metrics[name] = torch.tensor(value)
 
     @staticmethod
     def _publish(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
