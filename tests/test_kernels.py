@@ -220,15 +220,18 @@ def compare_lazy_adam(seed: int, device: str) -> None:
 
 def compare_lazy_adam_tile_edges(device: str) -> None:
     """Runs laid against the kernel's tiles of ``block_n(dim)`` sorted positions: a run filling a tile exactly,
-    one ending one short of a tile's end, runs that start at a tile's first position and span two or three tiles,
-    and single ids between them; the Triton kernel against the torch reference, for narrow and wide rows."""
-    for dim in (16, 7, 130):
-        from recsys.ops.triton_sparse_adam import block_n
+    a single id then a run ending on the next tile's end, a run starting at a tile's first position and spanning
+    three tiles, single ids, a run crossing a tile edge; the Triton kernel against the torch reference, for narrow
+    and wide rows. The distinct ids increase in the order of ``counts``, so after the kernel's sort the runs lie at
+    exactly these positions (the lookups themselves come shuffled)."""
+    from recsys.ops.triton_sparse_adam import block_n
 
+    for dim in (16, 7, 130):
         tile = block_n(dim)
         counts = torch.tensor([tile, 1, tile - 1, 2 * tile + 3, 1, 1, tile, 5, 3 * tile])
         g = torch.Generator().manual_seed(dim)
-        ids = torch.repeat_interleave(torch.randperm(50_000, generator=g)[: counts.numel()], counts)
+        distinct = torch.randperm(50_000, generator=g)[: counts.numel()].sort().values
+        ids = torch.repeat_interleave(distinct, counts)
         ids = ids[torch.randperm(ids.numel(), generator=g)].to(device)
         grads = torch.randn(ids.numel(), dim, generator=g).to(device)
         init = torch.randn(50_000, dim, generator=g).to(device)
