@@ -95,6 +95,7 @@ def check_triton_cases() -> None:
         compare_target_and_history_rows(seed, "cpu")
         compare_lazy_adam(seed, "cpu")
     compare_lazy_adam_tile_edges("cpu")
+    compare_lazy_adam_small_table("cpu")
     print("triton cases ok")
 
 
@@ -218,6 +219,34 @@ def compare_lazy_adam(seed: int, device: str) -> None:
         torch.testing.assert_close(got[hot], want[hot], rtol=1e-4, atol=1e-4)
 
 
+def compare_lazy_adam_small_table(device: str) -> None:
+    """Three LazyAdam steps on a table with fewer rows than lookups (the ``scatter_rows`` case, a category table):
+    the Triton update of the touched rows against the torch reference; rows never looked up keep their weights and
+    moments (the lazy rule), checked against the initial values too."""
+    g = torch.Generator().manual_seed(7)
+    for dim in (16, 7, 130):
+        rows, n = 300, 600
+        init = torch.randn(rows, dim, generator=g).to(device)
+        batches = []
+        for step in range(1, 4):
+            ids = torch.randint(0, rows - 40, (n,), generator=g).to(device)  # rows 260.. never touched
+            grads = torch.randn(n, dim, generator=g).to(device)
+            size = torch.tensor(0.01 * (1 - 0.999**step) ** 0.5 / (1 - 0.9**step), device=device)
+            batches.append((ids, grads, size))
+        states = []
+        for torch_ops in ("", "lazy_adam"):
+            weight, m, v = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
+            with _torch_ops(torch_ops):
+                for ids, grads, size in batches:
+                    lazy_adam_(weight, m, v, ids, grads, size, 0.9, 0.999, 1e-8)
+            states.append((weight, m, v))
+        for got, want in zip(*states):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        weight, m, v = states[0]
+        assert torch.equal(weight[260:], init[260:]) and not m[260:].any() and not v[260:].any()
+        assert not torch.equal(weight[:260], init[:260])
+
+
 def compare_lazy_adam_tile_edges(device: str) -> None:
     """Runs laid against the kernel's tiles of ``block_n(dim)`` sorted positions: a run filling a tile exactly,
     a single id then a run ending on the next tile's end, a run starting at a tile's first position and spanning
@@ -263,6 +292,7 @@ def test_gather_rows_and_lazy_adam_kernels_on_cuda_match_their_references(seed):
     compare_lazy_adam(seed, "cuda")
     if seed == 0:
         compare_lazy_adam_tile_edges("cuda")
+        compare_lazy_adam_small_table("cuda")
 
 
 @pytest.mark.gpu

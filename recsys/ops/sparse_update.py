@@ -18,7 +18,8 @@ Optimisers (``torch.optim.Optimizer`` over 2-D tables; dense gradients are accep
 Both are pure torch (index_select / index_add / index_copy); ``tests/test_kernels.py`` checks them
 against dense references and ``torch.optim.SparseAdam``. On CUDA (op name ``lazy_adam``), LazyAdam's
 ``dedup_rows`` case runs one Triton kernel instead (``triton_sparse_adam.py``: sums, moments and weights per
-row after one sort), tested against this reference.
+row after one sort), and its ``scatter_rows`` case (small tables) one kernel for moments and weights of the touched
+rows after the sums; both tested against this reference.
 """
 
 from __future__ import annotations
@@ -162,13 +163,19 @@ def lazy_adam_(
     """In place: one Adam step (bias corrections folded into ``step_size``, a number or a 0-d tensor on the
     weights' device) on the rows ``ids`` (repeats summed; ``None``: dense ``grads``, every row)."""
     touched = None
+    fast = use_triton(weight.device, "lazy_adam") and all(t.stride(1) == 1 for t in (weight, exp_avg, exp_avg_sq))
     if _small(weight, ids):  # summed per row, and only the touched rows' moments move (the lazy rule)
         grads, touched = scatter_rows(ids, grads.float(), weight.shape[0])
         ids = None
+        if fast:
+            from recsys.ops.triton_sparse_adam import lazy_adam_dense_triton
+
+            lazy_adam_dense_triton(weight, exp_avg, exp_avg_sq, grads, touched, step_size, beta1, beta2, eps)
+            return
     if ids is None:
         rows, summed = None, grads.float()
         m, v = (exp_avg.clone(), exp_avg_sq.clone()) if touched is not None else (exp_avg, exp_avg_sq)
-    elif use_triton(weight.device, "lazy_adam") and all(t.stride(1) == 1 for t in (weight, exp_avg, exp_avg_sq)):
+    elif fast:
         from recsys.ops.triton_sparse_adam import lazy_adam_rows_triton
 
         lazy_adam_rows_triton(weight, exp_avg, exp_avg_sq, ids, grads, step_size, beta1, beta2, eps)

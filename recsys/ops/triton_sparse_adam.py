@@ -12,8 +12,13 @@ positions at a time (a hot id is a short walk of whole tiles, not a serial one).
 ``torch.optim.SparseAdam``'s rule: ``m += (g - m)(1 - b1)``, ``v += (g^2 - v)(1 - b2)``,
 ``w += -step_size * m / (sqrt(v) + eps)``. Every row is written by exactly one program, so there are no atomics,
 no ``[N, D]`` summed or gathered copies and no device-to-host read (the grid depends on ``N`` only, not on the
-number of distinct ids). A second grid axis splits rows wider than ``BLOCK_D``. Imported lazily; under
-``TRITON_INTERPRET=1`` it runs on CPU tensors.
+number of distinct ids). A second grid axis splits rows wider than ``BLOCK_D``.
+
+Tables with no more rows than a batch's lookups (a category table) take the dense form instead: the gradient
+summed per row and the touched rows (``scatter_rows``: one ``index_add_``, one ``index_fill_``), then
+:func:`lazy_adam_dense_triton` applies the same rule to the touched rows in one pass over ``[R, D]`` tiles (where
+the torch reference clones both moments and runs ~20 elementwise kernels). Imported lazily; under
+``TRITON_INTERPRET=1`` both run on CPU tensors.
 """
 
 from __future__ import annotations
@@ -150,6 +155,87 @@ def lazy_adam_rows_triton(
         beta2,
         eps,
         BLOCK_N=rows_per_tile,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+@triton.jit
+def _lazy_adam_dense_kernel(
+    summed,
+    touched,
+    weight,
+    exp_avg,
+    exp_avg_sq,
+    step_size,
+    rows,
+    dim,
+    stride_g,
+    stride_w,
+    stride_m,
+    stride_v,
+    beta1,
+    beta2,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    hit = (r < rows) & (tl.load(touched + r, mask=r < rows, other=0) != 0)
+    write = hit[:, None] & (d < dim)[None, :]
+    g = tl.load(summed + r[:, None] * stride_g + d[None, :], mask=write, other=0.0).to(tl.float32)
+    m_at = exp_avg + r[:, None] * stride_m + d[None, :]
+    v_at = exp_avg_sq + r[:, None] * stride_v + d[None, :]
+    w_at = weight + r[:, None] * stride_w + d[None, :]
+    m = tl.load(m_at, mask=write, other=0.0)
+    v = tl.load(v_at, mask=write, other=0.0)
+    w = tl.load(w_at, mask=write, other=0.0)
+    m = m + (g - m) * (1 - beta1)
+    v = v + (g * g - v) * (1 - beta2)
+    update = m / (tl.sqrt(v) + eps) * -tl.load(step_size)
+    tl.store(m_at, m, mask=write)
+    tl.store(v_at, v, mask=write)
+    tl.store(w_at, w + update.to(w.dtype), mask=write)
+
+
+def lazy_adam_dense_triton(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    summed: torch.Tensor,
+    touched: torch.Tensor,
+    step_size: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """In place on ``weight [R, D]`` and its float32 moments (unit stride along D): one lazy Adam step on the rows
+    where ``touched [R]`` (bool) is True, with their summed gradients ``summed [R, D]``; other rows unchanged."""
+    rows, dim = weight.shape
+    if rows == 0 or dim == 0:
+        return
+    summed = summed if summed.stride(1) == 1 else summed.contiguous()
+    size = torch.as_tensor(step_size, dtype=torch.float32, device=weight.device).reshape(())
+    block_d = min(triton.next_power_of_2(dim), 128)
+    block_r = block_n(dim)
+    _lazy_adam_dense_kernel[(triton.cdiv(rows, block_r), triton.cdiv(dim, block_d))](
+        summed,
+        touched.contiguous().view(torch.uint8),
+        weight,
+        exp_avg,
+        exp_avg_sq,
+        size,
+        rows,
+        dim,
+        summed.stride(0),
+        weight.stride(0),
+        exp_avg.stride(0),
+        exp_avg_sq.stride(0),
+        beta1,
+        beta2,
+        eps,
+        BLOCK_R=block_r,
         BLOCK_D=block_d,
         num_warps=4,
     )
