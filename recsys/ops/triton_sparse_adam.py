@@ -43,6 +43,26 @@ def _restart_sum(a, a_started, b, b_started):
 
 
 @triton.jit
+def _adam_rows(
+    weight, exp_avg, exp_avg_sq, rows, d, grad, write, stride_w, stride_m, stride_v, step_size, beta1, beta2, eps
+):
+    """``torch.optim.SparseAdam``'s rule on the ``[BLOCK, BLOCK_D]`` tile of table rows ``rows`` / columns ``d``
+    where ``write`` holds, with the summed gradients ``grad`` (float32): moments, then the weight."""
+    m_at = exp_avg + rows[:, None] * stride_m + d[None, :]
+    v_at = exp_avg_sq + rows[:, None] * stride_v + d[None, :]
+    w_at = weight + rows[:, None] * stride_w + d[None, :]
+    m = tl.load(m_at, mask=write, other=0.0)
+    v = tl.load(v_at, mask=write, other=0.0)
+    w = tl.load(w_at, mask=write, other=0.0)
+    m = m + (grad - m) * (1 - beta1)
+    v = v + (grad * grad - v) * (1 - beta2)
+    update = m / (tl.sqrt(v) + eps) * -tl.load(step_size)
+    tl.store(m_at, m, mask=write)
+    tl.store(v_at, v, mask=write)
+    tl.store(w_at, w + update.to(w.dtype), mask=write)
+
+
+@triton.jit
 def _lazy_adam_kernel(
     sorted_ids,
     order,
@@ -95,18 +115,9 @@ def _lazy_adam_kernel(
         j += BLOCK_N
     sums += tl.where(is_last[:, None], carried[None, :], 0.0)
     write = (owned > 0) & (ends | is_last)[:, None] & in_d[None, :]  # [BLOCK_N, BLOCK_D]: rows finished here
-    m_at = exp_avg + ids[:, None] * stride_m + d[None, :]
-    v_at = exp_avg_sq + ids[:, None] * stride_v + d[None, :]
-    w_at = weight + ids[:, None] * stride_w + d[None, :]
-    m = tl.load(m_at, mask=write, other=0.0)
-    v = tl.load(v_at, mask=write, other=0.0)
-    w = tl.load(w_at, mask=write, other=0.0)
-    m = m + (sums - m) * (1 - beta1)
-    v = v + (sums * sums - v) * (1 - beta2)
-    update = m / (tl.sqrt(v) + eps) * -tl.load(step_size)
-    tl.store(m_at, m, mask=write)
-    tl.store(v_at, v, mask=write)
-    tl.store(w_at, w + update.to(w.dtype), mask=write)
+    _adam_rows(
+        weight, exp_avg, exp_avg_sq, ids, d, sums, write, stride_w, stride_m, stride_v, step_size, beta1, beta2, eps
+    )
 
 
 def sort_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,18 +196,7 @@ def _lazy_adam_dense_kernel(
     hit = (r < rows) & (tl.load(touched + r, mask=r < rows, other=0) != 0)
     write = hit[:, None] & (d < dim)[None, :]
     g = tl.load(summed + r[:, None] * stride_g + d[None, :], mask=write, other=0.0).to(tl.float32)
-    m_at = exp_avg + r[:, None] * stride_m + d[None, :]
-    v_at = exp_avg_sq + r[:, None] * stride_v + d[None, :]
-    w_at = weight + r[:, None] * stride_w + d[None, :]
-    m = tl.load(m_at, mask=write, other=0.0)
-    v = tl.load(v_at, mask=write, other=0.0)
-    w = tl.load(w_at, mask=write, other=0.0)
-    m = m + (g - m) * (1 - beta1)
-    v = v + (g * g - v) * (1 - beta2)
-    update = m / (tl.sqrt(v) + eps) * -tl.load(step_size)
-    tl.store(m_at, m, mask=write)
-    tl.store(v_at, v, mask=write)
-    tl.store(w_at, w + update.to(w.dtype), mask=write)
+    _adam_rows(weight, exp_avg, exp_avg_sq, r, d, g, write, stride_w, stride_m, stride_v, step_size, beta1, beta2, eps)
 
 
 def lazy_adam_dense_triton(
