@@ -130,9 +130,10 @@ class LazyAdam(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -140,13 +141,30 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 step = state["step"]
                 if not isinstance(step, torch.Tensor) or step.device != p.device:  # older or CPU-loaded states
-                    step = state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
-                step.add_(1)
+                    state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device)
+            sizes = _step_sizes([self.state[p]["step"] for p in params], group["lr"], beta1, beta2)
+            for p, size in zip(params, sizes):
                 ids, grads = _rows_and_grads(p)
-                # bias corrections on the device: no host read of the step, and a CUDA graph replays them right
-                size = (1 - torch.pow(beta2, step)).sqrt_().div_(1 - torch.pow(beta1, step)).mul_(group["lr"])
+                state = self.state[p]
                 lazy_adam_(p, state["exp_avg"], state["exp_avg_sq"], ids, grads, size, beta1, beta2, group["eps"])
         return loss
+
+
+def _step_sizes(steps: list[torch.Tensor], lr: float, beta1: float, beta2: float) -> list[torch.Tensor]:
+    """Advance the 0-d step counts ``steps`` by one (in place) -> each table's Adam step size with both bias
+    corrections, ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, on the steps' devices: no host read of a step, so a
+    CUDA graph replays them right; foreach ops, so the kernel count does not grow with the number of tables."""
+    torch._foreach_add_(steps, 1)
+    first = torch._foreach_pow(beta1, steps)  # beta1^t
+    second = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(first)
+    torch._foreach_add_(first, 1)  # 1 - beta1^t
+    torch._foreach_neg_(second)
+    torch._foreach_add_(second, 1)
+    torch._foreach_sqrt_(second)  # sqrt(1 - beta2^t)
+    sizes = torch._foreach_div(second, first)
+    torch._foreach_mul_(sizes, lr)
+    return sizes
 
 
 def lazy_adam_(
