@@ -7,6 +7,7 @@ assemble models, losses or metrics themselves. A run's results are read from the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -40,6 +41,20 @@ class PipelineRun:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` for scripts that end with Hydra overrides (a positional ``overrides`` list): the first
+    word holding ``=`` that is not an option starts the overrides, so a list option before it (``--ratios 0.5 0.25
+    trainer=cpu``) does not take them as its values. Words after an explicit ``--`` stay as argparse reads them."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(words):
+        if word == "--":
+            break
+        if "=" in word and not word.startswith("-"):
+            words.insert(i, "--")
+            break
+    return parser.parse_args(words)
 
 
 def run_entry(

@@ -48,6 +48,7 @@ from benchmarks.common import (
     mean_std,
     metric_steps,
     paired_interval,
+    parse_with_overrides,
     read_jsonl,
     train,
     write_text_atomic,
@@ -388,7 +389,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite <tag>.md from <tag>.jsonl, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     if args.report_only:
         write_report(args)
         return

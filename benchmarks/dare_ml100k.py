@@ -56,6 +56,7 @@ from benchmarks.common import (
     markdown_table,
     metric_history,
     paired_interval,
+    parse_with_overrides,
     read_jsonl,
     replace_block,
     run_entry,
@@ -294,7 +295,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None, help="wall-clock budget (s): no run starts after")
     parser.add_argument("--report-only", action="store_true", help="train nothing; rewrite the summary")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     start = time.monotonic()  # --deadline counts from here (preparing the data included)
     stop_on_sigterm()
 

@@ -57,6 +57,7 @@ from benchmarks.common import (
     machine_load,
     markdown_table,
     mean_std,
+    parse_with_overrides,
     read_jsonl,
     replace_block,
     run_entry,
@@ -327,7 +328,7 @@ def main() -> None:
     parser.add_argument("--prepare-only", action="store_true", help="steps 1-3 only (code, split, conversion)")
     parser.add_argument("--report-only", action="store_true", help="run nothing; rewrite the table")
     parser.add_argument("overrides", nargs="*", help="pipelines.prepare overrides (e.g. data.path=...)")
-    args = parser.parse_args()
+    args = parse_with_overrides(parser)
     args.peers, args.work = args.peers.resolve(), args.work.resolve()
     stop_on_sigterm()
 

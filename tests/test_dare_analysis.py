@@ -167,3 +167,23 @@ def test_dare_analysis_writes_every_analysis(tmp_path):
     analyses = ("retrieval_ndcg", "iters_to_acc", "att_dim_ratio")
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {f"plots/{a}.png" for a in analyses}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "tables")} == {f"tables/{a}.md" for a in analyses}
+
+
+def test_overrides_after_a_list_option_are_not_taken_as_its_values():
+    """``--ratios 0.5 0.25 trainer=cpu`` (the overrides right after a list option) once failed with "invalid float
+    value: 'trainer=cpu'"; an explicit ``--`` keeps working, and options with ``=`` stay options."""
+    import argparse
+
+    from benchmarks.common import parse_with_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", nargs="*", type=float, default=[])
+    parser.add_argument("--label")
+    parser.add_argument("overrides", nargs="*")
+    args = parse_with_overrides(parser, ["--ratios", "0.5", "0.25", "trainer=cpu", "data.path=/x"])
+    assert args.ratios == [0.5, 0.25] and args.overrides == ["trainer=cpu", "data.path=/x"]
+    args = parse_with_overrides(parser, ["--label=a", "--ratios", "0.5", "--", "trainer=cpu"])
+    assert args.label == "a" and args.ratios == [0.5] and args.overrides == ["trainer=cpu"]
+    assert parse_with_overrides(parser, ["--ratios", "1"]).overrides == []
+    with pytest.raises(SystemExit):  # argparse alone: the override taken as a ratio
+        parser.parse_args(["--ratios", "0.5", "trainer=cpu"])
