@@ -5,7 +5,6 @@ import polars as pl
 import pytest
 import torch
 
-import recsys.data.transitions as transitions
 from recsys.data.batch import TARGET_ITEM
 from recsys.data.schema import DataValidationError
 from recsys.data.seq_batch import EXCLUDE_ITEM, SEQ_ITEM
@@ -136,19 +135,13 @@ def test_transition_graph_hand_example_uses_training_items_only(tmp_path):
     assert span2.counts.sum() == 5 + 3 and span2.dense()[1, 3] == 0.5
 
 
-def test_graph_rows_fbgemm_and_torch_paths_agree(monkeypatch):
+def test_graph_row_ids_are_the_coo_rows_of_the_csr():
     src, dst = torch.tensor([1, 1, 3, 3, 3, 4]), torch.tensor([2, 3, 1, 1, 4, 2])
     graph = build_transition_graph(src, dst, num_items=5)
-    heads = torch.tensor([3, 5, 1, 3])
-    fast = graph.rows(heads)
-    monkeypatch.setattr(transitions, "fbgemm_supports", lambda device_type: False)
-    slow = graph.rows(heads)
-    for a, b in zip(fast, slow):
-        assert torch.equal(a, b)
-    local, col, weight = slow
-    dense = graph.dense()
-    rebuilt = torch.zeros(len(heads), 6).index_put_((local, col), weight)
-    assert torch.equal(rebuilt, dense[heads])
+    assert graph.row_ids().tolist() == [1, 1, 3, 3, 4]
+    rebuilt = torch.zeros(6, 6).index_put_((graph.row_ids(), graph.col), graph.weight)
+    assert torch.equal(rebuilt, graph.dense())
+    assert rebuilt[3, 1] == 1.0 and rebuilt[3, 4] == 0.5  # (3, 1) twice, (3, 4) once: row-max normalised
 
 
 def test_transition_pairs_are_vectorised_per_row():

@@ -182,6 +182,10 @@ def test_benchmark_runs_ours_once_for_both_protocols_beside_recbole(tmp_path):
     for row, protocol in zip(ours, ("history_removed", "history_kept")):
         assert row["entry"] == "pipelines.train" and row["dataset"] == "tiny" and row["device"] == "cpu"
         assert len(row["epoch_times"]) == len(row["val_ndcg20"]) == len(row["test_ndcg10"]) == 2
+        # training alone: each epoch's time without its validation and test ranking, shorter but not zero
+        assert all(0 < t < e for t, e in zip(row["train_times"], row["epoch_times"]))
+        if row["seconds_to_recbole_best"] is not None:
+            assert 0 < row["train_seconds_to_recbole_best"] < row["seconds_to_recbole_best"]
         assert row["best_epoch"] == 1 + row["val_ndcg20"].index(max(row["val_ndcg20"]))
         assert row["selection"] == f"val ndcg@20 ({protocol}), patience 20"
         assert row["protocols_in_run"] == ["history_removed", "history_kept"]

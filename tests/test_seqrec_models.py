@@ -351,7 +351,6 @@ def test_target_ranks_keeps_scores_unless_told():
 
 def test_torch_fallback_without_fbgemm_kernels_gives_the_same_model(monkeypatch):
     """The GPU benchmark machine has no FBGEMM CUDA kernels: the torch paths must agree with FBGEMM's."""
-    import recsys.data.transitions as transitions
     import recsys.ops.jagged as jagged
 
     torch.manual_seed(9)
@@ -361,7 +360,6 @@ def test_torch_fallback_without_fbgemm_kernels_gives_the_same_model(monkeypatch)
     results = []
     for fbgemm in (True, False):
         monkeypatch.setattr(jagged, "fbgemm_supports", lambda device_type, on=fbgemm: on)
-        monkeypatch.setattr(transitions, "fbgemm_supports", lambda device_type, on=fbgemm: on)
         model.zero_grad()
         loss = sequential_losses(model.eval(), batch, graph)["total"]
         loss.backward()

@@ -14,7 +14,7 @@ import torch
 
 from recsys.data.batch import CTRBatch, PaddedHistory, make_ctr_kjt
 from recsys.data.schema import DataValidationError, Vocab, validate_samples
-from recsys.data.seqrec_format import offsets_of, take_segments
+from recsys.data.seqrec_format import offsets_of, pad_jagged, take_segments
 from recsys.errors import InputNotFound
 
 
@@ -34,26 +34,6 @@ def gather_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> 
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
     return take_segments(values, starts, lengths).values, lengths
-
-
-def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int = 65536) -> np.ndarray:
-    """A jagged array ``[N]`` rows -> ``[N, width]`` right-padded with 0, int32 when the values fit (rows
-    longer than ``width`` raise: the width is the dataset's longest history). Built ``chunk`` rows at a time."""
-    lengths = np.diff(offsets)
-    if lengths.size and lengths.max() > width:
-        raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
-    small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
-    dtype = np.int32 if small else np.int64
-    if offsets[-1] - offsets[0] == lengths.size * width:  # every row is full: the jagged order is the matrix's
-        full = values[offsets[0] : offsets[-1]].reshape(lengths.size, width).astype(dtype, copy=False)
-        return full if full.flags.writeable else full.copy()  # a read-only view (of an arrow buffer): copied
-    out = np.zeros((lengths.size, width), dtype=dtype)
-    slots = np.arange(width)
-    for lo in range(0, lengths.size, chunk):
-        hi = min(lo + chunk, lengths.size)
-        real = slots < lengths[lo:hi, None]
-        out[lo:hi][real] = values[offsets[lo] : offsets[hi]]  # row-major order = the jagged order
-    return out
 
 
 def padded_history(

@@ -38,9 +38,9 @@ class CachedDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: rows per training / evaluation batch.
         seed: shuffling seed (the order is a function of seed and epoch, so resumes replay it).
         drop_last: drop the last incomplete training batch.
-        fixed_shape: CTR batches carry their ids at the fixed shape ``[B, max_len]`` (``CTRBatch.padded``,
-            no KJT), which the sync-free GPU step reads; ``None`` = when training on CUDA with local (unsharded)
-            tables.
+        fixed_shape: batches carry their ids at the fixed shape ``[B, max_len]`` (``CTRBatch.padded``; the
+            training batches of sequence data: ``SeqBatch.padded``), no KJT, which the sync-free GPU step (and
+            its CUDA graph) reads; ``None`` = when training on CUDA with local (unsharded) tables.
         pin_memory: page-locked batches (non-blocking copies to the GPU); ``None`` = when training on CUDA.
     """
 
@@ -96,6 +96,12 @@ class CachedDataModule(pl.LightningDataModule):
         """Whether the attached trainer runs on a CUDA device (False without a trainer)."""
         trainer = self.trainer
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+    def _fixed(self) -> bool:
+        """Whether batches carry their ids at the fixed shape (``fixed_shape``, or on CUDA when it is None)."""
+        if self.fixed_shape is not None:
+            return self.fixed_shape
+        return self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)  # DMP reads the KJT
 
     def dataset(self, split: str) -> Any:
         """``dataset[rows] -> batch`` over one split's table."""
@@ -172,11 +178,6 @@ class CTRDataModule(CachedDataModule):
             raise ConfigError(f"data.resident={resident!r}: choose true, false or null")
         self.resident = resident
         self.device_tables: dict[str, DeviceTable] = {}
-
-    def _fixed(self) -> bool:
-        if self.fixed_shape is not None:
-            return self.fixed_shape
-        return self.on_cuda() and not getattr(self.trainer.strategy, "shards_tables", False)  # DMP reads the KJT
 
     def dataset(self, split: str) -> BatchedCTRDataset:
         """CTR batches; with ``fixed_shape`` (or on CUDA when it is None) also padded to ``max_len``."""

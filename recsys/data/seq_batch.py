@@ -1,4 +1,5 @@
-"""The typed batch of sequential (next-item) models: item ids as one KeyedJaggedTensor.
+"""The typed batch of sequential (next-item) models: item ids as one KeyedJaggedTensor, or, for training on a
+GPU, at a fixed shape (:class:`PaddedSeq`: what a CUDA graph of the step needs).
 
 Imports only torch and torchrec, so the GPU benchmark (no polars/Lightning) can use it.
 """
@@ -17,6 +18,31 @@ SEQ_KEYS = (SEQ_ITEM, TARGET_ITEM, EXCLUDE_ITEM)
 
 
 @dataclass
+class PaddedSeq:
+    """Training sequences at a fixed shape (built by the loader, not in the step).
+
+    Shapes: ``items, targets [B, T]`` (``T`` = the dataset's ``max_len`` for every batch; oldest first,
+    right-padded with id 0; ``targets[b, t]`` is the item after ``items[b, t]``; int32 when the ids fit),
+    ``lengths [B]`` int64 (real slots per row, >= 1).
+    """
+
+    items: torch.Tensor
+    targets: torch.Tensor
+    lengths: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PaddedSeq:
+        return PaddedSeq(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
+
+    def pin_memory(self) -> PaddedSeq:
+        return PaddedSeq(*(t.pin_memory() for t in vars(self).values()))
+
+    def valid(self) -> torch.Tensor:
+        """``[B, T]`` bool, True on real slots."""
+        width = self.items.shape[1]
+        return torch.arange(width, device=self.lengths.device) < self.lengths.unsqueeze(1)
+
+
+@dataclass
 class SeqBatch:
     """One mini-batch of user sequences.
 
@@ -27,14 +53,27 @@ class SeqBatch:
             aligned with ``seq_item``) or after the last position only (evaluation rows: 1 target);
             ``exclude_item``: items removed from the ranking at evaluation (empty for training rows).
         user: ``[B]`` int64 user ids.
+        padded: training rows at a fixed shape (:class:`PaddedSeq`) instead of ``sparse`` (``data.fixed_shape``).
+
+    A batch has ``sparse`` or ``padded``; evaluation batches are always ``sparse``.
     """
 
-    sparse: KeyedJaggedTensor
+    sparse: KeyedJaggedTensor | None
     user: torch.Tensor | None = None
+    padded: PaddedSeq | None = None
 
     @property
     def batch_size(self) -> int:
-        return self.sparse.stride()
+        return self.sparse.stride() if self.sparse is not None else self.padded.lengths.shape[0]
+
+    def tokens(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per input token of a training batch: ``(ids [N], real [N] bool or None)`` of ``seq_item`` (the input
+        items) or ``target_item`` (the items after them). Jagged batches: ``N = sum(L)`` real tokens, ``real``
+        None; padded ones: ``N = B T`` slots, ``real`` False on padding."""
+        if self.padded is None:
+            return self.sparse[key].values(), None
+        ids = {SEQ_ITEM: self.padded.items, TARGET_ITEM: self.padded.targets}[key]
+        return ids.reshape(-1), self.padded.valid().reshape(-1)
 
     def jagged(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [sum(L)], lengths [B])`` of one key."""
@@ -43,15 +82,20 @@ class SeqBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SeqBatch:
         """Move every tensor to ``device``; Lightning calls this to place batches."""
+        sparse = self.sparse
         return replace(
             self,
-            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            sparse=None if sparse is None else sparse.to(device=torch.device(device), non_blocking=non_blocking),
             user=None if self.user is None else self.user.to(device, non_blocking=non_blocking),
+            padded=None if self.padded is None else self.padded.to(device, non_blocking),
         )
 
     def pin_memory(self) -> SeqBatch:
         return replace(
-            self, sparse=self.sparse.pin_memory(), user=None if self.user is None else self.user.pin_memory()
+            self,
+            sparse=None if self.sparse is None else self.sparse.pin_memory(),
+            user=None if self.user is None else self.user.pin_memory(),
+            padded=None if self.padded is None else self.padded.pin_memory(),
         )
 
 

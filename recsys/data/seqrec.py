@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from recsys.data.cache import DatasetMeta, cached_dataset, fingerprint, write_dataset
-from recsys.data.ctr_table import list_column_arrays
+from recsys.data.ctr_table import BatchedCTRDataset, list_column_arrays
 from recsys.data.datamodule import CachedDataModule
 from recsys.data.schema import DataValidationError, Vocab
 from recsys.data.seqrec_format import Jagged, SeqTable, dense_item_ids, leave_one_out, read_sequences
@@ -117,6 +117,10 @@ class SeqDataModule(CachedDataModule):
         batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
         test_each_epoch: also rank the test split after every training epoch (a second validation loader),
             so a benchmark can read when test NDCG crossed a level; model selection still reads validation only.
+        fixed_shape: training batches right-padded to ``[B, max_len]`` (``SeqBatch.padded``: fixed shapes, what
+            ``objective.cuda_graph`` records; every slot is computed, padding ones left out of the losses);
+            ``None`` = when training on CUDA with a local item table. Evaluation batches stay jagged.
+        pin_memory: page-locked batches; ``None`` = when training on CUDA.
     """
 
     def __init__(
@@ -131,9 +135,28 @@ class SeqDataModule(CachedDataModule):
         seed: int = 0,
         drop_last: bool = False,
         test_each_epoch: bool = False,
+        fixed_shape: bool | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
-        super().__init__(name, source, cache_dir, path, batch_size, eval_batch_size, num_workers, seed, drop_last)
+        super().__init__(
+            name,
+            source,
+            cache_dir,
+            path,
+            batch_size,
+            eval_batch_size,
+            num_workers,
+            seed,
+            drop_last,
+            fixed_shape,
+            pin_memory,
+        )
         self.test_each_epoch = test_each_epoch
+
+    def dataset(self, split: str) -> BatchedCTRDataset:
+        """Batches of one split; the training split's at the fixed shape when :meth:`_fixed`."""
+        width = self.prepare().max_len if split == "train" and self._fixed() else None
+        return BatchedCTRDataset(self.tables[split], width)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """The validation split; with ``test_each_epoch`` also the test split (dataloader index 1)."""

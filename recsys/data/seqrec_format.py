@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from recsys.data.seq_batch import SeqBatch, make_seq_kjt
+from recsys.data.seq_batch import PaddedSeq, SeqBatch, make_seq_kjt
 from recsys.errors import ConfigError, DataValidationError, InputNotFound
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
@@ -190,6 +190,26 @@ def dense_item_ids(seqs: Sequences) -> tuple[Sequences, np.ndarray | None]:
     return dataclasses.replace(seqs, items=rows), raw
 
 
+def pad_jagged(values: np.ndarray, offsets: np.ndarray, width: int, chunk: int = 65536) -> np.ndarray:
+    """A jagged array ``[N]`` rows -> ``[N, width]`` right-padded with 0, int32 when the values fit (rows
+    longer than ``width`` raise: the width is the dataset's longest history). Built ``chunk`` rows at a time."""
+    lengths = np.diff(offsets)
+    if lengths.size and lengths.max() > width:
+        raise ValueError(f"a history has {lengths.max()} items, more than the padded width {width}")
+    small = values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max)
+    dtype = np.int32 if small else np.int64
+    if offsets[-1] - offsets[0] == lengths.size * width:  # every row is full: the jagged order is the matrix's
+        full = values[offsets[0] : offsets[-1]].reshape(lengths.size, width).astype(dtype, copy=False)
+        return full if full.flags.writeable else full.copy()  # a read-only view (of an arrow buffer): copied
+    out = np.zeros((lengths.size, width), dtype=dtype)
+    slots = np.arange(width)
+    for lo in range(0, lengths.size, chunk):
+        hi = min(lo + chunk, lengths.size)
+        real = slots < lengths[lo:hi, None]
+        out[lo:hi][real] = values[offsets[lo] : offsets[hi]]  # row-major order = the jagged order
+    return out
+
+
 @dataclass
 class SeqTable:
     """One split: ``user [N]`` and three jagged item columns (see the module docstring)."""
@@ -202,14 +222,32 @@ class SeqTable:
     def __len__(self) -> int:
         return int(self.user.shape[0])
 
-    def batch(self, rows: Iterable[int]) -> SeqBatch:
-        """Rows -> :class:`SeqBatch` (vectorised gathers, no per-row Python)."""
+    def batch(self, rows: Iterable[int], pad_to: int | None = None) -> SeqBatch:
+        """Rows -> :class:`SeqBatch` (vectorised gathers, no per-row Python); with ``pad_to``, training rows at
+        the fixed shape ``[B, pad_to]`` (``SeqBatch.padded``, no KJT: row gathers of :meth:`padded`)."""
         rows = np.asarray(rows, dtype=np.int64)
+        user = torch.from_numpy(self.user[rows])
+        if pad_to is not None:
+            items, targets = self.padded(pad_to)
+            lengths = torch.from_numpy(self.history.lengths[rows])
+            return SeqBatch(
+                None, user, PaddedSeq(torch.from_numpy(items[rows]), torch.from_numpy(targets[rows]), lengths)
+            )
         parts = []
         for column in (self.history, self.targets, self.exclude):
             taken = column.take(rows)
             parts.append((torch.from_numpy(taken.values), torch.from_numpy(taken.lengths)))
-        return SeqBatch(sparse=make_seq_kjt(*parts), user=torch.from_numpy(self.user[rows]))
+        return SeqBatch(sparse=make_seq_kjt(*parts), user=user)
+
+    def padded(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(history, targets)`` as ``[N, width]`` matrices (:func:`pad_jagged`), built once per width; training
+        splits only (one target per history item)."""
+        if not np.array_equal(self.history.offsets, self.targets.offsets):
+            raise ValueError("fixed-shape rows need one target per history item (a training split)")
+        cache = self.__dict__.setdefault("_padded", {})
+        if width not in cache:
+            cache[width] = tuple(pad_jagged(c.values, c.offsets, width) for c in (self.history, self.targets))
+        return cache[width]
 
 
 def leave_one_out(seqs: Sequences, max_len: int = 50) -> dict[str, SeqTable]:

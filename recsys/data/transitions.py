@@ -3,7 +3,7 @@
 ``A[i, j]`` = how often item ``j`` follows item ``i`` within ``span`` steps in the *training* sequences
 (already truncated to the last ``max_len`` items); no reverse edges. The teacher reads each row scaled by
 its maximum, ``Ã[i, :] = A[i, :] / max_j A[i, j]`` in [0, 1]. Stored as CSR over ids ``0..num_items``
-(row and column 0, the padding id, stay empty). Only torch (and FBGEMM where available) is used.
+(row and column 0, the padding id, stay empty). Only torch is used.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from recsys.errors import ConfigError
-from recsys.ops.jagged import fbgemm_supports
 
 
 def transition_pairs(
@@ -61,30 +60,17 @@ class TransitionGraph:
             self.crow.to(device), self.col.to(device), self.weight.to(device), self.counts.to(device), self.num_items
         )
 
+    def row_ids(self) -> torch.Tensor:
+        """``[nnz]`` row (source item) of each non-zero, the COO companion of ``col`` (no host sync)."""
+        rows = torch.arange(self.num_items + 1, device=self.col.device)
+        return torch.repeat_interleave(rows, self.crow[1:] - self.crow[:-1], output_size=self.nnz)
+
     def dense(self) -> torch.Tensor:
         """``[I + 1, I + 1]`` dense Ã (tests and small examples only)."""
         size = self.num_items + 1
-        row = torch.repeat_interleave(torch.arange(size, device=self.col.device), self.crow[1:] - self.crow[:-1])
         out = torch.zeros(size, size, dtype=self.weight.dtype, device=self.weight.device)
-        out[row, self.col] = self.weight
+        out[self.row_ids(), self.col] = self.weight
         return out
-
-    def rows(self, heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rows ``heads [N]`` as flat triplets ``(row in 0..N-1, column id, weight)``, each ``[nnz(heads)]``.
-
-        A jagged index-select of the CSR rows: FBGEMM's ``jagged_index_select`` where it runs, torch otherwise.
-        """
-        lengths = self.crow[1:] - self.crow[:-1]
-        picked = lengths[heads]
-        local = torch.repeat_interleave(torch.arange(heads.numel(), device=heads.device), picked)
-        if fbgemm_supports(heads.device.type):
-            positions = torch.arange(self.nnz, device=heads.device).unsqueeze(1)
-            index = torch.ops.fbgemm.jagged_index_select(positions, lengths, heads)[0].squeeze(1)
-        else:
-            starts = self.crow[heads]
-            index = torch.repeat_interleave(starts - (torch.cumsum(picked, 0) - picked), picked)
-            index = index + torch.arange(index.numel(), device=heads.device)
-        return local, self.col[index], self.weight[index]
 
 
 def build_transition_graph(src: torch.Tensor, dst: torch.Tensor, num_items: int) -> TransitionGraph:

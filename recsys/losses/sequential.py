@@ -77,18 +77,31 @@ def linear_logsumexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         WORKSPACE.give(flat)
 
 
+def real_mean(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values [N]`` over the real tokens (``real [N]`` bool; ``None``: all), without boolean indexing."""
+    if real is None:
+        return values.mean()
+    weight = real.to(values.dtype)
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
 def next_item_loss(
-    hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, pad_class: bool = True
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    table: torch.Tensor,
+    pad_class: bool = True,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``hidden [N, d]`` against ``targets [N]`` (ids 1..I) over the items ``table[1:]``.
 
     ``CE = lse - ⟨h, e_target⟩``; ``pad_class`` adds the padding row as a class with constant logit 0
-    (the official code's zero row): ``lse -> log(e^lse + 1)``. The logits matrix is never kept.
+    (the official code's zero row): ``lse -> log(e^lse + 1)``. The logits matrix is never kept. ``real [N]``:
+    the tokens that count (padding slots of a fixed-shape batch are left out of the mean).
     """
     lse = linear_logsumexp(hidden, table[1:])
     if pad_class:
         lse = torch.logaddexp(lse, lse.new_zeros(()))
-    return (lse - (hidden * table[targets]).sum(-1)).mean()
+    return real_mean(lse - (hidden * table[targets]).sum(-1), real)
 
 
 def ted_loss(
@@ -98,31 +111,35 @@ def ted_loss(
     tau: float,
     dropout: float = 0.0,
     training: bool = False,
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """TED: mean over ``heads [N]`` of ``CE(q_i, p_i)`` over the items 1..I.
+    """TED: mean over ``heads [N]`` (the ``real`` ones) of ``CE(q_i, p_i)`` over the items 1..I.
 
     Teacher ``q_i = softmax_j(Ã_ij / τ)`` over *all* items (zero-count items included); student
-    ``p_i = softmax_j(s_ij)``, ``s_ij = ⟨√d Dropout(e_i), e_j⟩ / τ``. As ``Σ_j q_ij = 1``,
+    ``p_i = softmax_j(s_ij)``, ``s_ij = ⟨u_i, e_j⟩``, ``u_i = √d Dropout(e_i) / τ``. As ``Σ_j q_ij = 1``,
     ``CE_i = lse_i - Σ_j q_ij s_ij``, and with ``a_ij = Ã_ij / τ`` on the graph's non-zeros,
     ``m_i = max(0, max_j a_ij)`` (for stability), ``base_i = e^{-m_i}``, ``x_ij = e^{a_ij - m_i} - base_i``::
 
-        Σ_j q_ij s_ij = (base_i Σ_j s_ij + Σ_nz x_ij s_ij) / Z_i,   Z_i = I base_i + Σ_nz x_ij
+        Σ_j q_ij s_ij = u_i · (base_i Σ_j e_j + Σ_nz x_ij e_j) / Z_i,   Z_i = I base_i + Σ_nz x_ij
 
-    where ``Σ_j s_ij = u_i · Σ_j e_j``: the dense teacher ``[N, I]`` is never built (exact, no sampling).
+    The bracket depends on the head's item only: it is computed once per item (``[I + 1, d]``, one gather and
+    one ``index_add`` over the whole graph, fixed shapes) and gathered per head, so the dense teacher
+    ``[N, I]`` is never built (exact, no sampling) and nothing depends on how many non-zeros the heads' rows
+    hold (no host sync).
     """
     items = table[1:]
-    num_items = items.shape[0]
+    num_items, size = items.shape[0], table.shape[0]
     u = F.dropout(table[heads], dropout, training) * (math.sqrt(table.shape[1]) / tau)
     lse = linear_logsumexp(u, items)
-    local, col, weight = graph.rows(heads)
-    a = weight.to(u.dtype) / tau
-    m = torch.zeros_like(lse).scatter_reduce(0, local, a, reduce="amax", include_self=True)
+    row, col = graph.row_ids(), graph.col
+    a = graph.weight.to(u.dtype) / tau
+    m = a.new_zeros(size).scatter_reduce(0, row, a, reduce="amax", include_self=True)
     base = torch.exp(-m)
-    excess = torch.exp(a - m[local]) - base[local]
-    s_nz = (u[local] * table[col]).sum(-1)
-    z = num_items * base + torch.zeros_like(lse).index_add(0, local, excess)
-    expected = base * (u @ items.sum(0)) + torch.zeros_like(lse).index_add(0, local, excess * s_nz)
-    return (lse - expected / z).mean()
+    excess = torch.exp(a - m[row]) - base[row]
+    z = num_items * base + a.new_zeros(size).index_add(0, row, excess)
+    neighbours = table.new_zeros(table.shape).index_add(0, row, excess.unsqueeze(1) * table[col])  # Σ_nz x_ij e_j
+    mix = (base.unsqueeze(1) * items.sum(0) + neighbours) / z.unsqueeze(1)  # [I + 1, d]
+    return real_mean(lse - (u * mix[heads]).sum(-1), real)
 
 
 def sequential_losses(
@@ -135,14 +152,14 @@ def sequential_losses(
     """``rec`` (+ ``kd``) (+ the model's aux losses) and their weighted ``total`` for one training batch."""
     out = model(batch) if out is None else out
     table = output_table(model, out)
-    targets, _ = batch.jagged(TARGET_ITEM)
-    losses = {"rec": next_item_loss(out.hidden, targets, table, pad_class)}
+    targets, real = batch.tokens(TARGET_ITEM)
+    losses = {"rec": next_item_loss(out.hidden, targets, table, pad_class, real)}
     total = losses["rec"]
     if model.lambda_kd > 0:
         if graph is None:
             raise ConfigError("lambda_kd > 0 needs the transition graph (TED); none was given")
-        heads, _ = batch.jagged(SEQ_ITEM)
-        losses["kd"] = ted_loss(heads, table, graph, model.tau, model.dropout, model.training)
+        heads, _ = batch.tokens(SEQ_ITEM)
+        losses["kd"] = ted_loss(heads, table, graph, model.tau, model.dropout, model.training, real)
         total = total + model.lambda_kd * losses["kd"]
     for name, value in out.aux_losses.items():
         losses[name] = value

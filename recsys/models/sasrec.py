@@ -30,7 +30,7 @@ from torch import nn
 from recsys.compat import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from recsys.data.seq_batch import SEQ_ITEM, SeqBatch
 from recsys.errors import ConfigError
-from recsys.modules.seq_blocks import Layout, SequenceEncoder
+from recsys.modules.seq_blocks import Layout, PaddedLayout, SequenceEncoder
 
 if TYPE_CHECKING:  # schema.py imports polars, which the GPU benchmark does not have
     from recsys.data.vocab import Vocab
@@ -44,7 +44,8 @@ class SeqOutput:
 
     Attributes:
         hidden: ``[N, d]`` representation of every input item (jagged, in the batch's ``seq_item`` order,
-            so row ``n`` predicts the ``n``-th ``target_item`` of a training batch), or ``[B, d]`` for each
+            so row ``n`` predicts the ``n``-th ``target_item`` of a training batch; ``N = B T`` slots of a padded
+            batch, padding included: :meth:`SeqBatch.tokens` marks the real ones), or ``[B, d]`` for each
             row's newest item (``last_only``).
         lengths: ``[B]`` items per row.
         aux_losses: name -> weighted scalar regularisers (MoH load balance), to add to the loss.
@@ -150,8 +151,8 @@ class SASRec(nn.Module):
         return self.item_embeddings.embeddings[ITEM_TABLE].weight
 
     def lookup(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Input item embeddings ``[N, d]`` (``seq_item`` order) and the item matrix ``[I + 1, d]`` (``None``
-        without ``with_table``), from one collection call.
+        """Input item embeddings ``[N, d]`` (``seq_item`` order; ``N = B T`` slots of a padded batch) and the
+        item matrix ``[I + 1, d]`` (``None`` without ``with_table``), from one collection call.
 
         The matrix is the table's weight when unsharded (the batch's KJT goes in as it is), else (or with
         :attr:`table_by_lookup`) the embeddings of ids ``0..I``, looked up as one extra jagged row after the
@@ -159,6 +160,11 @@ class SASRec(nn.Module):
         as it fixes its input features at the first call), so its gradient reaches the table through the
         same (fused) backward.
         """
+        if batch.padded is not None:  # fixed-shape rows: the local table's module on every slot
+            if self.sharded:
+                raise ValueError("fixed-shape batches (data.fixed_shape) need the local item table, not a sharded one")
+            values = self.item_embeddings.embeddings[ITEM_TABLE](batch.padded.items.reshape(-1))
+            return values, self.item_table() if with_table else None
         if not (self.sharded or self.table_by_lookup):
             values = self.item_embeddings(batch.sparse)[SEQ_ITEM].values()
             return values, self.item_table() if with_table else None
@@ -173,13 +179,18 @@ class SASRec(nn.Module):
         return values, None
 
     def embed(self, batch: SeqBatch, with_table: bool = True) -> tuple[torch.Tensor, Layout, torch.Tensor | None]:
-        """Jagged inputs ``x [N, d] = Dropout(√d e + p)``, each row's newest item at position ``max_len - 1``;
-        their layout; the item matrix ``[I + 1, d]`` or ``None`` (see :meth:`lookup`)."""
+        """Inputs ``x [N, d] = Dropout(√d e + p)`` (jagged, or the slots of a padded batch), each row's newest item
+        at position ``max_len - 1``; their layout; the item matrix ``[I + 1, d]`` or ``None`` (see :meth:`lookup`)."""
         items, table = self.lookup(batch, with_table)
-        layout = Layout(batch.jagged(SEQ_ITEM)[1], total=items.shape[0])  # the token count is known on the host
+        if batch.padded is not None:
+            layout: Layout = PaddedLayout(batch.padded.lengths, batch.padded.items.shape[1])
+        else:
+            layout = Layout(batch.jagged(SEQ_ITEM)[1], total=items.shape[0])  # the token count is known on the host
         if layout.width > self.max_len:
             raise ValueError(f"a sequence has {layout.width} items, more than max_len={self.max_len}")
-        pos = self.positions(layout.position + (self.max_len - layout.lengths)[layout.rows])
+        # padding slots (position >= length) take the last position: their outputs are dropped
+        slot = layout.position + (self.max_len - layout.lengths)[layout.rows]
+        pos = self.positions(slot.clamp_max(self.max_len - 1))
         x = nn.functional.dropout(items * math.sqrt(self.dim) + pos, self.dropout, self.training)
         return x, layout, table
 

@@ -109,8 +109,9 @@ class HeadRouter(nn.Module):
 
     def _balance(self, probs: torch.Tensor, selected: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``L_b = h_r Σ_j P_j f_j`` over the real tokens of ``probs/selected [..., h_r]``."""
-        if mask is not None:
-            probs, selected = probs[mask], selected[mask]
         probs, selected = probs.reshape(-1, self.routed), selected.reshape(-1, self.routed)
         count = max(probs.shape[0], 1)
+        if mask is not None:  # weights, not boolean indexing: no host sync
+            weight = mask.reshape(-1, 1).to(probs.dtype)
+            probs, selected, count = probs * weight, selected * weight, weight.sum().clamp_min(1.0)
         return self.routed * (probs.sum(0) / count * selected.sum(0).detach() / count).sum()

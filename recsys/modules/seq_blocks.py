@@ -9,6 +9,9 @@ Tokens stay jagged (``[N, d]``, ``N = Σ L_b`` real items, oldest first per row)
 on real items only. Only the attention pads, right-aligned to ``[B, T]`` with :mod:`recsys.ops.jagged`
 (FBGEMM where available): there a plain causal mask also hides the padding from every real query.
 ``last_only`` computes the final block for each row's newest item alone (evaluation).
+A :class:`PaddedLayout` holds the tokens already right-padded (``N = B T`` slots, the fixed shape of a graphed
+GPU step): the same ops run on every slot, padding slots included, and the caller drops them
+(:attr:`Layout.real`); a real query still sees only its own row's earlier items.
 
 The query input is ``x`` itself (SASRec, window 1) or the causal mean of the last ``window`` inputs of
 the same row (MQSA's long query). ``attention="moh"`` gates the heads with
@@ -49,6 +52,11 @@ class Layout:
     def batch(self) -> int:
         return self.lengths.numel()
 
+    @property
+    def real(self) -> torch.Tensor | None:
+        """``[N]`` bool, True on real tokens; ``None`` when every token is real (jagged tokens)."""
+        return None
+
     @cached_property
     def rows(self) -> torch.Tensor:
         """``[N]`` row of each token."""
@@ -74,6 +82,36 @@ class Layout:
         return dense_to_jagged(dense, self.offsets, self.total)
 
 
+class PaddedLayout(Layout):
+    """Tokens already right-padded to ``[B, width]`` and flattened (``N = B width`` slots, row-major): a fixed
+    shape, nothing read from the device. ``lengths [B]``: real slots per row (>= 1)."""
+
+    def __init__(self, lengths: torch.Tensor, width: int) -> None:
+        self.lengths, self.width, self.total = lengths, width, lengths.numel() * width
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.batch, device=self.lengths.device).repeat_interleave(self.width)
+
+    @cached_property
+    def position(self) -> torch.Tensor:
+        return torch.arange(self.width, device=self.lengths.device).repeat(self.batch)
+
+    @cached_property
+    def last(self) -> torch.Tensor:
+        return torch.arange(self.batch, device=self.lengths.device) * self.width + self.lengths - 1
+
+    @cached_property
+    def real(self) -> torch.Tensor:
+        return self.position < self.lengths[self.rows]
+
+    def pad(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(self.batch, self.width, -1)
+
+    def unpad(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.reshape(self.total, -1)
+
+
 def causal_window_mean(x: torch.Tensor, layout: Layout, window: int) -> torch.Tensor:
     """``x̄_t = mean of x_{t-window+1..t}`` within each row (fewer at a row's start): ``x [N, d] -> [N, d]``."""
     if window == 1:
@@ -86,6 +124,15 @@ def causal_window_mean(x: torch.Tensor, layout: Layout, window: int) -> torch.Te
         total = total + torch.where(valid.unsqueeze(1), x[(index - shift).clamp_min(0)], x.new_zeros(()))
         count = count + valid.to(x.dtype)
     return total / count.unsqueeze(1)
+
+
+def masked_mean(values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the rows of ``values [N, ...]`` that ``real [N]`` marks (all rows when None), without
+    boolean indexing (no host sync)."""
+    if real is None:
+        return values.mean(0)
+    weight = real.to(values.dtype).view(-1, *([1] * (values.dim() - 1)))
+    return (values * weight).sum(0) / weight.sum().clamp_min(1.0)
 
 
 @dataclass
@@ -151,10 +198,11 @@ class CausalAttentionBlock(nn.Module):
         heads = self._attend(queries, x, layout, last_only)  # [Nq, h, d/h]
         out = BlockOutput(hidden=q)
         if self.router is not None:
-            routed = self.router(q, queries.view_as(heads))
+            real = None if last_only else layout.real
+            routed = self.router(q, queries.view_as(heads), real)
             heads = heads * routed.gates.unsqueeze(-1)
             out.balance = routed.balance
-            out.utilisation = (routed.gates > 0).float().mean(0).detach()
+            out.utilisation = masked_mean((routed.gates > 0).float(), real).detach()
         o = self.attn_norm(heads.flatten(1) + q)
         ff = F.dropout(
             self.ff2(F.dropout(F.relu(self.ff1(o)), self.dropout, self.training)), self.dropout, self.training

@@ -98,19 +98,26 @@ class MLflowRunFiles(pl.Callback):
 
 
 class EpochTimer(pl.Callback):
-    """Logs ``time/epoch_seconds`` (training epoch wall time, its validation included),
-    ``time/train_samples_per_s`` (training samples of the epoch / its wall time) and
-    ``system/peak_rss_mb`` once per epoch."""
+    """Logs ``time/epoch_seconds`` (training epoch wall time, its validation included), ``time/train_seconds``
+    (the same without the validation inside the epoch: the training alone), ``time/train_samples_per_s``
+    (training samples of the epoch / its wall time) and ``system/peak_rss_mb`` once per epoch."""
 
     def __init__(self) -> None:
-        self._start = 0.0
+        self._start = self._val_start = self._val_seconds = 0.0
         self._samples = 0
         self.epoch_seconds: list[float] = []
         self.epoch_samples: list[int] = []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._samples = 0
+        self._val_seconds = 0.0
         self._start = time.perf_counter()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_seconds += time.perf_counter() - self._val_start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self._samples += int(batch.batch_size)
@@ -120,6 +127,7 @@ class EpochTimer(pl.Callback):
         self.epoch_seconds.append(seconds)
         self.epoch_samples.append(self._samples)
         pl_module.log("time/epoch_seconds", seconds, on_epoch=True)
+        pl_module.log("time/train_seconds", seconds - self._val_seconds, on_epoch=True)
         pl_module.log("time/train_samples_per_s", self._samples / seconds, on_epoch=True)
         pl_module.log("system/peak_rss_mb", peak_rss_mb(), on_epoch=True)
 

@@ -63,6 +63,9 @@ class SequentialModule(SparseDenseModule):
             ``val_history_removed/...``; ``epoch_test_<protocol>/``, ``test_<protocol>/``). The plain names
             (``val/...``) stay the run's protocol, which checkpointing reads; training is not affected, so one run
             gives both protocols' per-epoch validation and test curves (``benchmarks/seqrec.py``).
+        cuda_graph / graph_warmup_steps: replay each training step as one CUDA graph
+            (:class:`~recsys.training.base.SparseDenseModule`); needs fixed-shape training batches
+            (``data.fixed_shape``, the default on one GPU): a jagged batch runs eagerly.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class SequentialModule(SparseDenseModule):
         pad_class: bool = True,
         exclude_history: bool = True,
         both_protocols: bool = False,
+        cuda_graph: bool = False,
+        graph_warmup_steps: int = 3,
     ) -> None:
-        super().__init__(model, sparse_optimizer, dense_optimizer)
+        super().__init__(model, sparse_optimizer, dense_optimizer, cuda_graph, graph_warmup_steps)
         self.ks, self.pad_class = tuple(int(k) for k in ks), pad_class
         self.exclude_history = bool(exclude_history)
         # the other protocol's name and setting, ranked too under both_protocols (None: not ranked)
