@@ -50,10 +50,13 @@ class _FakeGraph:
 
     def __init__(self, owner: dict) -> None:
         self.owner = owner
+        self.static = self.outputs = None
 
     def replay(self) -> None:
-        fresh = self.owner["step"](self.owner["static"])
-        self.owner["outputs"]["y"].copy_(fresh["y"])
+        if self.static is None:  # the first replay follows this graph's recording: its buffers are the owner's now
+            self.static, self.outputs = self.owner["static"], self.owner["outputs"]
+        fresh = self.owner["step"](self.static)
+        self.outputs["y"].copy_(fresh["y"])
 
 
 def _fake(owner: dict, fail: bool = False):
@@ -94,7 +97,7 @@ def test_graphed_step_warms_up_records_once_then_replays_with_each_batch():
 
     owner["step"] = step
     graph, context = _fake(owner)
-    graphed = GraphedStep(step, warmup=2, graph=graph, context=context)
+    graphed = GraphedStep(step, warmup=2, max_graphs=2, graph=graph, context=context)
     results = []
     for value in (1.0, 2.0, 3.0, 4.0, 5.0):
         results.append(float(graphed(_batch(value))["y"][0]))
@@ -102,11 +105,18 @@ def test_graphed_step_warms_up_records_once_then_replays_with_each_batch():
     assert [r for r, _ in seen].count(True) == 1  # one recording (the third call)
     assert (graphed.replays, graphed.eager, graphed.failed) == (3, 0, None)
     # the replays ran on the recorded buffers, refreshed with each batch
-    assert owner["static"].x.tolist() == [5.0] * 4
-    # a batch of another shape (an epoch's last, partial batch) runs eagerly and leaves the graph in place
+    four = next(iter(graphed.graphs.values()))
+    assert four.inputs[0].tolist() == [5.0] * 4
+    # a batch of another shape (an epoch's last, partial batch) records its own graph and leaves the first in place
     out = graphed(_batch(6.0, rows=3))
-    assert out["y"].tolist() == [13.0] * 3 and graphed.eager == 1 and graphed.recorded
-    assert float(graphed(_batch(7.0))["y"][0]) == 15.0 and graphed.replays == 4
+    assert out["y"].tolist() == [13.0] * 3 and graphed.eager == 0 and len(graphed.graphs) == 2
+    assert [r for r, _ in seen].count(True) == 2
+    assert float(graphed(_batch(7.0))["y"][0]) == 15.0 and graphed.replays == 5
+    assert four.inputs[0].tolist() == [7.0] * 4
+    assert graphed(_batch(8.0, rows=3))["y"].tolist() == [17.0] * 3 and graphed.replays == 6
+    # max_graphs reached: a third shape runs eagerly, no recording
+    assert graphed(_batch(9.0, rows=2))["y"].tolist() == [19.0] * 2 and graphed.eager == 1
+    assert [r for r, _ in seen].count(True) == 2 and len(graphed.graphs) == 2
 
 
 def test_a_failed_recording_falls_back_to_eager_steps_for_good(caplog):
@@ -220,7 +230,7 @@ def test_graphed_dare_training_on_cuda_matches_the_eager_step(tmp_path):
     again, _, _ = _train_on_cuda(table, False, tmp_path / "again")
     graph, graph_losses, step = _train_on_cuda(table, True, tmp_path / "graph")
     assert none is None and step is not None and step.failed is None, step and step.failed
-    assert step.replays >= 5 and step.eager >= 1  # the epoch's partial batch ran eagerly
+    assert step.replays >= 6 and len(step.graphs) == 2  # the epoch's partial batch has a graph of its own
     elements = sum(v.numel() for v in eager.values())
     far, noise = _far(graph, eager), _far(again, eager)
     print(f"elements {elements}: graph vs eager {far} beyond 1e-4, eager vs eager {noise}")

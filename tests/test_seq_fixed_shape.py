@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from recsys.data.ctr_table import BatchedCTRDataset, batch_loader
-from recsys.data.seq_batch import SEQ_ITEM, PaddedSeq, SeqBatch, make_seq_kjt
+from recsys.data.seq_batch import SEQ_ITEM, SeqBatch, make_seq_kjt, padded_seq
 from recsys.data.seqrec import SeqDataModule, prepare_seqrec
 from recsys.data.seqrec_format import Jagged, SeqTable, offsets_of
 from recsys.data.transitions import build_transition_graph
@@ -34,12 +34,14 @@ def jagged_batch() -> SeqBatch:
     return SeqBatch(make_seq_kjt(_pack(SEQS), _pack(NEXT), _pack([[] for _ in SEQS])), torch.arange(len(SEQS)))
 
 
-def padded_batch(width: int = 8) -> SeqBatch:
+def padded_batch(width: int = 8, quantum: int = 8) -> SeqBatch:
+    """SEQS right-padded to ``width``; 13 real tokens, ``real_index`` filled up to 16 (quantum 8)."""
+
     def pad(rows):
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
 
     lengths = torch.tensor([len(r) for r in SEQS])
-    return SeqBatch(None, torch.arange(len(SEQS)), PaddedSeq(pad(SEQS), pad(NEXT), lengths))
+    return SeqBatch(None, torch.arange(len(SEQS)), padded_seq(pad(SEQS), pad(NEXT), lengths, quantum))
 
 
 MODELS = {
@@ -84,8 +86,10 @@ def test_a_padded_batch_gives_the_jagged_losses_and_gradients(name):
     assert set(padded_grads) == set(jagged_grads)
     for key, grad in jagged_grads.items():
         torch.testing.assert_close(padded_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
-    real = padded_batch().tokens(SEQ_ITEM)[1]
-    torch.testing.assert_close(padded_out.hidden[real], jagged_out.hidden, rtol=1e-5, atol=1e-6)
+    batch = padded_batch()
+    assert batch.padded.real_index.shape == (16,) and int(batch.padded.real().sum()) == 13
+    hidden = batch.token_rows(padded_out.hidden)[batch.padded.real()]
+    torch.testing.assert_close(hidden, jagged_out.hidden, rtol=1e-5, atol=1e-6)
     for key, value in jagged_out.extras.items():  # MoH head utilisation counts real tokens only
         torch.testing.assert_close(padded_out.extras[key], value, msg=key)
 
@@ -96,7 +100,7 @@ def test_padding_slots_do_not_reach_the_losses():
     model = MODELS["mqsa_ted"]().train()
     batch = padded_batch()
     other = copy.deepcopy(batch)
-    real = other.padded.valid()
+    real = torch.arange(8) < other.padded.lengths.unsqueeze(1)
     other.padded.items[~real] = 6
     other.padded.targets[~real] = 9
     losses, grads, _ = _losses_and_grads(model, batch)
@@ -124,11 +128,13 @@ def test_table_builds_padded_rows_holding_the_jagged_ones():
     assert batch.padded.targets.tolist()[2] == [10] + [0] * 7 and batch.padded.lengths.tolist() == [6, 4, 1]
     ids, real = batch.tokens(SEQ_ITEM)
     assert ids[real].tolist() == [1, 2, 3, 4, 5, 6, 3, 5, 7, 2, 9]
+    assert ids.shape == (24,) and real.sum() == 11  # 11 real tokens, the fill up to B T = 24 (quantum 512)
+    assert batch.padded.real_index[:11].tolist() == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 16]
     jagged = table.batch([2, 0, 1])
     assert jagged.padded is None and jagged.tokens(SEQ_ITEM)[1] is None
     assert torch.equal(jagged.tokens(SEQ_ITEM)[0], ids[real].long())
     leaves = tensor_leaves(batch)  # a padded batch is plain tensors: a CUDA graph can copy it into its buffers
-    assert len(leaves) == 4 and all(a is not b for a, b in zip(leaves, tensor_leaves(static_copy(batch))))
+    assert len(leaves) == 5 and all(a is not b for a, b in zip(leaves, tensor_leaves(static_copy(batch))))
     with pytest.raises(ValueError, match="one target per history item"):
         SeqTable(table.user, table.history, table.exclude, table.exclude).padded(8)
 
@@ -183,7 +189,10 @@ def test_graphed_sequential_training_on_cuda_matches_the_eager_step(tmp_path):
     eager, eager_losses, none = _train_seq_on_cuda(False, tmp_path / "eager")
     graph, graph_losses, step = _train_seq_on_cuda(True, tmp_path / "graph")
     assert none is None and step is not None and step.failed is None, step and step.failed
-    assert step.replays >= 2 and step.eager >= 2
+    assert step.replays >= 6 and step.eager == 0
     assert torch.allclose(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-4, atol=1e-6)
     for key, value in eager.items():
+        if key.endswith(".k.bias"):  # softmax over keys ignores a bias all keys share: its true gradient is 0, and
+            continue  # Adam turns the rounding noise left in its place into full-size, run-dependent steps
         torch.testing.assert_close(graph[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert len(step.graphs) == 2  # the full batch of 3 users and the partial one of 1

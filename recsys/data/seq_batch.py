@@ -17,18 +17,26 @@ SEQ_ITEM, EXCLUDE_ITEM = "seq_item", "exclude_item"
 SEQ_KEYS = (SEQ_ITEM, TARGET_ITEM, EXCLUDE_ITEM)
 
 
+#: the real-token count of a padded batch is rounded up to a multiple of this: the losses' full-softmax runs on the
+#: real tokens only (``[C, I]``, not ``[B T, I]``) while the batch keeps one of a few shapes (a CUDA graph each)
+TOKEN_QUANTUM = 512
+
+
 @dataclass
 class PaddedSeq:
-    """Training sequences at a fixed shape (built by the loader, not in the step).
+    """Training sequences at a fixed shape (built by the loader, not in the step: :func:`padded_seq`).
 
     Shapes: ``items, targets [B, T]`` (``T`` = the dataset's ``max_len`` for every batch; oldest first,
     right-padded with id 0; ``targets[b, t]`` is the item after ``items[b, t]``; int32 when the ids fit),
-    ``lengths [B]`` int64 (real slots per row, >= 1).
+    ``lengths [B]`` int64 (real slots per row, >= 1), ``real_index [C]`` int64: the flat slots (``b T + t``) of the
+    ``R = sum(lengths)`` real tokens, then ``C - R`` zeros (slot 0, real, counted with weight 0), ``C`` = ``R``
+    rounded up to a multiple of :data:`TOKEN_QUANTUM` (at most ``B T``).
     """
 
     items: torch.Tensor
     targets: torch.Tensor
     lengths: torch.Tensor
+    real_index: torch.Tensor
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PaddedSeq:
         return PaddedSeq(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
@@ -36,10 +44,21 @@ class PaddedSeq:
     def pin_memory(self) -> PaddedSeq:
         return PaddedSeq(*(t.pin_memory() for t in vars(self).values()))
 
-    def valid(self) -> torch.Tensor:
-        """``[B, T]`` bool, True on real slots."""
-        width = self.items.shape[1]
-        return torch.arange(width, device=self.lengths.device) < self.lengths.unsqueeze(1)
+    def real(self) -> torch.Tensor:
+        """``[C]`` bool: which entries of ``real_index`` are real tokens (the first ``sum(lengths)``)."""
+        return torch.arange(self.real_index.shape[0], device=self.lengths.device) < self.lengths.sum()
+
+
+def padded_seq(
+    items: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, quantum: int = TOKEN_QUANTUM
+) -> PaddedSeq:
+    """``items, targets [B, T]`` (right-padded) and ``lengths [B]`` -> :class:`PaddedSeq` with its ``real_index``."""
+    width = items.shape[1]
+    slots = (torch.arange(width) < lengths.unsqueeze(1)).reshape(-1).nonzero().squeeze(1)
+    capacity = min(-(-slots.numel() // quantum) * quantum, items.numel())
+    real_index = torch.zeros(capacity, dtype=torch.int64)
+    real_index[: slots.numel()] = slots
+    return PaddedSeq(items, targets, lengths, real_index)
 
 
 @dataclass
@@ -67,13 +86,18 @@ class SeqBatch:
         return self.sparse.stride() if self.sparse is not None else self.padded.lengths.shape[0]
 
     def tokens(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per input token of a training batch: ``(ids [N], real [N] bool or None)`` of ``seq_item`` (the input
+        """Per token of a training batch's losses: ``(ids [N], real [N] bool or None)`` of ``seq_item`` (the input
         items) or ``target_item`` (the items after them). Jagged batches: ``N = sum(L)`` real tokens, ``real``
-        None; padded ones: ``N = B T`` slots, ``real`` False on padding."""
+        None; padded ones: the ``N = C`` entries of ``real_index``, ``real`` False on the fill."""
         if self.padded is None:
             return self.sparse[key].values(), None
         ids = {SEQ_ITEM: self.padded.items, TARGET_ITEM: self.padded.targets}[key]
-        return ids.reshape(-1), self.padded.valid().reshape(-1)
+        return self.token_rows(ids.reshape(-1)), self.padded.real()
+
+    def token_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """The rows of a per-slot tensor ``values [B T, ...]`` (or ``[sum(L), ...]`` when jagged) that
+        :meth:`tokens` describes: ``values`` itself when jagged, ``values[real_index]`` when padded."""
+        return values if self.padded is None else values[self.padded.real_index]
 
     def jagged(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values [sum(L)], lengths [B])`` of one key."""

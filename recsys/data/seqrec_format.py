@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from recsys.data.seq_batch import PaddedSeq, SeqBatch, make_seq_kjt
+from recsys.data.seq_batch import SeqBatch, make_seq_kjt, padded_seq
 from recsys.errors import ConfigError, DataValidationError, InputNotFound
 
 MIN_SEQ_LEN = 3  # one train, one validation and one test item
@@ -231,7 +231,7 @@ class SeqTable:
             items, targets = self.padded(pad_to)
             lengths = torch.from_numpy(self.history.lengths[rows])
             return SeqBatch(
-                None, user, PaddedSeq(torch.from_numpy(items[rows]), torch.from_numpy(targets[rows]), lengths)
+                None, user, padded_seq(torch.from_numpy(items[rows]), torch.from_numpy(targets[rows]), lengths)
             )
         parts = []
         for column in (self.history, self.targets, self.exclude):

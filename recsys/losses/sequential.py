@@ -153,7 +153,7 @@ def sequential_losses(
     out = model(batch) if out is None else out
     table = output_table(model, out)
     targets, real = batch.tokens(TARGET_ITEM)
-    losses = {"rec": next_item_loss(out.hidden, targets, table, pad_class, real)}
+    losses = {"rec": next_item_loss(batch.token_rows(out.hidden), targets, table, pad_class, real)}
     total = losses["rec"]
     if model.lambda_kd > 0:
         if graph is None:

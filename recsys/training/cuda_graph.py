@@ -12,11 +12,14 @@ input buffers.
    nothing) and replays it once — that replay is this batch's step;
 3. later calls copy their batch into the buffers and replay; the outputs are the same static tensors, refreshed.
 
-A batch whose tensors differ in shape, dtype or device from the recorded one (the last, partial batch of an epoch)
-runs eagerly, as does everything when recording failed (the step synchronised with the host, or the batch holds
-something other than tensors in dataclasses, dicts, lists and tuples — a KJT): one warning,
-then eager steps, never a failed run. Requirements on ``step``: it sets gradients to ``None`` before its backward
-(so the recorded backward allocates them from the graph's pool), its optimisers keep their step counts on the device
+One graph is recorded per batch *signature* (the tensors' shapes, dtypes and devices), up to ``max_graphs``: the
+last, partial batch of an epoch, or sequence batches whose token count is rounded to a few sizes, each get their
+own; a batch of yet another signature runs eagerly, as does everything when recording failed (the step
+synchronised with the host, or the batch holds something other than tensors in dataclasses, dicts, lists and
+tuples — a KJT): one warning, then eager steps, never a failed run.
+
+Requirements on ``step``: it sets gradients to ``None`` before its backward (so the recorded backward allocates
+them from the graph's pool), its optimisers keep their step counts on the device
 (``torch.optim.Adam(capturable=True)``, :class:`recsys.ops.sparse_update.LazyAdam`) and learning rates do not
 change after recording (no LR scheduler).
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,42 +77,51 @@ def signature(leaves: list[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape), t.dtype, t.device) for t in leaves)
 
 
+@dataclass
+class Recorded:
+    """One recorded graph: its input buffers (in :func:`tensor_leaves` order) and its output tensors."""
+
+    graph: Any
+    inputs: list[torch.Tensor]
+    outputs: Any
+
+
 class GraphedStep:
-    """Eager for ``warmup`` calls, then one recorded graph replayed per call (see the module docstring).
+    """Eager for ``warmup`` calls, then one recorded graph per batch signature, replayed per call (see the module
+    docstring).
 
     Args:
         step: ``step(batch) -> outputs`` (a full training step).
         warmup: eager calls before recording (>= 1).
+        max_graphs: how many signatures get a graph (each holds its own memory pool); later ones run eagerly.
         graph: factory of the graph object (``torch.cuda.CUDAGraph``); with ``context(graph)`` the recording
             context (``torch.cuda.graph``). Injected by tests.
 
     Attributes: ``replays`` (graph steps so far), ``eager`` (eager steps after the warm-up), ``failed`` (the reason
-    recording failed, or ``None``).
+    recording failed, or ``None``), ``graphs`` (signature -> :class:`Recorded`).
     """
 
     def __init__(
         self,
         step: Callable[[Any], Any],
         warmup: int = 3,
+        max_graphs: int = 8,
         graph: Callable[[], Any] | None = None,
         context: Callable[[Any], Any] | None = None,
     ) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (lazy state is created eagerly), got {warmup}")
-        self.step, self.warmup = step, warmup
+        self.step, self.warmup, self.max_graphs = step, warmup, max_graphs
         self._graph_factory = graph or torch.cuda.CUDAGraph
         # thread_local: the loader's pin-memory thread may allocate page-locked memory while the step records
         self._context = context or (lambda g: torch.cuda.graph(g, capture_error_mode="thread_local"))
         self.calls = self.replays = self.eager = 0
         self.failed: str | None = None
-        self._graph: Any = None
-        self._inputs: list[torch.Tensor] = []
-        self._signature: tuple | None = None
-        self._outputs: Any = None
+        self.graphs: dict[tuple, Recorded] = {}
 
     @property
     def recorded(self) -> bool:
-        return self._graph is not None
+        return bool(self.graphs)
 
     def __call__(self, batch: Any) -> Any:
         self.calls += 1
@@ -117,19 +130,21 @@ class GraphedStep:
                 self.eager += 1
             return self.step(batch)
         leaves = tensor_leaves(batch)
-        if self._graph is None:
-            return self._record(batch, leaves)
-        if signature(leaves) != self._signature:
-            self.eager += 1
-            return self.step(batch)
+        key = signature(leaves)
+        recorded = self.graphs.get(key)
+        if recorded is None:
+            if len(self.graphs) >= self.max_graphs:
+                self.eager += 1
+                return self.step(batch)
+            return self._record(batch, key)
         with torch.profiler.record_function("graphed_step.replay"):  # a named host range in StepProfile
-            for buffer, value in zip(self._inputs, leaves):
+            for buffer, value in zip(recorded.inputs, leaves):
                 buffer.copy_(value, non_blocking=True)
-            self._graph.replay()
+            recorded.graph.replay()
         self.replays += 1
-        return self._outputs
+        return recorded.outputs
 
-    def _record(self, batch: Any, leaves: list[torch.Tensor]) -> Any:
+    def _record(self, batch: Any, key: tuple) -> Any:
         graph = self._graph_factory()
         try:
             static = static_copy(batch)
@@ -140,8 +155,7 @@ class GraphedStep:
             log.warning("training step not graphed (recording failed: %s); running it eagerly", self.failed)
             self.eager += 1
             return self.step(batch)
-        self._graph, self._outputs = graph, outputs
-        self._inputs, self._signature = tensor_leaves(static), signature(leaves)
+        self.graphs[key] = Recorded(graph, tensor_leaves(static), outputs)
         graph.replay()  # recording ran nothing: this replay is the batch's step
         self.replays += 1
         return outputs
