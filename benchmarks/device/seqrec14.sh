@@ -4,9 +4,10 @@
 # jagged eager step, then the time to RecBole's best with the graph. One run at a time, nothing else on the machine.
 # On the GPU machine, from the repository root, .device carried (whl/, pytest_whl/, data/seqrec):
 #   source .device/device_setup.sh && bash benchmarks/device/seqrec14.sh "$OUT/seqrec14" [DEADLINE_S=420]
-#   0. pytest -m gpu over the sequential fixed-shape and CUDA-graph tests (PYTEST=0 skips it);
+#   0. pytest -m gpu over the sequential fixed-shape and CUDA-graph tests (PYTEST=0 skips it; PYTEST_FILES others);
 #   1. A/B on Beauty, AB_EPOCHS epochs per run (short: not results), for each of AB_MODELS: jagged eager
-#      (data.fixed_shape=false), padded eager (data.fixed_shape=true), padded + graph -> OUT/ab.jsonl;
+#      (data.fixed_shape=false), padded eager (data.fixed_shape=true), padded + graph -> OUT/ab.jsonl (AB_VARIANTS:
+#      ';'-separated override lists);
 #   2. MODELS on DATASETS with the graph, patience 10, at most 80 epochs, both protocols -> OUT/seqrec.jsonl.
 # Back here: append OUT/seqrec.jsonl to benchmarks/results/seqrec.jsonl, then `python -m benchmarks.seqrec --table-only`
 # (which fills seconds_to_recbole_best against the measured RecBole rows there).
@@ -29,12 +30,13 @@ if [ "${PYTEST:-1}" = 1 ]; then
         > /dev/null 2>&1
     say "pytest -m gpu"
     PYTHONPATH="$W/pytest_site:${PYTHONPATH:-}" timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider \
-        tests/test_seq_fixed_shape.py tests/test_cuda_graph.py > "$OUTDIR/pytest.log" 2>&1
+        ${PYTEST_FILES:-tests/test_seq_fixed_shape.py tests/test_cuda_graph.py} > "$OUTDIR/pytest.log" 2>&1
     say "pytest exit $? ($(tail -1 "$OUTDIR/pytest.log"))"
 fi
 
 for m in $AB_MODELS; do
-    for variant in "data.fixed_shape=false" "data.fixed_shape=true" "data.fixed_shape=true objective.cuda_graph=true"; do
+    IFS=';' read -r -a variants <<< "${AB_VARIANTS:-data.fixed_shape=false;data.fixed_shape=true;data.fixed_shape=true objective.cuda_graph=true}"
+    for variant in "${variants[@]}"; do
         say "A/B $m: $variant"
         # shellcheck disable=SC2086  # the variant is a list of overrides
         timeout -k 10 "$(left)" python3 -m benchmarks.seqrec "${COMMON[@]}" --models "$m" --datasets beauty \
