@@ -71,6 +71,9 @@ PLAN = {
     "python -m pipelines.train recsys=dare resume=auto": "needs a killed run: tests/test_fault_tolerance.py",
     "python -m pipelines.train recsys=dare resume=<mlflow run id>": "<...>",
     "torchrun --nproc_per_node 2 -m pipelines.train recsys=dare trainer=dmp": "tests/test_distributed.py",
+    "python -m pipelines.train recsys=mqsa_ted data=beauty trainer=gpu objective.cuda_graph=true": (
+        "needs the Beauty file and CUDA; benchmarks/device/seqrec14.sh runs it, tests/test_seq_fixed_shape.py the step"
+    ),
     "torchrun --nproc_per_node 2 -m pipelines.train recsys=sasrec data=beauty trainer=dmp "
     "trainer.sharding.item=row_wise": "needs the Beauty file; tests/test_distributed.py",
 }

@@ -15,7 +15,7 @@ set -u
 OUTDIR=${1:?usage: seqrec14.sh OUT_DIR [DEADLINE_S]}
 DEADLINE=${2:-420}
 AB_EPOCHS=${AB_EPOCHS:-4}
-AB_MODELS=${AB_MODELS:-sasrec mqsa_ted}
+AB_MODELS=${AB_MODELS-sasrec mqsa_ted}
 MODELS=${MODELS:-sasrec mqsa_ted}
 DATASETS=${DATASETS:-beauty}
 W=/tmp/seqrec14
