@@ -114,7 +114,8 @@ class SeqDataModule(CachedDataModule):
     Args:
         name: dataset name (MLflow experiment). source: ``source(cache_root=...) -> Path`` (a ``_partial_``
         of :func:`prepare_seqrec`). cache_dir: parquet cache root. path: the raw file (informational).
-        batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed.
+        batch_size / eval_batch_size: users per training / evaluation batch. seed: shuffling seed (the rest
+        of the keyword arguments: :class:`~recsys.data.datamodule.CachedDataModule`).
         test_each_epoch: also rank the test split after every training epoch (a second validation loader),
             so a benchmark can read when test NDCG crossed a level; model selection still reads validation only.
         fixed_shape: training batches right-padded to ``[B, max_len]`` (``SeqBatch.padded``: fixed shapes, what
@@ -128,29 +129,12 @@ class SeqDataModule(CachedDataModule):
         name: str,
         source: Any,
         cache_dir: str,
-        path: str | None = None,
         batch_size: int = 256,
         eval_batch_size: int = 1024,
-        num_workers: int = 0,
-        seed: int = 0,
-        drop_last: bool = False,
         test_each_epoch: bool = False,
-        fixed_shape: bool | None = None,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            name,
-            source,
-            cache_dir,
-            path,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            seed,
-            drop_last,
-            fixed_shape,
-            pin_memory,
-        )
+        super().__init__(name, source, cache_dir, batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
         self.test_each_epoch = test_each_epoch
 
     def dataset(self, split: str) -> BatchedCTRDataset:
